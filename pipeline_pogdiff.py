@@ -1,0 +1,151 @@
+"""PoGDiffPipeline: Stable Diffusion for models fine-tuned with PoGDiff (full weights or LoRA).
+
+This file is self-contained (diffusers, transformers, huggingface_hub and torch only) so that diffusers can load
+it as a custom pipeline::
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(
+        "path/or/hub-id", custom_pipeline="pipeline_pogdiff.py", trust_remote_code=True
+    )
+
+Usage::
+
+    import torch
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    # A full fine-tune (a folder with model_index.json) or a LoRA result (pytorch_lora_weights.safetensors
+    # plus a model card whose metadata names `base_model`): both load the same way, from a folder or the Hub.
+    pipe = PoGDiffPipeline.from_pretrained("your-name/pogdiff-agedb", torch_dtype=torch.float16).to("cuda")
+    # The paper's prompt convention (App. C): "An image of {name}."
+    image = pipe("An image of Lukas.", generator=torch.Generator("cuda").manual_seed(0)).images[0]
+
+Sampling is DDIM with 50 steps by default, as in the paper's evaluation (App. C).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from huggingface_hub import ModelCard, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _find_file(pretrained_model_name_or_path: str | os.PathLike, filename: str, **hub_kwargs) -> str | None:
+    """Local path of `filename` in a folder or Hub repo, or None when the repo does not have it."""
+    path = str(pretrained_model_name_or_path)
+    if os.path.isdir(path):
+        candidate = os.path.join(path, filename)
+        return candidate if os.path.isfile(candidate) else None
+    try:
+        return hf_hub_download(path, filename, **hub_kwargs)
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
+        return None
+
+
+class PoGDiffPipeline(StableDiffusionPipeline):
+    r"""Stable Diffusion text-to-image pipeline for PoGDiff fine-tuned models.
+
+    Identical to [`StableDiffusionPipeline`] (same components, same `__call__`) except that:
+
+    - the scheduler is converted to [`DDIMScheduler`] (from the shipped scheduler's config), and
+      `num_inference_steps` defaults to 50, the paper's evaluation setting;
+    - `from_pretrained` also accepts a LoRA result: a folder or Hub repo holding `pytorch_lora_weights.safetensors`
+      and a model card whose metadata names the `base_model`; the base is loaded and the LoRA weights applied;
+    - `save_pretrained` records `StableDiffusionPipeline` as the class, so plain diffusers can load what it saves.
+
+    To sample with another scheduler, swap it after loading, e.g.
+    `pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`.
+
+    Examples:
+        ```py
+        >>> import torch
+        >>> from pipeline_pogdiff import PoGDiffPipeline
+
+        >>> pipe = PoGDiffPipeline.from_pretrained("path/to/pogdiff-output")
+        >>> image = pipe("An image of Lukas.", generator=torch.Generator().manual_seed(0)).images[0]
+        ```
+    """
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker: bool = False,
+    ):
+        # DDIM is the paper's sampler; converting from the shipped config keeps the model's beta schedule,
+        # prediction type and timestep spacing.
+        if not isinstance(scheduler, DDIMScheduler):
+            scheduler = DDIMScheduler.from_config(scheduler.config)
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> PoGDiffPipeline:
+        r"""Load a full pipeline or a LoRA result from a local folder or a Hub id.
+
+        A folder/repo with `model_index.json` is loaded as a Stable Diffusion pipeline. One with
+        `pytorch_lora_weights.safetensors` (what `train_pogdiff.py --use_lora` writes) is loaded by reading
+        `base_model` from its model card (README.md metadata), loading that base with the same `kwargs`, then
+        `load_lora_weights`. All other keyword arguments are those of `DiffusionPipeline.from_pretrained`.
+        """
+        hub_kwargs = {
+            k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs
+        }
+        if _find_file(pretrained_model_name_or_path, "model_index.json", **hub_kwargs) is not None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+        lora_file = _find_file(pretrained_model_name_or_path, LORA_WEIGHT_NAME, **hub_kwargs)
+        if lora_file is None:
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} holds neither a full pipeline (model_index.json) nor LoRA "
+                f"weights ({LORA_WEIGHT_NAME}). Pass the output_dir of train_pogdiff.py (or its Hub id), or a Stable "
+                "Diffusion model such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."
+            )
+        card_file = _find_file(pretrained_model_name_or_path, "README.md", **hub_kwargs)
+        base_model = ModelCard.load(card_file).data.base_model if card_file is not None else None
+        if isinstance(base_model, list):
+            base_model = base_model[0] if base_model else None
+        if not base_model:
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} holds LoRA weights but no model card naming the base model "
+                "(README.md with `base_model:` in its metadata). Load the base yourself and call "
+                f"`pipe.load_lora_weights({str(pretrained_model_name_or_path)!r})`."
+            )
+        pipe = super().from_pretrained(base_model, **kwargs)
+        pipe.load_lora_weights(os.path.dirname(lora_file), weight_name=LORA_WEIGHT_NAME)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Save like `StableDiffusionPipeline.save_pretrained`, recorded as a `StableDiffusionPipeline`.
+
+        A model_index.json that names this subclass cannot be loaded by plain diffusers (which does not know the
+        class); the components are those of Stable Diffusion, so the base class name is the portable choice.
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        index["_class_name"] = StableDiffusionPipeline.__name__
+        with open(index_path, "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")

@@ -1,0 +1,261 @@
+"""A tiny, deterministic, offline Stable Diffusion and a tiny imbalanced dataset.
+
+Nothing here downloads anything. `build_tiny_sd` builds every component of a Stable Diffusion 1.x pipeline
+from configs (UNet, VAE, CLIP text encoder, a CLIP tokenizer over a vocabulary this module writes, a DDPM
+scheduler with the SD1.5 beta schedule) and saves it with `save_pretrained` in the diffusers layout. A test
+then passes that folder as `--pretrained_model_name_or_path`, which is exactly the code path a Hub id takes.
+
+The weights are random: images decoded by this VAE mean nothing and the text encoder knows no language. That
+is fine for tests of code paths. A demo that judges images must first pretrain the tiny model (see
+`examples/`), and should say so.
+
+Command line (builds the model and, with ``--prompt``, samples one image through `PoGDiffPipeline`)::
+
+    python -m pogdiff.testing --output_dir outputs/tiny-sd --prompt "An image of Lukas."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Pixel resolution the tiny model is built for. The VAE downsamples 2x, so latents are 16x16x4: small
+# enough for 2 CPU cores, large enough for the UNet's one downsampling stage.
+TINY_RESOLUTION = 32
+
+# Identities of the tiny dataset: two majority (6 images) and two minority (2 images), so that both
+# PoGDiff's psi (rare prompts weigh more) and the few-shot split have something to act on.
+TINY_DATASET_COUNTS: dict[str, int] = {"alice": 6, "bruno": 6, "chen": 2, "dara": 2}
+
+_BASE_COLOURS = {
+    "alice": (220, 40, 40),
+    "bruno": (40, 180, 60),
+    "chen": (40, 70, 220),
+    "dara": (230, 200, 30),
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable-unicode table (the alphabet of its byte-level BPE)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    shift = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + shift)
+            shift += 1
+    return dict(zip(printable, [chr(c) for c in codes]))
+
+
+def write_tiny_clip_vocab(folder: str | os.PathLike) -> Path:
+    """Write a character-level CLIP BPE vocabulary (`vocab.json`, `merges.txt`) into `folder`.
+
+    Every byte symbol appears alone and with CLIP's end-of-word marker, so any text tokenizes (one token per
+    character) and no merges are needed. 514 tokens in all, including the start/end tokens.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return folder
+
+
+def tiny_sd_components(seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> dict:
+    """Build the components of a tiny Stable Diffusion pipeline, deterministically from `seed`.
+
+    Returns the keyword arguments of `StableDiffusionPipeline` (safety checker and feature extractor None).
+    The tokenizer needs a folder for its vocabulary files; a temporary one is used when none is given.
+    """
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if tokenizer_dir is None:
+        tokenizer_dir = tempfile.mkdtemp(prefix="pogdiff-tok-")
+    write_tiny_clip_vocab(tokenizer_dir)
+    # transformers 5 builds a working CLIP tokenizer only through from_pretrained(folder); handing the file
+    # paths to the constructor silently yields a two-token vocabulary.
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.model_max_length = 77
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=TINY_RESOLUTION,
+    )
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    # Stable Diffusion 1.5's training schedule, so code written against SD sees the same alphas.
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
+def build_tiny_sd(output_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Save a tiny Stable Diffusion in the diffusers layout and return the folder path.
+
+    `StableDiffusionPipeline.from_pretrained(folder)` then loads it as it would a Hub id. The folder is
+    rebuilt each call (the build is deterministic, so the content is the same for the same seed).
+    """
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+
+    output_dir = Path(output_dir)
+    with tempfile.TemporaryDirectory(prefix="pogdiff-tok-") as tok_dir:
+        pipe = StableDiffusionPipeline(**tiny_sd_components(seed=seed, tokenizer_dir=tok_dir))
+        pipe.save_pretrained(output_dir, safe_serialization=True)
+    return str(output_dir)
+
+
+def _identity_image(identity: str, index: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """A small image whose colour and shape say which identity it is, with per-image variation."""
+    base = np.array(
+        _BASE_COLOURS.get(identity, tuple(int(c) for c in rng.integers(0, 256, 3))), dtype=np.float64
+    )
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    img = np.empty((size, size, 3), dtype=np.float64)
+    shade = 0.6 + 0.4 * (xx if index % 2 == 0 else yy)
+    for c in range(3):
+        img[..., c] = base[c] * shade
+    # A square whose position varies with the image index: same identity, different "pose".
+    s = size // 4
+    off = (index * 3) % (size - s)
+    img[off : off + s, off : off + s] = 255 - base
+    img += rng.normal(0, 8, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def write_tiny_dataset(
+    output_dir: str | os.PathLike,
+    counts: dict[str, int] | None = None,
+    resolution: int = TINY_RESOLUTION,
+    seed: int = 0,
+    caption_template: str = "An image of {name}.",
+) -> str:
+    """Write a tiny imbalanced `imagefolder` dataset and return its path.
+
+    One PNG per image and a `metadata.jsonl` with `file_name`, `text` and `identity` (the layout
+    `datasets.load_dataset("imagefolder", data_dir=...)` reads). Default: two identities with 6 images and
+    two with 2 (`TINY_DATASET_COUNTS`).
+    """
+    counts = dict(TINY_DATASET_COUNTS if counts is None else counts)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for identity, n in counts.items():
+        for i in range(n):
+            file_name = f"{identity}_{i:03d}.png"
+            _identity_image(identity, i, resolution, rng).save(output_dir / file_name)
+            rows.append(
+                {"file_name": file_name, "text": caption_template.format(name=identity), "identity": identity}
+            )
+    with open(output_dir / "metadata.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(output_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the tiny offline Stable Diffusion (random weights).")
+    parser.add_argument("--output_dir", default="outputs/tiny-sd", help="Where to save the diffusers folder.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset_dir", default=None, help="Also write the tiny imbalanced dataset here.")
+    parser.add_argument(
+        "--prompt", default=None, help="Sample one image with PoGDiffPipeline from the built model."
+    )
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    args = parser.parse_args(argv)
+
+    path = build_tiny_sd(args.output_dir, seed=args.seed)
+    print(f"Tiny Stable Diffusion saved to {path} (random weights: images mean nothing).")
+    if args.dataset_dir:
+        print(f"Tiny imbalanced dataset written to {write_tiny_dataset(args.dataset_dir, seed=args.seed)}")
+    if args.prompt:
+        import sys
+
+        # pipeline_pogdiff.py sits at the repository root (a single file, so `custom_pipeline=` can load it).
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from pipeline_pogdiff import PoGDiffPipeline
+
+        pipe = PoGDiffPipeline.from_pretrained(path)
+        pipe.set_progress_bar_config(disable=False)
+        image = pipe(
+            args.prompt,
+            num_inference_steps=args.num_inference_steps,
+            generator=torch.Generator().manual_seed(args.seed),
+        ).images[0]
+        out = Path(path) / "sample.png"
+        image.save(out)
+        print(
+            f"{type(pipe).__name__} ({type(pipe.scheduler).__name__}, {args.num_inference_steps} steps) -> {out}"
+        )
+
+
+if __name__ == "__main__":
+    main()
