@@ -147,6 +147,14 @@ def load_image_text_dataset(
         else:
             if not os.path.isdir(train_data_dir):
                 raise ValueError(f"--train_data_dir {train_data_dir!r} is not a directory.")
+            # imagefolder fails with an IndexError deep inside datasets when a metadata file has no image
+            # beside it; say what is wrong instead.
+            if not any(
+                os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                for _, _, names in os.walk(train_data_dir)
+                for name in names
+            ):
+                raise EmptyDatasetError(train_data_dir)
             dataset_dict = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     except EmptyDatasetError as err:
         raise ValueError(

@@ -1,0 +1,119 @@
+"""Sample order: uniform permutations, identity-balanced and sqrt schemes, sharding across ranks, resume."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
+from torch.utils.data import BatchSampler
+
+from pogdiff.sampling import EpochSampler, SampleCounter, derive_seed, identity_sampling_weights
+
+# Two majority identities (30 images) and three minority ones (2 images): the paper's long-tail shape.
+IDENTITIES = ["a"] * 30 + ["b"] * 30 + ["c"] * 2 + ["d"] * 2 + ["e"] * 2
+COUNTS = Counter(IDENTITIES)
+
+
+def draws(sampler: EpochSampler, n: int) -> list[int]:
+    out: list[int] = []
+    epoch = 0
+    while len(out) < n:
+        out += sampler.indices(epoch)
+        epoch += 1
+    return out[:n]
+
+
+def expected_share(scheme: str) -> dict[str, float]:
+    mass = {k: {"uniform": n, "balanced": 1.0, "sqrt": math.sqrt(n)}[scheme] for k, n in COUNTS.items()}
+    total = sum(mass.values())
+    return {k: v / total for k, v in mass.items()}
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "balanced", "sqrt"])
+def test_identity_frequencies_over_10000_draws(scheme):
+    sampler = EpochSampler(len(IDENTITIES), seed=0, weights=identity_sampling_weights(IDENTITIES, scheme))
+    rows = draws(sampler, 10_000)
+    observed = Counter(IDENTITIES[r] for r in rows)
+    for name, p in expected_share(scheme).items():
+        # 4 binomial standard deviations: a false alarm has probability < 1e-4 per identity.
+        tolerance = 4 * math.sqrt(p * (1 - p) / 10_000)
+        assert abs(observed[name] / 10_000 - p) <= tolerance, (name, observed[name], p)
+    if scheme == "balanced":
+        # Within an identity, images are drawn uniformly: both images of "c" appear about equally.
+        c_rows = Counter(r for r in rows if IDENTITIES[r] == "c")
+        assert len(c_rows) == 2 and abs(c_rows[60] - c_rows[61]) <= 4 * math.sqrt(10_000 * 0.2 * 0.5 * 0.5)
+
+
+def test_weights_are_exact():
+    weights = identity_sampling_weights(IDENTITIES, "balanced")
+    assert torch.allclose(weights[0], torch.tensor(1 / 5 / 30, dtype=torch.float64))
+    assert torch.allclose(weights[60], torch.tensor(1 / 5 / 2, dtype=torch.float64))
+    sqrt_weights = identity_sampling_weights(IDENTITIES, "sqrt")
+    z = 2 * math.sqrt(30) + 3 * math.sqrt(2)
+    assert math.isclose(float(sqrt_weights[:30].sum()), math.sqrt(30) / z, rel_tol=1e-12)
+    assert identity_sampling_weights(IDENTITIES, "uniform") is None
+    with pytest.raises(ValueError, match="--sampling"):
+        identity_sampling_weights(IDENTITIES, "repeats")
+
+
+def test_uniform_is_a_seeded_permutation_unchanged():
+    sampler = EpochSampler(len(IDENTITIES), seed=7)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        # The order uniform sampling has always had: a permutation drawn from the (seed, epoch) generator.
+        reference = torch.randperm(
+            len(IDENTITIES), generator=torch.Generator().manual_seed(derive_seed(7, epoch))
+        )
+        assert order == reference.tolist()
+        assert sorted(order) == list(range(len(IDENTITIES)))
+    assert sampler.indices(0) != sampler.indices(1)
+    assert EpochSampler(len(IDENTITIES), seed=8).indices(0) != sampler.indices(0)
+
+
+def test_weighted_epoch_has_as_many_samples_as_uniform():
+    weights = identity_sampling_weights(IDENTITIES, "balanced")
+    assert len(EpochSampler(len(IDENTITIES), 0, weights).indices(0)) == len(IDENTITIES)
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "balanced"])
+def test_two_ranks_draw_disjoint_shares_of_one_stream(scheme):
+    """accelerate shards the batches of the one global order: ranks split positions, never duplicate them."""
+    sampler = EpochSampler(len(IDENTITIES), seed=0, weights=identity_sampling_weights(IDENTITIES, scheme))
+    batch_sampler = BatchSampler(sampler, batch_size=4, drop_last=False)
+    global_order = sampler.indices(0)
+    shards = [
+        [b for b in BatchSamplerShard(batch_sampler, num_processes=2, process_index=rank)]
+        for rank in range(2)
+    ]
+    # Round-robin batches: rank 0 takes batches 0, 2, 4...; rank 1 takes 1, 3, 5...
+    n_full = len(global_order) // 8 * 8
+    interleaved = [i for pair in zip(*shards) for batch in pair for i in batch]
+    assert interleaved[:n_full] == global_order[:n_full]
+    # Together the ranks see exactly the global draws (as a multiset: weighted draws may repeat a row).
+    union = Counter(i for shard in shards for batch in shard[: n_full // 8] for i in batch)
+    assert union == Counter(global_order[:n_full])
+    assert shards[0][0] != shards[1][0]
+
+
+def test_resume_skips_into_the_same_stream():
+    """What accelerate's skip_first_batches does on resume: the remaining batches are those not yet seen."""
+    sampler = EpochSampler(len(IDENTITIES), seed=3, weights=identity_sampling_weights(IDENTITIES, "sqrt"))
+    batch_sampler = BatchSampler(sampler, batch_size=4, drop_last=False)
+    sampler.set_epoch(2)
+    full = list(batch_sampler)
+    sampler.set_epoch(2)
+    resumed = list(SkipBatchSampler(batch_sampler, skip_batches=2))
+    assert resumed == full[2:]
+
+
+def test_sample_counter_per_identity_and_state():
+    counter = SampleCounter(len(IDENTITIES))
+    counter.update(torch.tensor([0, 0, 60, 61, 64]))
+    assert counter.per_identity(IDENTITIES) == {"a": 2, "b": 0, "c": 2, "d": 0, "e": 1}
+    restored = SampleCounter(len(IDENTITIES))
+    restored.load_state_dict(counter.state_dict())
+    assert torch.equal(restored.counts, counter.counts)

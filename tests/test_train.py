@@ -1,0 +1,390 @@
+"""train_pogdiff.py on the tiny model and dataset: outputs, objectives, resume, checkpoints, errors.
+
+Most runs are in-process (`train_pogdiff.run`, accelerate state reset between runs); the end-to-end ones go
+through the real launchers (`accelerate launch`, `torchrun --nproc_per_node 2`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Every flag of diffusers' examples/text_to_image/train_text_to_image.py: a user's command line must keep working.
+TRAIN_TEXT_TO_IMAGE_FLAGS = [
+    "--input_perturbation", "--pretrained_model_name_or_path", "--revision", "--variant", "--dataset_name",
+    "--dataset_config_name", "--train_data_dir", "--image_column", "--caption_column", "--max_train_samples",
+    "--validation_prompts", "--output_dir", "--cache_dir", "--seed", "--resolution", "--center_crop",
+    "--random_flip", "--train_batch_size", "--num_train_epochs", "--max_train_steps",
+    "--gradient_accumulation_steps", "--gradient_checkpointing", "--learning_rate", "--scale_lr", "--lr_scheduler",
+    "--lr_warmup_steps", "--snr_gamma", "--dream_training", "--dream_detail_preservation", "--use_8bit_adam",
+    "--allow_tf32", "--use_ema", "--offload_ema", "--foreach_ema", "--non_ema_revision", "--dataloader_num_workers",
+    "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon", "--max_grad_norm", "--push_to_hub",
+    "--hub_token", "--prediction_type", "--hub_model_id", "--logging_dir", "--mixed_precision", "--report_to",
+    "--local_rank", "--checkpointing_steps", "--checkpoints_total_limit", "--resume_from_checkpoint",
+    "--enable_xformers_memory_efficient_attention", "--noise_offset", "--validation_epochs", "--tracker_project_name",
+    "--image_interpolation_mode",
+]  # fmt: skip
+
+
+def train_args(model: str, data: str, out: Path, *extra: str, steps: int = 2) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", model,
+        "--train_data_dir", data,
+        "--output_dir", str(out),
+        "--resolution", "32",
+        "--train_batch_size", "4",
+        "--max_train_steps", str(steps),
+        "--learning_rate", "1e-3",
+        "--lr_warmup_steps", "0",
+        "--seed", "0",
+        "--neighbor_encoder", "vae",
+        "--num_neighbors", "3",
+        "--density_epochs", "5",
+        "--checkpointing_steps", "1000",
+        *extra,
+    ]  # fmt: skip
+
+
+def run_in_process(argv: list[str]) -> None:
+    """Run train_pogdiff in this process, as `python train_pogdiff.py ...` would (fresh accelerate state)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_pogdiff
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train_pogdiff.run(argv)
+
+
+def unet_state(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def sample(pipe, steps: int = 2) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        "An image of chen.",
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+
+
+@pytest.fixture(scope="module")
+def base_unet(tiny_sd_path) -> dict[str, torch.Tensor]:
+    return unet_state(Path(tiny_sd_path))
+
+
+def test_help_lists_every_train_text_to_image_flag(capsys):
+    import train_pogdiff
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_pogdiff.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    missing = [flag for flag in TRAIN_TEXT_TO_IMAGE_FLAGS if flag not in help_text]
+    assert not missing, f"--help lacks {missing}"
+    for flag in ("--objective", "--num_neighbors", "--psi_a1", "--psi_terms", "--use_lora", "--sampling"):
+        assert flag in help_text
+    # Grouped, with the PoGDiff group present.
+    assert "PoGDiff:" in help_text and "LoRA (peft):" in help_text
+
+
+def test_defaults_match_train_text_to_image():
+    import train_pogdiff
+
+    args = train_pogdiff.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "y"])
+    assert (args.resolution, args.train_batch_size, args.num_train_epochs, args.learning_rate) == (
+        512,
+        16,
+        100,
+        1e-4,
+    )
+    assert (args.lr_scheduler, args.lr_warmup_steps, args.checkpointing_steps, args.validation_epochs) == (
+        "constant",
+        500,
+        500,
+        5,
+    )
+    assert (args.adam_weight_decay, args.max_grad_norm, args.output_dir) == (1e-2, 1.0, "sd-model-finetuned")
+    assert (args.objective, args.num_neighbors, args.psi_a1, args.psi_a2, args.psi_a3) == (
+        "pogdiff",
+        5,
+        1,
+        1,
+        1,
+    )
+
+
+@pytest.mark.e2e
+def test_pogdiff_full_finetune_through_accelerate_launch(
+    tiny_sd_path, tiny_dataset_path, tmp_path, base_unet
+):
+    out = tmp_path / "out"
+    argv = train_args(
+        tiny_sd_path,
+        tiny_dataset_path,
+        out,
+        "--validation_prompts", "An image of chen.",
+        "--num_validation_inference_steps", "2",
+    )  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+         str(REPO / "train_pogdiff.py"), *argv],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    # Plain diffusers and PoGDiffPipeline both load and run what was saved.
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    plain = StableDiffusionPipeline.from_pretrained(out)
+    ours = PoGDiffPipeline.from_pretrained(out)
+    assert np.isfinite(sample(plain)).all() and np.isfinite(sample(ours)).all()
+
+    trained = unet_state(out)
+    changed = [k for k in trained if not torch.equal(trained[k], base_unet[k])]
+    assert len(changed) > len(trained) // 2
+
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_sd_path}" in card
+    for needle in ("objective", "psi_a1", "num_neighbors", "PoGDiffPipeline", "vae"):
+        assert needle in card
+    assert (out / "val_imgs_grid.png").is_file()
+    assert sorted(p.name for p in (out / "validation").iterdir())  # the epoch grids
+    # The neighbour index was cached in output_dir and psi statistics were logged.
+    assert any(p.name.startswith("pogdiff-index-") for p in out.iterdir())
+    assert "Expected psi per sample" in proc.stderr
+
+
+def test_lora_run_loads_and_changes_only_lora(tiny_sd_path, tiny_dataset_path, tmp_path, base_unet):
+    out = tmp_path / "lora"
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, out, "--use_lora", "--rank", "4"))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert not (out / "model_index.json").exists()
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all("lora" in k for k in lora)
+    # lora_B starts at zero (gaussian init); training moved it.
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
+
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    pipe = PoGDiffPipeline.from_pretrained(out)
+    state = pipe.unet.state_dict()
+    base_keys = {k.replace(".base_layer", ""): k for k in state if "lora_" not in k}
+    # Every non-LoRA weight is exactly the base model's.
+    assert set(base_keys) == set(base_unet)
+    assert all(torch.equal(state[base_keys[k]], base_unet[k]) for k in base_unet)
+    base_pipe = PoGDiffPipeline.from_pretrained(tiny_sd_path)
+    assert np.abs(sample(pipe) - sample(base_pipe)).max() > 0
+
+
+@pytest.mark.parametrize("objective", ["vanilla", "cbdm", "t2h"])
+def test_baseline_objectives_train(objective, tiny_sd_path, tiny_dataset_path, tmp_path, base_unet):
+    out = tmp_path / objective
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, out, "--objective", objective))
+    trained = unet_state(out)
+    assert all(torch.isfinite(v).all() for v in trained.values())
+    assert any(not torch.equal(trained[k], base_unet[k]) for k in trained)
+
+
+def test_pogdiff_with_zero_psi_equals_vanilla_bitwise(tiny_sd_path, tiny_dataset_path, tmp_path):
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "v", "--objective", "vanilla"))
+    run_in_process(
+        train_args(
+            tiny_sd_path, tiny_dataset_path, tmp_path / "p", "--objective", "pogdiff", "--psi_terms", "none"
+        )
+    )
+    assert_same_tensors(unet_state(tmp_path / "v"), unet_state(tmp_path / "p"))
+    # ...while real psi changes the result (the consistency term acts).
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "q", "--objective", "pogdiff"))
+    q = unet_state(tmp_path / "q")
+    v = unet_state(tmp_path / "v")
+    assert any(not torch.equal(q[k], v[k]) for k in q)
+
+
+def _resume_pair(tiny_sd_path, tiny_dataset_path, tmp_path, *extra):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("--checkpointing_steps", "2", "--random_flip", "--gradient_accumulation_steps", "2", *extra)
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, straight, *common, steps=4))
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, resumed, *common, steps=2))
+    assert (resumed / "checkpoint-2").is_dir()
+    run_in_process(
+        train_args(
+            tiny_sd_path, tiny_dataset_path, resumed, *common, "--resume_from_checkpoint", "latest", steps=4
+        )
+    )
+    return straight, resumed
+
+
+def test_resume_equals_uninterrupted_full_with_ema(tiny_sd_path, tiny_dataset_path, tmp_path):
+    straight, resumed = _resume_pair(tiny_sd_path, tiny_dataset_path, tmp_path, "--use_ema")
+    assert_same_tensors(unet_state(straight / "checkpoint-4"), unet_state(resumed / "checkpoint-4"))
+    assert_same_tensors(
+        load_file(straight / "checkpoint-4" / "unet_ema" / "diffusion_pytorch_model.safetensors"),
+        load_file(resumed / "checkpoint-4" / "unet_ema" / "diffusion_pytorch_model.safetensors"),
+    )
+    assert_same_tensors(unet_state(straight), unet_state(resumed))  # the saved (EMA) model
+
+
+def test_resume_equals_uninterrupted_lora_balanced_sampling(tiny_sd_path, tiny_dataset_path, tmp_path):
+    straight, resumed = _resume_pair(
+        tiny_sd_path, tiny_dataset_path, tmp_path, "--use_lora", "--sampling", "balanced"
+    )
+    assert_same_tensors(
+        load_file(straight / "pytorch_lora_weights.safetensors"),
+        load_file(resumed / "pytorch_lora_weights.safetensors"),
+    )
+    # The resumed run continued the same sample stream (counts are checkpointed with the run).
+    counts = json.loads((straight / "sample_counts.json").read_text())
+    assert counts == json.loads((resumed / "sample_counts.json").read_text())
+    assert sum(counts["samples_per_identity"].values()) == 4 * 2 * 4  # steps x accumulation x batch
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tiny_sd_path, tiny_dataset_path, tmp_path):
+    out = tmp_path / "ckpt"
+    run_in_process(
+        train_args(
+            tiny_sd_path,
+            tiny_dataset_path,
+            out,
+            "--objective", "vanilla",
+            "--checkpointing_steps", "1",
+            "--checkpoints_total_limit", "2",
+            "--train_batch_size", "2",
+            steps=4,
+        )
+    )  # fmt: skip
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3", "checkpoint-4"]
+
+
+@pytest.mark.e2e
+def test_two_process_cpu_run(tiny_sd_path, tiny_dataset_path, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pogdiff.py"),
+         *train_args(tiny_sd_path, tiny_dataset_path, out, "--train_batch_size", "2", "--sampling", "balanced")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Num processes: 2" in proc.stderr
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in proc.stderr
+    checksum_line = next(line for line in proc.stderr.splitlines() if "checksum per rank" in line)
+    values = json.loads(checksum_line.split("rank: ")[1])
+    assert len(values) == 2 and values[0] == values[1]
+    assert (out / "model_index.json").is_file()
+    # Both ranks' draws are counted: 2 steps x 2 ranks x batch 2.
+    counts = json.loads((out / "sample_counts.json").read_text())
+    assert sum(counts["samples_per_identity"].values()) == 8
+
+
+def test_cache_latents_matches_uncached_training(tiny_sd_path, tiny_dataset_path, tmp_path, capsys):
+    common = ("--objective", "pogdiff", "--center_crop")
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "plain", *common))
+    run_in_process(
+        train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "cached", *common, "--cache_latents")
+    )
+    plain, cached = unet_state(tmp_path / "plain"), unet_state(tmp_path / "cached")
+    # Same draws, same latent distributions: only the VAE's batch composition differs (float rounding).
+    assert max((plain[k] - cached[k]).abs().max().item() for k in plain) < 1e-4
+    # Random crops would be frozen into the cache: refused.
+    _expect_error(
+        train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "x", "--cache_latents"),
+        capsys,
+        "--center_crop",
+    )
+
+
+# ---- bad input: one clear message, non-zero exit, no traceback -------------------------------------------------
+
+
+def _expect_error(argv: list[str], capsys, *needles: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(argv)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err[-2000:]
+    return err
+
+
+def test_missing_caption_column_lists_columns(tiny_sd_path, tiny_dataset_path, tmp_path, capsys):
+    argv = train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "o", "--caption_column", "prompt")
+    _expect_error(argv, capsys, "--caption_column", "prompt", "text", "identity")
+
+
+def test_unreadable_image_names_its_path(tiny_sd_path, tiny_dataset_path, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_path, data)
+    (data / "chen_001.png").write_bytes(b"this is not a png")
+    argv = train_args(tiny_sd_path, str(data), tmp_path / "o")
+    _expect_error(argv, capsys, "chen_001.png")
+
+
+def test_num_neighbors_too_large(tiny_sd_path, tiny_dataset_path, tmp_path, capsys):
+    argv = train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "o", "--num_neighbors", "16")
+    _expect_error(argv, capsys, "--num_neighbors", "16")
+
+
+def test_empty_dataset(tiny_sd_path, tmp_path, capsys):
+    data = tmp_path / "empty"
+    data.mkdir()
+    (data / "metadata.jsonl").write_text("")
+    _expect_error(train_args(tiny_sd_path, str(data), tmp_path / "o"), capsys, str(data))
+
+
+def test_single_image_identity_warns(tiny_sd_path, tiny_dataset_path, tmp_path, caplog, recwarn):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_path, data)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["file_name"] != "dara_001.png"]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "dara_001.png").unlink()
+    run_in_process(train_args(tiny_sd_path, str(data), tmp_path / "o", "--objective", "vanilla", steps=1))
+    messages = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert any("dara" in m and ">= 2" in m for m in messages), messages
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(
+    tiny_sd_path, tiny_dataset_path, tmp_path, capsys
+):
+    out = tmp_path / "nan"
+    argv = train_args(
+        tiny_sd_path,
+        tiny_dataset_path,
+        out,
+        "--objective", "vanilla",
+        "--learning_rate", "1e30",
+        "--max_grad_norm", "1e30",
+        "--checkpointing_steps", "1",
+        steps=6,
+    )  # fmt: skip
+    err = _expect_error(argv, capsys, "Non-finite loss", "at step")
+    failed_step = int(err.split("at step ")[1].split()[0])
+    assert failed_step >= 2
+    # Every step before the failure was checkpointed, completely; nothing after it.
+    names = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
+    assert names == [f"checkpoint-{s}" for s in range(1, failed_step)]
+    assert (out / f"checkpoint-{failed_step - 1}" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -1,0 +1,1486 @@
+#!/usr/bin/env python
+"""Fine-tune Stable Diffusion on imbalanced image-text data with PoGDiff (or a baseline objective).
+
+Flags, defaults and loop order follow diffusers' `examples/text_to_image/train_text_to_image.py`, so a user can
+diff the two. What PoGDiff adds (paper Eq. 6-13, SPEC section 3):
+
+    loss_i = ||a - target||^2 + psi_i * ||a - stopgrad(eps_theta(x_t, t, y_j))||^2
+
+where j is a neighbour of sample i drawn from the k nearest images, and psi_i weighs rare prompts more. The
+neighbour table is built once before training (`pogdiff/index.py`) and cached in output_dir.
+
+    accelerate launch train_pogdiff.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --train_data_dir my_data --objective pogdiff --output_dir out
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import accelerate
+import datasets
+import diffusers
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import (
+    EMAModel,
+    cast_training_params,
+    compute_dream_and_update_latents,
+    compute_snr,
+)
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
+from diffusers.utils.import_utils import is_xformers_available
+from huggingface_hub import create_repo, upload_folder
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import ContextManagers
+
+from pogdiff.data import (
+    check_identities,
+    dataset_fingerprint,
+    identity_labels,
+    load_image_text_dataset,
+    load_rgb,
+    preprocess_image,
+    resolve_columns,
+)
+from pogdiff.index import build_or_load_index, first_occurrence_ids, format_summary, summarize_index
+from pogdiff.sampling import (
+    SAMPLING_SCHEMES,
+    EpochSampler,
+    SampleCounter,
+    derive_seed,
+    identity_sampling_weights,
+)
+from pogdiff.training import (
+    OBJECTIVES,
+    draw_pogdiff_neighbors,
+    draw_random_partners,
+    encode_latent_parameters,
+    objective_loss,
+    t2h_targets,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+# Files in output_dir that are training state, not the model: never uploaded.
+HUB_IGNORE_PATTERNS = ["step_*", "epoch_*", "checkpoint-*", ".tmp-checkpoint-*", "pogdiff-index-*", "logs/*"]
+
+
+class TrainingError(RuntimeError):
+    """A problem the user must fix (reported as one message, without a traceback)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(
+            "Fine-tune Stable Diffusion with PoGDiff on imbalanced image-text data. Flags and defaults mirror "
+            "diffusers' train_text_to_image.py; the PoGDiff flags are at the end."
+        )
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        required=True,
+        help="Path to pretrained model or model identifier from huggingface.co/models.",
+    )
+    model.add_argument(
+        "--revision", type=str, default=None, help="Revision of the pretrained model on the Hub."
+    )
+    model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    model.add_argument(
+        "--non_ema_revision",
+        type=str,
+        default=None,
+        help="Revision of the non-EMA UNet (deprecated in diffusers; prefer --variant=non_ema).",
+    )
+    model.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        help="'epsilon' or 'v_prediction'; None keeps the scheduler's prediction_type.",
+    )
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="A Hub dataset name or a local dataset path (columns image, text and optionally identity).",
+    )
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Dataset.")
+    data.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="A local imagefolder with metadata.jsonl (file_name, text, identity). Ignored with --dataset_name.",
+    )
+    data.add_argument("--image_column", type=str, default="image", help="The column holding the image.")
+    data.add_argument("--caption_column", type=str, default="text", help="The column holding the caption(s).")
+    data.add_argument(
+        "--max_train_samples", type=int, default=None, help="Truncate the training set to this many samples."
+    )
+    data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets go.")
+    data.add_argument("--resolution", type=int, default=512, help="Training image resolution.")
+    data.add_argument(
+        "--center_crop", default=False, action="store_true", help="Center crop instead of a random crop."
+    )
+    data.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
+    data.add_argument(
+        "--image_interpolation_mode",
+        type=str,
+        default="lanczos",
+        choices=["bilinear", "bicubic", "lanczos", "nearest", "box", "hamming"],
+        help="Resampling filter used to resize images to --resolution.",
+    )
+    data.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Subprocesses for data loading (0 = main process).",
+    )
+    data.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image (VAE latent distribution) and caption (text encoder) once before training; "
+        "needs deterministic transforms (--center_crop, no --random_flip) and one caption per image.",
+    )
+
+    train = parser.add_argument_group("training")
+    train.add_argument(
+        "--output_dir", type=str, default="sd-model-finetuned", help="Where outputs are written."
+    )
+    train.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    train.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    train.add_argument("--num_train_epochs", type=int, default=100)
+    train.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Total optimisation steps; overrides --num_train_epochs.",
+    )
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per update.")
+    train.add_argument(
+        "--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet backward."
+    )
+    train.add_argument(
+        "--input_perturbation", type=float, default=0, help="Input perturbation scale (0.1 works)."
+    )
+    train.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
+    train.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR weighting gamma (5.0 recommended). With PoGDiff it multiplies both loss terms.",
+    )
+    train.add_argument("--dream_training", action="store_true", help="Use DREAM (arXiv 2312.00210).")
+    train.add_argument("--dream_detail_preservation", type=float, default=1.0, help="DREAM's p (> 0).")
+    train.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
+
+    optim = parser.add_argument_group("optimiser")
+    optim.add_argument(
+        "--learning_rate", type=float, default=1e-4, help="Initial learning rate (after warmup)."
+    )
+    optim.add_argument(
+        "--scale_lr", action="store_true", default=False, help="Scale lr by GPUs x accumulation x batch size."
+    )
+    optim.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant" or "constant_with_warmup".',
+    )
+    optim.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the lr scheduler.")
+    optim.add_argument("--use_8bit_adam", action="store_true", help="Use 8-bit AdamW from bitsandbytes.")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for Adam.")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for Adam.")
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for Adam.")
+    optim.add_argument("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
+
+    memory = parser.add_argument_group("precision and memory")
+    memory.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Overrides the accelerate config's mixed precision.",
+    )
+    memory.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    memory.add_argument(
+        "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
+    )
+
+    ema = parser.add_argument_group("EMA")
+    ema.add_argument(
+        "--use_ema", action="store_true", help="Keep an EMA copy of the UNet (saved as the model)."
+    )
+    ema.add_argument("--offload_ema", action="store_true", help="Keep the EMA copy on CPU between steps.")
+    ema.add_argument("--foreach_ema", action="store_true", help="Faster foreach EMA update (more memory).")
+
+    ckpt = parser.add_argument_group("checkpointing")
+    ckpt.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Save the training state every X updates."
+    )
+    ckpt.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints kept."
+    )
+    ckpt.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='A checkpoint-N folder from --checkpointing_steps, or "latest".',
+    )
+
+    val = parser.add_argument_group("validation")
+    val.add_argument(
+        "--validation_prompts",
+        type=str,
+        default=None,
+        nargs="+",
+        help="Prompts sampled every --validation_epochs.",
+    )
+    val.add_argument("--validation_epochs", type=int, default=5, help="Run validation every X epochs.")
+    val.add_argument(
+        "--num_validation_inference_steps", type=int, default=50, help="DDIM steps of the validation images."
+    )
+
+    hub = parser.add_argument_group("logging and hub")
+    hub.add_argument(
+        "--logging_dir", type=str, default="logs", help="TensorBoard log directory (in output_dir)."
+    )
+    hub.add_argument(
+        "--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "comet_ml" or "all".'
+    )
+    hub.add_argument(
+        "--tracker_project_name", type=str, default="text2image-fine-tune", help="Tracker project."
+    )
+    hub.add_argument(
+        "--push_to_hub", action="store_true", help="Push the model (not checkpoints) to the Hub."
+    )
+    hub.add_argument("--hub_token", type=str, default=None, help="The token to use to push to the Hub.")
+    hub.add_argument("--hub_model_id", type=str, default=None, help="The Hub repository to push to.")
+
+    lora = parser.add_argument_group("LoRA (peft)")
+    lora.add_argument(
+        "--use_lora", action="store_true", help="Train LoRA adapters on the UNet instead of all weights."
+    )
+    lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    lora.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    lora.add_argument(
+        "--lora_target_modules",
+        type=str,
+        default="to_k,to_q,to_v,to_out.0",
+        help="Comma-separated UNet module names that get LoRA adapters.",
+    )
+
+    pog = parser.add_argument_group("PoGDiff")
+    pog.add_argument(
+        "--objective",
+        type=str,
+        default="pogdiff",
+        choices=list(OBJECTIVES),
+        help="pogdiff (paper Eq. 13); vanilla (plain fine-tuning); cbdm (Qin et al. 2023); t2h (Zhang et al. 2024).",
+    )
+    pog.add_argument(
+        "--identity_column",
+        type=str,
+        default="identity",
+        help="Column naming who/what each image shows; if absent, the caption is the identity.",
+    )
+    pog.add_argument(
+        "--num_neighbors",
+        type=int,
+        default=5,
+        help="k: neighbours per image, by image-embedding cosine (Eq. 8).",
+    )
+    pog.add_argument(
+        "--neighbor_encoder",
+        type=str,
+        default="facebook/dinov2-base",
+        help="Image encoder that decides neighbours: an HF id, 'vae' (the base model's VAE, no download), "
+        "'face' (dlib) or 'module:function'.",
+    )
+    pog.add_argument(
+        "--psi_a1", type=float, default=1.0, help="a1 of Eq. 9: exponent of s for the same identity."
+    )
+    pog.add_argument(
+        "--psi_a2", type=float, default=1.0, help="a2 of Eq. 9: extra exponent of s when identities differ."
+    )
+    pog.add_argument(
+        "--psi_a3", type=float, default=1.0, help="a3 of Eq. 11-12: divides psi (overall scale)."
+    )
+    pog.add_argument(
+        "--psi_terms",
+        type=str,
+        default="img,txt",
+        choices=["img,txt", "img", "txt", "none"],
+        help="Factors of psi (paper Table 6 ablation): image similarity, inverse text density; none = vanilla.",
+    )
+    pog.add_argument(
+        "--caption_dropout_prob",
+        type=float,
+        default=0.0,
+        help="Replace captions by '' with this probability (classifier-free guidance); such samples get psi = 0.",
+    )
+    pog.add_argument(
+        "--sampling",
+        type=str,
+        default="uniform",
+        choices=list(SAMPLING_SCHEMES),
+        help="Sample order: uniform; balanced (every identity equally, kohya-style repeats); sqrt (by sqrt(count)).",
+    )
+    pog.add_argument(
+        "--density_latent_dim", type=int, default=16, help="Latent size of the text-density VAE."
+    )
+    pog.add_argument(
+        "--density_hidden_dim", type=int, default=256, help="Hidden size of the text-density VAE."
+    )
+    pog.add_argument(
+        "--density_epochs", type=int, default=200, help="Training epochs of the text-density VAE."
+    )
+    pog.add_argument("--density_lr", type=float, default=1e-3, help="Learning rate of the text-density VAE.")
+    pog.add_argument(
+        "--density_num_samples",
+        type=int,
+        default=16,
+        help="Posterior draws per ELBO estimate (>= 16 advised).",
+    )
+    pog.add_argument(
+        "--density_temperature", type=float, default=1.0, help="T in log w = -ELBO/T - logmeanexp(-ELBO/T)."
+    )
+    pog.add_argument(
+        "--density_w_min", type=float, default=0.1, help="Lower clip of the inverse-density weights."
+    )
+    pog.add_argument(
+        "--density_w_max", type=float, default=10.0, help="Upper clip of the inverse-density weights."
+    )
+    pog.add_argument(
+        "--cbdm_tau", type=float, default=1.0, help="CBDM's tau (regulariser weight, times t/T)."
+    )
+    pog.add_argument("--cbdm_gamma", type=float, default=0.25, help="CBDM's gamma (commitment term weight).")
+    pog.add_argument(
+        "--index_cache_dir",
+        type=str,
+        default=None,
+        help="Where the neighbour/density index is cached (default: output_dir), keyed by data and parameters.",
+    )
+    pog.add_argument(
+        "--few_shot_max",
+        type=int,
+        default=2,
+        help="Identities with at most this many images count as minority.",
+    )
+
+    args = parser.parse_args(input_args)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1 and env_local_rank != args.local_rank:
+        args.local_rank = env_local_rank
+
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("Need either --dataset_name or --train_data_dir.")
+    if args.non_ema_revision is None:
+        args.non_ema_revision = args.revision
+    if not 0.0 <= args.caption_dropout_prob < 1.0:
+        parser.error(f"--caption_dropout_prob must be in [0, 1), got {args.caption_dropout_prob}.")
+    if args.num_neighbors < 1:
+        parser.error(f"--num_neighbors must be >= 1, got {args.num_neighbors}.")
+    if args.psi_a3 <= 0:
+        parser.error(f"--psi_a3 must be > 0 (it divides psi), got {args.psi_a3}.")
+    if args.lora_alpha is None:
+        args.lora_alpha = args.rank
+    if args.cache_latents and (not args.center_crop or args.random_flip):
+        parser.error(
+            "--cache_latents encodes each image once, so its transforms must be deterministic: add --center_crop "
+            "and drop --random_flip (a random crop or flip would be frozen into the cache)."
+        )
+    if args.use_lora and args.use_ema:
+        parser.error("--use_ema is for full fine-tuning; with --use_lora leave it off.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def first_caption(caption) -> str:
+    """The caption of a row (the first one when a row has several)."""
+    if isinstance(caption, str):
+        return caption
+    if isinstance(caption, (list, tuple, np.ndarray)) and len(caption) > 0:
+        return str(caption[0])
+    raise TrainingError(
+        f"Captions must be strings or lists of strings, got {type(caption).__name__}: {caption!r}."
+    )
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Rows of the image-text dataset as (pixel_values, input_ids, index) for the UNet.
+
+    Random crop/flip and the choice among several captions draw from a generator seeded by (seed, epoch, row),
+    so a resumed run sees exactly the pixels the uninterrupted run saw, whatever the worker count.
+    """
+
+    def __init__(self, dataset, image_column, captions, tokenizer, args, seed: int):
+        self.images = undecoded_images(dataset, image_column)
+        self.image_column = image_column
+        self.captions = captions
+        self.tokenizer = tokenizer
+        self.args = args
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.args.cache_latents:
+            # Latents and text embeddings come from the caches: no image decoding at all.
+            return {"index": i}
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
+        image = load_rgb(self.images[i][self.image_column], path_hint=f"row {i} of the training set")
+        pixel_values = preprocess_image(
+            image,
+            self.args.resolution,
+            center_crop=self.args.center_crop,
+            random_flip=self.args.random_flip,
+            generator=generator,
+            interpolation=self.args.image_interpolation_mode,
+        )
+        caption = self.captions[i]
+        if not isinstance(caption, str):
+            # Several captions per image: pick one per (epoch, row), as train_text_to_image picks at random.
+            first_caption(caption)  # validates the type
+            caption = str(caption[int(torch.randint(len(caption), (1,), generator=generator))])
+        input_ids = tokenize(self.tokenizer, [caption])[0]
+        return {"pixel_values": pixel_values, "input_ids": input_ids, "index": i}
+
+
+def undecoded_images(dataset, image_column: str):
+    """The image column with decoding left to `load_rgb`, so an unreadable file is reported by its path."""
+    images = dataset.select_columns([image_column])
+    if isinstance(images.features[image_column], datasets.Image):
+        images = images.cast_column(image_column, datasets.Image(decode=False))
+    return images
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions,
+        max_length=tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def collate_fn(examples: list[dict]) -> dict:
+    if "pixel_values" not in examples[0]:
+        return {"index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
+    pixel_values = torch.stack([e["pixel_values"] for e in examples]).to(
+        memory_format=torch.contiguous_format
+    )
+    return {
+        "pixel_values": pixel_values.float(),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model card, validation, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_model_card(
+    args, repo_id: str, images: list | None, repo_folder: str, index_summary: dict | None
+) -> None:
+    """README.md with the metadata PoGDiffPipeline needs (`base_model`) and every PoGDiff hyperparameter."""
+    img_str = ""
+    if images:
+        make_image_grid(images, 1, len(images)).save(os.path.join(repo_folder, "val_imgs_grid.png"))
+        img_str = "![val_imgs_grid](./val_imgs_grid.png)\n"
+    dataset = args.dataset_name or args.train_data_dir
+    hyper = {
+        "objective": args.objective,
+        "num_neighbors (k)": args.num_neighbors,
+        "neighbor_encoder": args.neighbor_encoder,
+        "psi_a1": args.psi_a1,
+        "psi_a2": args.psi_a2,
+        "psi_a3": args.psi_a3,
+        "psi_terms": args.psi_terms,
+        "density_temperature": args.density_temperature,
+        "density_w_min / w_max": f"{args.density_w_min} / {args.density_w_max}",
+        "density VAE (latent, hidden, epochs, lr, samples)": (
+            f"{args.density_latent_dim}, {args.density_hidden_dim}, {args.density_epochs}, "
+            f"{args.density_lr}, {args.density_num_samples}"
+        ),
+        "caption_dropout_prob": args.caption_dropout_prob,
+        "sampling": args.sampling,
+        "cbdm_tau / gamma": f"{args.cbdm_tau} / {args.cbdm_gamma}",
+        "learning_rate": args.learning_rate,
+        "train_batch_size x gradient_accumulation_steps": f"{args.train_batch_size} x {args.gradient_accumulation_steps}",
+        "max_train_steps": args.max_train_steps,
+        "resolution": args.resolution,
+        "mixed_precision": args.mixed_precision,
+        "use_lora (rank, alpha)": f"{args.use_lora} ({args.rank}, {args.lora_alpha})"
+        if args.use_lora
+        else "False",
+        "use_ema": args.use_ema,
+        "snr_gamma": args.snr_gamma,
+        "seed": args.seed,
+    }
+    rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
+    psi_lines = ""
+    if index_summary:
+        psi_lines = (
+            "\n## Neighbours and psi at the start of training\n\n```\n"
+            + format_summary(index_summary)
+            + "\n```\n"
+        )
+    prompt = args.validation_prompts[0] if args.validation_prompts else "An image of <name>."
+    kind = "LoRA adapters for" if args.use_lora else "A full fine-tune of"
+    yaml = f"""---
+license: creativeml-openrail-m
+base_model: {args.pretrained_model_name_or_path}
+library_name: diffusers
+datasets:
+- {dataset}
+tags:
+- stable-diffusion
+- text-to-image
+- diffusers
+- pogdiff
+{"- lora" + chr(10) if args.use_lora else ""}inference: true
+---
+"""
+    body = f"""
+# PoGDiff fine-tune - {repo_id}
+
+{kind} **{args.pretrained_model_name_or_path}** on **{dataset}**, trained with `train_pogdiff.py`
+(objective `{args.objective}`).
+
+{img_str}
+## Usage
+
+```python
+import torch
+from pipeline_pogdiff import PoGDiffPipeline  # github: the PoGDiff repository's pipeline_pogdiff.py
+
+pipe = PoGDiffPipeline.from_pretrained("{repo_id}")  # DDIM, 50 steps by default
+image = pipe("{prompt}", generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+## Training hyperparameters
+
+| parameter | value |
+|---|---|
+{rows}
+{psi_lines}"""
+    with open(os.path.join(repo_folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(yaml + body)
+
+
+def log_validation(
+    vae, text_encoder, tokenizer, unet, noise_scheduler, args, accelerator, weight_dtype, epoch
+):
+    """Sample the validation prompts through PoGDiffPipeline; log them and save a PNG grid in output_dir."""
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    logger.info(f"Running validation on {len(args.validation_prompts)} prompts...")
+    pipeline = PoGDiffPipeline(
+        vae=accelerator.unwrap_model(vae),
+        text_encoder=accelerator.unwrap_model(text_encoder),
+        tokenizer=tokenizer,
+        unet=accelerator.unwrap_model(unet),
+        scheduler=noise_scheduler,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    seed = args.seed if args.seed is not None else 0
+    images = []
+    autocast = (
+        torch.autocast(accelerator.device.type, dtype=weight_dtype)
+        if weight_dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    for i, prompt in enumerate(args.validation_prompts):
+        generator = torch.Generator(device=accelerator.device).manual_seed(seed + i)
+        with autocast:
+            images.append(
+                pipeline(
+                    prompt, num_inference_steps=args.num_validation_inference_steps, generator=generator
+                ).images[0]
+            )
+
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    make_image_grid(images, 1, len(images)).save(
+        os.path.join(args.output_dir, "validation", f"epoch-{epoch:04d}.png")
+    )
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            np_images = np.stack([np.asarray(img) for img in images])
+            tracker.writer.add_images("validation", np_images, epoch, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {
+                    "validation": [
+                        wandb.Image(im, caption=f"{i}: {p}")
+                        for i, (im, p) in enumerate(zip(images, args.validation_prompts))
+                    ]
+                }
+            )
+    del pipeline
+    return images
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """Finished checkpoint-N folders, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+def save_checkpoint(accelerator: Accelerator, args, global_step: int) -> None:
+    """accelerator.save_state into a temporary folder renamed to checkpoint-N once complete.
+
+    A run killed while saving therefore never leaves a half-written checkpoint-N that `latest` would pick.
+    """
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
+    if accelerator.is_main_process:
+        if args.checkpoints_total_limit is not None:
+            existing = checkpoint_dirs(args.output_dir)
+            # Remove so that, after this save, exactly checkpoints_total_limit remain.
+            excess = len(existing) - args.checkpoints_total_limit + 1
+            for name in existing[: max(excess, 0)]:
+                logger.info(
+                    f"Removing old checkpoint {name} (--checkpoints_total_limit {args.checkpoints_total_limit})"
+                )
+                shutil.rmtree(os.path.join(args.output_dir, name))
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        logger.info(f"Saved state to {final}")
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise TrainingError(
+            "You cannot use both --report_to=wandb and --hub_token: the token would be exposed. "
+            "Authenticate with `hf auth login` instead."
+        )
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
+    # Under torchrun on a machine without an accelerator, accelerate only enters its multi-process CPU (gloo)
+    # mode when told to use the CPU; otherwise every rank would silently train alone.
+    cpu_only_multiprocess = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
+        torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    )
+    accelerator = Accelerator(
+        cpu=cpu_only_multiprocess,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=accelerator_project_config,
+    )
+
+    # Make one log on every process with the configuration for debugging.
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        level=logging.INFO,
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+    # Every random draw of the run (sample order, crops, noise, timesteps, neighbours) derives from this seed,
+    # so all ranks must share it; without --seed one is drawn and logged.
+    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
+    seed = broadcast_object_list([seed])[0]
+    if args.seed is None:
+        logger.info(f"No --seed given; this run uses seed {seed}.")
+    set_seed(seed)
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            repo_id = create_repo(
+                repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
+            ).repo_id
+
+    # Load scheduler, tokenizer and models.
+    noise_scheduler = DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
+    )
+
+    def deepspeed_zero_init_disabled_context_manager():
+        """Keep the frozen text encoder and VAE whole under ZeRO-3: only the UNet is sharded."""
+        deepspeed_plugin = AcceleratorState().deepspeed_plugin if accelerate.state.is_initialized() else None
+        if deepspeed_plugin is None:
+            return []
+        return [deepspeed_plugin.zero3_init_context_manager(enable=False)]
+
+    with ContextManagers(deepspeed_zero_init_disabled_context_manager()):
+        text_encoder = CLIPTextModel.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder="text_encoder",
+            revision=args.revision,
+            variant=args.variant,
+        )
+        vae = AutoencoderKL.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
+        )
+    unet = UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision
+    )
+
+    # Freeze vae and text_encoder and set unet to trainable
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.train()
+
+    # For mixed precision, frozen weights (VAE, text encoder, and the frozen UNet base under LoRA) are cast to
+    # half precision: they only run inference. Keyed off the accelerator, which knows the config file's choice.
+    weight_dtype = torch.float32
+    if accelerator.mixed_precision == "fp16":
+        weight_dtype = torch.float16
+    elif accelerator.mixed_precision == "bf16":
+        weight_dtype = torch.bfloat16
+    args.mixed_precision = accelerator.mixed_precision
+
+    if args.use_lora:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.to(accelerator.device, dtype=weight_dtype)
+        unet.add_adapter(
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=args.lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
+            )
+        )
+        if accelerator.mixed_precision == "fp16":
+            # Trainable LoRA parameters stay fp32: the fp16 grad scaler cannot unscale fp16 gradients.
+            cast_training_params(unet, dtype=torch.float32)
+
+    # Create EMA for the unet.
+    ema_unet = None
+    if args.use_ema:
+        ema_unet = UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
+        )
+        ema_unet = EMAModel(
+            ema_unet.parameters(),
+            model_cls=UNet2DConditionModel,
+            model_config=ema_unet.config,
+            foreach=args.foreach_ema,
+        )
+
+    if args.enable_xformers_memory_efficient_attention:
+        if not is_xformers_available():
+            raise TrainingError(
+                "xformers is not available. Install it, or drop the flag (PyTorch SDPA is used)."
+            )
+        unet.enable_xformers_memory_efficient_attention()
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            if args.use_ema:
+                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            for model in models:
+                if args.use_lora:
+                    from peft.utils import get_peft_model_state_dict
+
+                    StableDiffusionPipeline.save_lora_weights(
+                        output_dir,
+                        unet_lora_layers=convert_state_dict_to_diffusers(
+                            get_peft_model_state_dict(accelerator.unwrap_model(model))
+                        ),
+                        safe_serialization=True,
+                    )
+                else:
+                    accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
+                # make sure to pop weight so that corresponding model is not saved again
+                if weights:
+                    weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if args.use_ema:
+            load_model = EMAModel.from_pretrained(
+                os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
+            )
+            ema_unet.load_state_dict(load_model.state_dict())
+            if args.offload_ema:
+                ema_unet.pin_memory()
+            else:
+                ema_unet.to(accelerator.device)
+            del load_model
+
+        for _ in range(len(models)):
+            model = accelerator.unwrap_model(models.pop())
+            if args.use_lora:
+                from peft.utils import set_peft_model_state_dict
+
+                lora_state_dict, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
+                unet_state_dict = {
+                    k.replace("unet.", "", 1): v for k, v in lora_state_dict.items() if k.startswith("unet.")
+                }
+                incompatible = set_peft_model_state_dict(
+                    model, convert_unet_state_dict_to_peft(unet_state_dict), adapter_name="default"
+                )
+                if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
+                    raise TrainingError(
+                        f"Checkpoint {input_dir} has unexpected LoRA keys: {incompatible.unexpected_keys}"
+                    )
+                if accelerator.mixed_precision == "fp16":
+                    cast_training_params(model, dtype=torch.float32)
+            else:
+                load_model = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+                model.register_to_config(**load_model.config)
+                model.load_state_dict(load_model.state_dict())
+                del load_model
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    # Enable TF32 for faster training on Ampere GPUs,
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    if args.scale_lr:
+        args.learning_rate = (
+            args.learning_rate
+            * args.gradient_accumulation_steps
+            * args.train_batch_size
+            * accelerator.num_processes
+        )
+
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise TrainingError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from e
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+
+    # A list, not a generator: the same parameters are clipped every step (a generator would be exhausted by
+    # the optimizer's constructor and clipping would silently do nothing).
+    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = optimizer_cls(
+        params_to_optimize,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+    # Get the dataset, its columns and identities.
+    with accelerator.main_process_first():
+        dataset = load_image_text_dataset(
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            train_data_dir=args.train_data_dir,
+            cache_dir=args.cache_dir,
+        )
+    image_column, caption_column, identity_column = resolve_columns(
+        dataset.column_names,
+        args.image_column,
+        args.caption_column,
+        args.identity_column,
+    )
+    if args.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(args.max_train_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise TrainingError("The training dataset is empty: check --train_data_dir / --dataset_name.")
+    captions = list(dataset[caption_column])
+    caption_texts = [first_caption(c) for c in captions]
+    identities = identity_labels(dataset, identity_column, caption_column)
+    identity_counts = check_identities(identities)
+    logger.info(
+        f"{len(dataset)} training images, {len(identity_counts)} identities "
+        f"({sum(1 for n in identity_counts.values() if n <= args.few_shot_max)} with <= {args.few_shot_max} images)."
+    )
+
+    index = None
+    index_summary = None
+    if args.objective in ("pogdiff", "t2h"):
+        if args.objective == "pogdiff" and args.num_neighbors >= len(dataset):
+            raise TrainingError(
+                f"--num_neighbors {args.num_neighbors} must be smaller than the dataset size ({len(dataset)} images): "
+                "each image needs k other images as neighbours. Lower --num_neighbors."
+            )
+        image_rows = undecoded_images(dataset, image_column)
+
+        def get_image(i: int):
+            return load_rgb(image_rows[i][image_column], path_hint=f"row {i} of the training set")
+
+        # The main process builds (or loads) the cached index first; the others then find it in the cache.
+        with accelerator.main_process_first():
+            index = build_or_load_index(
+                get_image,
+                caption_texts,
+                identities,
+                pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+                revision=args.revision,
+                variant=args.variant,
+                neighbor_encoder=args.neighbor_encoder,
+                num_neighbors=min(args.num_neighbors, len(dataset) - 1),
+                resolution=args.resolution,
+                density_latent_dim=args.density_latent_dim,
+                density_hidden_dim=args.density_hidden_dim,
+                density_epochs=args.density_epochs,
+                density_lr=args.density_lr,
+                density_num_samples=args.density_num_samples,
+                density_temperature=args.density_temperature,
+                density_w_min=args.density_w_min,
+                density_w_max=args.density_w_max,
+                seed=seed,
+                cache_dir=args.index_cache_dir or args.output_dir,
+                fingerprint=dataset_fingerprint(dataset),
+                device=accelerator.device,
+            )
+        index_summary = summarize_index(
+            index,
+            a1=args.psi_a1,
+            a2=args.psi_a2,
+            a3=args.psi_a3,
+            terms=args.psi_terms,
+            few_shot_max=args.few_shot_max,
+        )
+        logger.info("Expected psi per sample (majority vs minority):\n" + format_summary(index_summary))
+
+    train_dataset = TrainDataset(dataset, image_column, captions, tokenizer, args, seed)
+    sampler = EpochSampler(
+        len(train_dataset), seed, weights=identity_sampling_weights(identities, args.sampling)
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+    )
+
+    # Scheduler and math around the number of training steps. The dataloader is sharded across processes, so
+    # each process sees ceil(len / num_processes) batches per epoch.
+    num_warmup_steps_for_scheduler = args.lr_warmup_steps * accelerator.num_processes
+    len_train_dataloader_after_sharding = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    num_update_steps_per_epoch = math.ceil(
+        len_train_dataloader_after_sharding / args.gradient_accumulation_steps
+    )
+    if args.max_train_steps is None:
+        num_training_steps_for_scheduler = (
+            args.num_train_epochs * num_update_steps_per_epoch * accelerator.num_processes
+        )
+    else:
+        num_training_steps_for_scheduler = args.max_train_steps * accelerator.num_processes
+
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=num_warmup_steps_for_scheduler,
+        num_training_steps=num_training_steps_for_scheduler,
+    )
+
+    # Prepare everything with our `accelerator`.
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
+
+    if args.use_ema:
+        if args.offload_ema:
+            ema_unet.pin_memory()
+        else:
+            ema_unet.to(accelerator.device)
+
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+
+    # We need to recalculate our total training steps as the size of the training dataloader may have changed.
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if not isinstance(v, (list, dict))}
+        accelerator.init_trackers(args.tracker_project_name, tracker_config)
+
+    # Neighbours and CBDM partners are looked up by dataset row: tokens of each distinct caption, once.
+    empty_ids = tokenize(tokenizer, [""])[0]
+    caption_ids, distinct_captions = first_occurrence_ids(caption_texts)
+    distinct_input_ids = tokenize(tokenizer, distinct_captions)
+    latent_cache = text_cache = None
+    if args.cache_latents:
+        if any(not isinstance(c, str) for c in captions):
+            raise TrainingError(
+                "--cache_latents needs one caption per image (some rows hold several); drop the flag."
+            )
+        cache_rows = undecoded_images(dataset, image_column)
+
+        def cache_pixels(i: int) -> torch.Tensor:
+            image = load_rgb(cache_rows[i][image_column], path_hint=f"row {i} of the training set")
+            return preprocess_image(
+                image, args.resolution, center_crop=True, interpolation=args.image_interpolation_mode
+            )
+
+        latent_cache = encode_latent_parameters(
+            vae, cache_pixels, len(dataset), show_progress=accelerator.is_local_main_process
+        )
+        with torch.no_grad():
+            # Row U (after the U distinct captions) is the empty prompt used for caption dropout.
+            text_cache = torch.cat(
+                [
+                    text_encoder(ids.to(accelerator.device), return_dict=False)[0]
+                    for ids in torch.cat([distinct_input_ids, empty_ids[None]]).split(64)
+                ]
+            )
+        logger.info(
+            f"Cached {len(latent_cache)} latent distributions and {len(text_cache)} caption embeddings "
+            f"({(latent_cache.numel() * latent_cache.element_size() + text_cache.numel() * text_cache.element_size()) / 2**20:.1f} MiB)."
+        )
+
+    def caption_states(rows: torch.Tensor) -> torch.Tensor:
+        """Text-encoder hidden states of the (first) captions of dataset rows."""
+        ids = caption_ids[rows.cpu()]
+        if text_cache is not None:
+            return text_cache[ids.to(text_cache.device)]
+        with torch.no_grad():
+            return text_encoder(distinct_input_ids[ids].to(accelerator.device), return_dict=False)[0]
+
+    sample_counter = SampleCounter(len(train_dataset))
+    accelerator.register_for_checkpointing(sample_counter)
+    is_minority = None
+    if index is not None:
+        is_minority = torch.tensor([identity_counts[name] <= args.few_shot_max for name in identities])
+    unwrapped_unet = accelerator.unwrap_model(unet)
+
+    # Train!
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Objective = {args.objective}  (psi terms: {args.psi_terms})")
+    logger.info(f"  Num examples = {len(train_dataset)}")
+    logger.info(f"  Num Epochs = {args.num_train_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+    global_step = 0
+    first_epoch = 0
+
+    # Potentially load in the weights and states from a previous save
+    resume_batches = 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint != "latest":
+            path = os.path.basename(os.path.normpath(args.resume_from_checkpoint))
+            if not os.path.isdir(os.path.join(args.output_dir, path)):
+                raise TrainingError(
+                    f"Checkpoint {args.resume_from_checkpoint!r} not found in {args.output_dir}. "
+                    f"Available: {', '.join(checkpoint_dirs(args.output_dir)) or 'none'}."
+                )
+        else:
+            existing = checkpoint_dirs(args.output_dir)
+            path = existing[-1] if existing else None
+        if path is None:
+            accelerator.print(f"No checkpoint found in {args.output_dir}; starting a new training run.")
+            args.resume_from_checkpoint = None
+        else:
+            accelerator.print(f"Resuming from checkpoint {path}")
+            accelerator.load_state(os.path.join(args.output_dir, path))
+            global_step = int(path.split("-")[1])
+            first_epoch = global_step // num_update_steps_per_epoch
+            resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    initial_global_step = global_step
+
+    progress_bar = tqdm(
+        range(0, args.max_train_steps),
+        initial=initial_global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    if args.prediction_type is not None:
+        # set prediction_type of scheduler if defined
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+
+    for epoch in range(first_epoch, args.num_train_epochs):
+        train_dataset.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)
+        active_dataloader = train_dataloader
+        if epoch == first_epoch and resume_batches > 0:
+            # Skip (without loading) the batches the checkpointed run had already consumed in this epoch.
+            active_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            active_dataloader.set_epoch(epoch)
+        step_offset = resume_batches if epoch == first_epoch else 0
+        train_loss = 0.0
+        step_logs: dict[str, float] = {}
+        for step, batch in enumerate(active_dataloader, start=step_offset):
+            # All randomness of this micro-batch comes from generators keyed by (seed, epoch, step, rank).
+            step_seed = derive_seed(seed, epoch, step, accelerator.process_index)
+            cpu_generator = torch.Generator().manual_seed(step_seed)
+            generator = torch.Generator(device=accelerator.device).manual_seed(step_seed)
+            with accelerator.accumulate(unet):
+                # Convert images to latent space
+                if latent_cache is not None:
+                    latent_dist = DiagonalGaussianDistribution(
+                        latent_cache[batch["index"].cpu()].to(accelerator.device, weight_dtype)
+                    )
+                else:
+                    latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
+                latents = latent_dist.sample(generator=generator)
+                latents = latents * vae.config.scaling_factor
+                bsz = latents.shape[0]
+
+                # Sample noise that we'll add to the latents
+                noise = torch.randn(
+                    latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+                )
+                if args.noise_offset:
+                    # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+                    noise += args.noise_offset * torch.randn(
+                        (bsz, latents.shape[1], 1, 1),
+                        generator=generator,
+                        device=latents.device,
+                        dtype=latents.dtype,
+                    )
+                if args.input_perturbation:
+                    new_noise = noise + args.input_perturbation * torch.randn(
+                        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+                    )
+                # Sample a random timestep for each image
+                timesteps = torch.randint(
+                    0,
+                    noise_scheduler.config.num_train_timesteps,
+                    (bsz,),
+                    generator=generator,
+                    device=latents.device,
+                ).long()
+
+                # Add noise to the latents according to the noise magnitude at each timestep
+                if args.input_perturbation:
+                    noisy_latents = noise_scheduler.add_noise(latents, new_noise, timesteps)
+                else:
+                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+                # Get the text embedding for conditioning (captions dropped for classifier-free guidance)
+                rows = batch["index"].cpu()
+                sample_counter.update(rows)
+                caption_dropped = torch.zeros(bsz, dtype=torch.bool)
+                if args.caption_dropout_prob > 0:
+                    caption_dropped = torch.rand(bsz, generator=cpu_generator) < args.caption_dropout_prob
+                if text_cache is not None:
+                    ids = torch.where(caption_dropped, len(distinct_captions), caption_ids[rows])
+                    encoder_hidden_states = text_cache[ids.to(text_cache.device)]
+                else:
+                    input_ids = torch.where(
+                        caption_dropped[:, None], empty_ids[None], batch["input_ids"].cpu()
+                    )
+                    encoder_hidden_states = text_encoder(input_ids.to(accelerator.device), return_dict=False)[
+                        0
+                    ]
+
+                # Get the target for loss depending on the prediction type
+                if noise_scheduler.config.prediction_type == "epsilon":
+                    target = noise
+                elif noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    raise TrainingError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+
+                if args.dream_training:
+                    noisy_latents, target = compute_dream_and_update_latents(
+                        unet,
+                        noise_scheduler,
+                        timesteps,
+                        noise,
+                        noisy_latents,
+                        target,
+                        encoder_hidden_states,
+                        args.dream_detail_preservation,
+                    )
+
+                snr_weights = None
+                if args.snr_gamma is not None:
+                    # Min-SNR weighting (arXiv 2303.09556), as in train_text_to_image.py; with PoGDiff it
+                    # multiplies both terms of each sample's loss.
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    snr_weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(
+                        dim=1
+                    )[0]
+                    if noise_scheduler.config.prediction_type == "epsilon":
+                        snr_weights = snr_weights / snr
+                    elif noise_scheduler.config.prediction_type == "v_prediction":
+                        snr_weights = snr_weights / (snr + 1)
+
+                # What each objective adds: neighbours (pogdiff), random partners (cbdm), target transfer (t2h).
+                draw = None
+                neighbor_hidden_states = None
+                if args.objective == "pogdiff":
+                    draw = draw_pogdiff_neighbors(
+                        index,
+                        rows,
+                        cpu_generator,
+                        a1=args.psi_a1,
+                        a2=args.psi_a2,
+                        a3=args.psi_a3,
+                        terms=args.psi_terms,
+                        caption_dropped=caption_dropped,
+                    )
+                    if bool(draw.needs_forward.any()):
+                        neighbor_hidden_states = caption_states(draw.rows[draw.needs_forward])
+                elif args.objective == "cbdm":
+                    partners = draw_random_partners(len(train_dataset), bsz, cpu_generator)
+                    neighbor_hidden_states = caption_states(partners)
+                elif args.objective == "t2h":
+                    target, accepted = t2h_targets(
+                        latents,
+                        noisy_latents,
+                        timesteps,
+                        alphas_cumprod,
+                        index.elbo.to(accelerator.device)[rows.to(accelerator.device)],
+                        cpu_generator,
+                        noise=noise,
+                        prediction_type=noise_scheduler.config.prediction_type,
+                    )
+
+                loss, logs = objective_loss(
+                    args.objective,
+                    unet,
+                    noisy_latents,
+                    timesteps,
+                    target,
+                    encoder_hidden_states,
+                    neighbor_unet=unwrapped_unet,
+                    neighbor_hidden_states=neighbor_hidden_states,
+                    draw=draw,
+                    snr_weights=snr_weights,
+                    num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+                    cbdm_tau=args.cbdm_tau,
+                    cbdm_gamma=args.cbdm_gamma,
+                )
+                if draw is not None:
+                    logs["frac_skipped"] = 1.0 - float(draw.needs_forward.float().mean())
+                    minority = is_minority[rows]
+                    if bool(minority.any()):
+                        logs["psi_minority"] = float(draw.psi_drawn[minority].mean())
+                    if bool((~minority).any()):
+                        logs["psi_majority"] = float(draw.psi_drawn[~minority].mean())
+                if args.objective == "t2h":
+                    logs["t2h_accept_rate"] = float(accepted.float().mean())
+
+                # Gather the losses across all processes for logging (if we use distributed training).
+                avg_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
+                if not torch.isfinite(avg_loss):
+                    raise TrainingError(
+                        f"Non-finite loss ({avg_loss.item()}) at step {global_step + 1} (epoch {epoch}, batch {step}). "
+                        "Nothing was saved for this step; the last checkpoint in output_dir is intact. Lower "
+                        "--learning_rate, try --mixed_precision bf16 instead of fp16, or check the data."
+                    )
+                train_loss += avg_loss.item() / args.gradient_accumulation_steps
+                for k, v in logs.items():
+                    step_logs[k] = step_logs.get(k, 0.0) + v / args.gradient_accumulation_steps
+
+                # Backpropagate
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            # Checks if the accelerator has performed an optimization step behind the scenes
+            if accelerator.sync_gradients:
+                if args.use_ema:
+                    if args.offload_ema:
+                        ema_unet.to(
+                            device="cuda" if torch.cuda.is_available() else accelerator.device,
+                            non_blocking=True,
+                        )
+                    ema_unet.step(unet.parameters())
+                    if args.offload_ema:
+                        ema_unet.to(device="cpu", non_blocking=True)
+                progress_bar.update(1)
+                global_step += 1
+                accelerator.log(
+                    {"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0], **step_logs},
+                    step=global_step,
+                )
+                train_loss = 0.0
+                step_logs = {}
+
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, global_step)
+
+            progress_bar.set_postfix(step_loss=loss.detach().item(), lr=lr_scheduler.get_last_lr()[0])
+            if global_step >= args.max_train_steps:
+                break
+
+        if (
+            accelerator.is_main_process
+            and args.validation_prompts
+            and (epoch + 1) % args.validation_epochs == 0
+        ):
+            if args.use_ema:
+                # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
+                ema_unet.store(unet.parameters())
+                ema_unet.copy_to(unet.parameters())
+            log_validation(
+                vae, text_encoder, tokenizer, unet, noise_scheduler, args, accelerator, weight_dtype, epoch
+            )
+            if args.use_ema:
+                ema_unet.restore(unet.parameters())
+
+    # Data parallelism must leave every rank with the same weights; a cheap check catches silent divergence.
+    accelerator.wait_for_everyone()
+    checksum = torch.stack([p.detach().double().sum() for p in params_to_optimize]).sum().reshape(1)
+    checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
+    logger.info(f"Trainable-parameter checksum per rank: {checksums}")
+    if len(set(checksums)) > 1:
+        raise TrainingError(
+            f"Ranks ended with different weights (checksums {checksums}); please report this."
+        )
+
+    # What the sampler actually fed the model, per identity and summed over ranks (see --sampling).
+    drawn = accelerator.reduce(sample_counter.counts.to(accelerator.device), reduction="sum").cpu()
+    drawn_per_identity = sample_counter.per_identity(identities, drawn)
+    total_drawn = max(sum(drawn_per_identity.values()), 1)
+    shares = ", ".join(f"{k}={v} ({v / total_drawn:.1%})" for k, v in drawn_per_identity.items())
+    logger.info(f"Samples drawn per identity (--sampling {args.sampling}): {shares}")
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "sample_counts.json"), "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "sampling": args.sampling,
+                    "images_per_identity": identity_counts,
+                    "samples_per_identity": drawn_per_identity,
+                },
+                f,
+                indent=2,
+            )
+
+    # Create the pipeline using the trained modules and save it.
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(unet)
+        if args.use_ema:
+            ema_unet.copy_to(unet.parameters())
+        if args.use_lora:
+            from peft.utils import get_peft_model_state_dict
+
+            StableDiffusionPipeline.save_lora_weights(
+                args.output_dir,
+                unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                safe_serialization=True,
+            )
+        else:
+            # Reload the frozen parts from the base in full precision; saved as StableDiffusionPipeline so
+            # plain diffusers loads it.
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                args.pretrained_model_name_or_path,
+                unet=unet,
+                revision=args.revision,
+                variant=args.variant,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+            pipeline.save_pretrained(args.output_dir)
+
+        images = []
+        if args.validation_prompts:
+            images = log_validation(
+                vae,
+                text_encoder,
+                tokenizer,
+                unet,
+                noise_scheduler,
+                args,
+                accelerator,
+                weight_dtype,
+                args.num_train_epochs,
+            )
+        repo_name = args.hub_model_id or Path(args.output_dir).name
+        save_model_card(
+            args, repo_id if args.push_to_hub else repo_name, images, args.output_dir, index_summary
+        )
+        if args.push_to_hub:
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=HUB_IGNORE_PATTERNS,
+                token=args.hub_token,
+            )
+    accelerator.end_training()
+
+
+def run(input_args: list[str] | None = None) -> None:
+    """Entry point: problems the user must fix are reported as one message and a non-zero exit."""
+    args = parse_args(input_args)
+    try:
+        main(args)
+    except (TrainingError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("POGDIFF_TRACEBACK"):
+            raise
+        print(
+            f"\ntrain_pogdiff.py: error: {e}\n(set POGDIFF_TRACEBACK=1 to see the traceback)", file=sys.stderr
+        )
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()
