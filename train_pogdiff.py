@@ -1348,10 +1348,7 @@ def main(args: argparse.Namespace) -> None:
             if accelerator.sync_gradients:
                 if args.use_ema:
                     if args.offload_ema:
-                        ema_unet.to(
-                            device="cuda" if torch.cuda.is_available() else accelerator.device,
-                            non_blocking=True,
-                        )
+                        ema_unet.to(device=accelerator.device, non_blocking=True)
                     ema_unet.step(unet.parameters())
                     if args.offload_ema:
                         ema_unet.to(device="cpu", non_blocking=True)
