@@ -16,7 +16,7 @@ Usage::
 
     # A full fine-tune (a folder with model_index.json) or a LoRA result (pytorch_lora_weights.safetensors
     # plus a model card whose metadata names `base_model`): both load the same way, from a folder or the Hub.
-    pipe = PoGDiffPipeline.from_pretrained("your-name/pogdiff-agedb", torch_dtype=torch.float16).to("cuda")
+    pipe = PoGDiffPipeline.from_pretrained("your-name/pogdiff-agedb", dtype=torch.float16).to("cuda")
     # The paper's prompt convention (App. C): "An image of {name}."
     image = pipe("An image of Lukas.", generator=torch.Generator("cuda").manual_seed(0)).images[0]
 
