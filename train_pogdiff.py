@@ -1109,7 +1109,6 @@ def main(args: argparse.Namespace) -> None:
     is_minority = None
     if index is not None:
         is_minority = torch.tensor([identity_counts[name] <= args.few_shot_max for name in identities])
-    unwrapped_unet = accelerator.unwrap_model(unet)
 
     # Train!
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -1293,7 +1292,7 @@ def main(args: argparse.Namespace) -> None:
                         noisy_latents,
                         timesteps,
                         alphas_cumprod,
-                        index.elbo.to(accelerator.device)[rows.to(accelerator.device)],
+                        index.elbo[rows].to(accelerator.device),
                         cpu_generator,
                         noise=noise,
                         prediction_type=noise_scheduler.config.prediction_type,
@@ -1306,7 +1305,6 @@ def main(args: argparse.Namespace) -> None:
                     timesteps,
                     target,
                     encoder_hidden_states,
-                    neighbor_unet=unwrapped_unet,
                     neighbor_hidden_states=neighbor_hidden_states,
                     draw=draw,
                     snr_weights=snr_weights,

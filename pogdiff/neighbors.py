@@ -156,7 +156,7 @@ def knn_cosine(
     for different block shapes, which would otherwise decide near-ties and the order of duplicate rows).
     Stage 3 is rare in practice (it needs 9 extra rows within ~1e-4 of a row's k-th similarity, e.g.
     many exact duplicates; on GPUs, where the matmul may use TF32, the bound is looser and stage 3 more
-    frequent). N = 100,000 x 768 takes about a minute on 2 CPU cores.
+    frequent). N = 100,000 x 768 took 92 s on one busy CPU core here (benchmarks/bench_index.py); use the GPU for larger N.
     """
     _check_embeddings(embeddings, k)
     if chunk_size < 1:

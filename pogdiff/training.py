@@ -105,7 +105,6 @@ def objective_loss(
     target: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     *,
-    neighbor_unet: Callable | None = None,
     neighbor_hidden_states: torch.Tensor | None = None,
     draw: NeighborDraw | None = None,
     snr_weights: torch.Tensor | None = None,
@@ -118,8 +117,9 @@ def objective_loss(
     - vanilla / t2h: one forward, MSE to `target` (T2H's target transfer happens before, in `t2h_targets`).
     - pogdiff: the forward with grad, plus one forward under `torch.no_grad()` for just the rows that need a
       neighbour prediction (`draw.needs_forward`), on the same x_t and t with the neighbour's text
-      (`neighbor_hidden_states`, one row per needed sample). `neighbor_unet` is the unwrapped model: a
-      no-grad pass must not go through DDP's gradient bookkeeping.
+      (`neighbor_hidden_states`, one row per needed sample). It goes through the same (possibly DDP / FSDP /
+      DeepSpeed-wrapped) model: under no_grad, DDP records nothing for the backward, and sharded engines
+      gather their parameters as for any forward.
     - cbdm: the neighbour branch needs grad, so both conditions go through ONE forward on the doubled batch
       (a DDP model may only run one forward per backward).
     """
@@ -130,12 +130,16 @@ def objective_loss(
     if objective == "pogdiff":
         model_pred = unet_prediction(unet, noisy_latents, timesteps, encoder_hidden_states)
         neighbor_pred = None
-        needs = draw.needs_forward.to(model_pred.device)
-        if bool(needs.any()):
+        # The draw lives on the CPU: deciding what to skip never waits for the accelerator.
+        if bool(draw.needs_forward.any()):
+            rows = draw.needs_forward.nonzero().flatten().to(noisy_latents.device, non_blocking=True)
             with torch.no_grad():
                 # Compact: only the rows with psi > 0, in batch order (what pogdiff_loss reads).
                 neighbor_pred = unet_prediction(
-                    neighbor_unet or unet, noisy_latents[needs], timesteps[needs], neighbor_hidden_states
+                    unet,
+                    noisy_latents.index_select(0, rows),
+                    timesteps.index_select(0, rows),
+                    neighbor_hidden_states,
                 )
         return pogdiff_loss(model_pred, target, neighbor_pred, draw.psi.to(model_pred.device), snr_weights)
 

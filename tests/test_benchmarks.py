@@ -1,0 +1,119 @@
+"""benchmarks/bench_step.py and bench_index.py run end to end at toy sizes and report what they claim."""
+
+import json
+import math
+
+import torch
+
+from benchmarks import bench_index, bench_step
+from pogdiff.training import draw_pogdiff_neighbors
+
+
+def test_synthetic_index_skips_exactly_the_requested_fraction():
+    index, skippable, active = bench_step.synthetic_index(pool_size=20, k=5, seed=0)
+    assert len(skippable) == 24 and len(active) == 20  # skippable rows come in groups of k + 1 = 6
+    rows = bench_step.batch_rows(skippable, active, 8, 0.25, torch.Generator().manual_seed(1))
+    assert len(set(rows.tolist())) == 8 and int(torch.isin(rows, skippable).sum()) == 2
+    draw = draw_pogdiff_neighbors(
+        index, rows, torch.Generator().manual_seed(2), a1=1.0, a2=1.0, a3=1.0, terms="img,txt"
+    )
+    assert draw.needs_forward.tolist() == (~torch.isin(rows, skippable)).tolist()
+    assert bool((draw.psi_drawn > 0).all())
+
+
+def test_bench_step_tiny(tmp_path):
+    result = bench_step.main(
+        [
+            "--preset",
+            "tiny",
+            "--batch_size",
+            "2",
+            "--warmup",
+            "2",
+            "--steps",
+            "3",
+            "--skippable_fraction",
+            "0.5",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    saved = json.loads((tmp_path / "bench_step.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert list(saved["results"]) == ["vanilla", "pogdiff", "cbdm", "t2h"]
+    for r in saved["results"].values():
+        assert r["median_ms"] > 0 and r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
+        assert math.isclose(r["images_per_s"], 2 / (r["median_ms"] / 1e3))
+        assert r["peak_gib"] is None  # CPU: no per-method peak, reported as n/a
+    assert saved["results"]["vanilla"]["ratio_to_vanilla"] == 1.0
+    # One of the two rows of every batch has a same-caption neighbour: its forward is skipped.
+    assert saved["results"]["pogdiff"]["frac_skipped"] == 0.5
+    assert saved["config"]["resolution"] == 32 and saved["config"]["mixed_precision"] == "no"
+    assert saved["command"].startswith("python benchmarks/bench_step.py --preset tiny")
+    assert saved["machine"]["torch"] == torch.__version__
+    table = (tmp_path / "bench_step.md").read_text()
+    assert "| pogdiff |" in table and "| 1.000 |" in table and "n/a on CPU" in table
+
+
+def test_bench_step_cached_latents_and_lora():
+    args = [
+        "--preset",
+        "tiny",
+        "--batch_size",
+        "4",
+        "--warmup",
+        "0",
+        "--steps",
+        "2",
+        "--methods",
+        "pogdiff,cbdm",
+    ]
+    result = bench_step.main([*args, "--skippable_fraction", "0.25", "--cache_latents", "--lora"])
+    assert list(result["results"]) == ["pogdiff", "cbdm"]
+    assert result["config"]["cache_latents"] and result["config"]["lora"]
+    assert result["results"]["pogdiff"]["frac_skipped"] == 0.25
+    assert result["results"]["pogdiff"]["ratio_to_vanilla"] is None  # no vanilla run to compare with
+
+
+def test_bench_index_small(tmp_path):
+    result = bench_index.main(
+        [
+            "--sizes",
+            "2000",
+            "--density_sizes",
+            "2000",
+            "--chunk_size",
+            "512",
+            "--density_max_steps",
+            "20",
+            "--threads",
+            "1",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    saved = json.loads((tmp_path / "bench_index.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    (knn,) = saved["knn"]
+    assert (knn["n"], knn["dim"], knn["k"], knn["chunk_size"]) == (2000, 768, 5, 512)
+    assert knn["seconds"] > 0 and knn["n_by_n_float32_mib"] == 2000 * 2000 * 4 / 2**20
+    assert knn["embeddings_mib"] == 2000 * 768 * 4 / 2**20
+    # 100 well-separated clusters of ~20 points: the exact 5 nearest neighbours share the row's cluster.
+    assert knn["same_cluster_neighbour_fraction"] == 1.0
+    (density,) = saved["density"]
+    assert density["n"] == 2000 and density["max_steps"] == 20
+    stages = density["fit_seconds"] + density["elbo_seconds"] + density["weights_seconds"]
+    assert stages > 0 and math.isclose(density["seconds"], stages)
+    for r in (knn, density):  # Linux: per-call peak RSS, measured from the call's start
+        assert r["rss_growth_mib"] >= 0 and r["rss_peak_mib"] >= r["rss_start_mib"]
+    table = (tmp_path / "bench_index.md").read_text()
+    assert "| 2,000 x 768, 5 | cpu |" in table and "| 2,000 x 768 | cpu |" in table
+
+
+def test_long_tailed_text_embeddings_counts():
+    embeddings, counts = bench_index.long_tailed_text_embeddings(1000, 16, seed=0)
+    assert embeddings.shape == (1000, 16)
+    # 100 captions, each at least once; rows of one caption are identical and carry its count.
+    distinct, inverse = torch.unique(embeddings, dim=0, return_inverse=True)
+    assert len(distinct) == 100
+    assert torch.equal(counts, torch.bincount(inverse)[inverse])

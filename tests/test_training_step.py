@@ -1,0 +1,180 @@
+"""`objective_loss` on the tiny UNet: the PoGDiff skip path is exact, psi = 0 is vanilla, CBDM's doubled batch.
+
+The skip path drops the neighbour forward for rows with psi == 0 (e.g. a dropped caption) and for rows whose
+neighbour has the sample's own caption. Both must change nothing: the loss and every parameter gradient equal
+those of the unskipped computation, where the neighbour forward runs on all rows and a same-caption neighbour's
+hidden states are the sample's own.
+"""
+
+import math
+
+import pytest
+import torch
+
+from pogdiff.index import PoGDiffIndex
+from pogdiff.objectives import cbdm_loss
+from pogdiff.testing import tiny_sd_components
+from pogdiff.training import NeighborDraw, draw_pogdiff_neighbors, objective_loss
+
+BATCH, TOKENS, WIDTH = 4, 8, 32  # tiny UNet: 16x16x4 latents, cross-attention width 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny UNet's ops gain nothing from threads; on a busy machine OpenMP waits made these tests 20x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_sd_components(seed=0)["unet"].train()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "noisy_latents": torch.randn((BATCH, 4, 16, 16), generator=g),
+        "timesteps": torch.tensor([10, 400, 650, 999]),
+        "target": torch.randn((BATCH, 4, 16, 16), generator=g),
+        "encoder_hidden_states": torch.randn((BATCH, TOKENS, WIDTH), generator=g),
+        "neighbor_hidden_states": torch.randn((BATCH, TOKENS, WIDTH), generator=g),
+    }
+
+
+def loss_and_grads(unet, objective, inputs, **kwargs):
+    """objective_loss's loss and a copy of every parameter's gradient, from zeroed gradients."""
+    unet.zero_grad(set_to_none=True)
+    loss, logs = objective_loss(
+        objective,
+        unet,
+        inputs["noisy_latents"],
+        inputs["timesteps"],
+        inputs["target"],
+        inputs["encoder_hidden_states"],
+        **kwargs,
+    )
+    loss.backward()
+    grads = [p.grad.clone() for p in unet.parameters()]
+    unet.zero_grad(set_to_none=True)
+    return loss.detach(), logs, grads
+
+
+def small_index() -> PoGDiffIndex:
+    """Batch rows 0-3 with k = 1 (the draw is deterministic) and their neighbours 4-7.
+
+    row 0: neighbour 4, other identity and caption, s = 0.5, weight 2 -> psi = 0.5^2 * 2 = 0.5
+    row 1: neighbour 5, same identity, s = 0.6 -> psi 0.6, but its caption is dropped -> psi = 0
+    row 2: neighbour 6, same identity and caption, s = 0.9 -> psi 0.9, skipped (same caption)
+    row 3: neighbour 7, same identity, other caption, s = 0.8 -> psi = 0.8
+    """
+    return PoGDiffIndex(
+        neighbor_ids=torch.tensor([[4], [5], [6], [7], [0], [1], [2], [3]]),
+        neighbor_sims=torch.tensor([[0.5], [0.6], [0.9], [0.8], [0.5], [0.6], [0.9], [0.8]]),
+        identity_ids=torch.tensor([0, 1, 2, 3, 4, 1, 2, 3]),
+        identity_names=["a", "b", "c", "d", "e"],
+        text_ids=torch.tensor([0, 1, 2, 3, 4, 5, 2, 6]),
+        txt_log_weights=torch.tensor([math.log(2.0), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+        elbo=torch.zeros(8),
+        config={},
+    )
+
+
+def test_skipping_neighbour_forwards_is_exact(unet, inputs):
+    draw = draw_pogdiff_neighbors(
+        small_index(),
+        torch.arange(4),
+        torch.Generator().manual_seed(0),
+        a1=1.0,
+        a2=1.0,
+        a3=1.0,
+        terms="img,txt",
+        caption_dropped=torch.tensor([False, True, False, False]),
+    )
+    torch.testing.assert_close(draw.psi_drawn, torch.tensor([0.5, 0.0, 0.9, 0.8]))
+    torch.testing.assert_close(draw.psi, torch.tensor([0.5, 0.0, 0.0, 0.8]))
+    assert draw.needs_forward.tolist() == [True, False, False, True]
+    assert draw.rows.tolist() == [4, 5, 6, 7]
+
+    # Skipping: the neighbour forward runs on rows 0 and 3 only.
+    nhs = inputs["neighbor_hidden_states"]
+    skip_loss, skip_logs, skip_grads = loss_and_grads(
+        unet, "pogdiff", inputs, neighbor_hidden_states=nhs[draw.needs_forward], draw=draw
+    )
+    # No skipping: the neighbour forward on all rows, row 2 with its own hidden states (same caption), row 1
+    # with some other text (its psi is 0).
+    full_nhs = nhs.clone()
+    full_nhs[2] = inputs["encoder_hidden_states"][2]
+    full_draw = NeighborDraw(
+        rows=draw.rows,
+        psi=draw.psi_drawn,
+        psi_drawn=draw.psi_drawn,
+        needs_forward=torch.ones(BATCH, dtype=torch.bool),
+    )
+    full_loss, full_logs, full_grads = loss_and_grads(
+        unet, "pogdiff", inputs, neighbor_hidden_states=full_nhs, draw=full_draw
+    )
+
+    assert skip_logs["frac_skipped"] == 0.5 and full_logs["frac_skipped"] == 0.25
+    assert skip_logs["loss_consistency"] > 0
+    # Bitwise: the same-caption row's neighbour prediction equals its own prediction exactly (same inputs, same
+    # batch position and size), so its term adds exactly 0 to the loss and to every gradient.
+    assert torch.equal(skip_loss, full_loss)
+    assert len(skip_grads) == len(list(unet.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(skip_grads, full_grads))
+
+
+@pytest.mark.parametrize("snr", [False, True])
+def test_pogdiff_with_psi_zero_is_vanilla_bitwise(unet, inputs, snr):
+    snr_weights = torch.tensor([0.2, 1.0, 3.0, 5.0]) if snr else None
+    draw = NeighborDraw(
+        rows=torch.tensor([1, 2, 3, 0]),
+        psi=torch.zeros(BATCH),
+        psi_drawn=torch.zeros(BATCH),
+        needs_forward=torch.zeros(BATCH, dtype=torch.bool),
+    )
+    pog_loss, pog_logs, pog_grads = loss_and_grads(
+        unet, "pogdiff", inputs, draw=draw, snr_weights=snr_weights
+    )
+    van_loss, van_logs, van_grads = loss_and_grads(unet, "vanilla", inputs, snr_weights=snr_weights)
+    assert torch.equal(pog_loss, van_loss)
+    assert pog_logs["loss_consistency"] == 0.0 and pog_logs["frac_skipped"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(pog_grads, van_grads))
+
+
+def test_cbdm_doubled_batch_equals_two_forwards(unet, inputs):
+    loss, logs, grads = loss_and_grads(
+        unet,
+        "cbdm",
+        inputs,
+        neighbor_hidden_states=inputs["neighbor_hidden_states"],
+        num_train_timesteps=1000,
+    )
+
+    unet.zero_grad(set_to_none=True)
+    own = unet(inputs["noisy_latents"], inputs["timesteps"], inputs["encoder_hidden_states"]).sample
+    partner = unet(inputs["noisy_latents"], inputs["timesteps"], inputs["neighbor_hidden_states"]).sample
+    ref_loss, ref_logs = cbdm_loss(
+        own, inputs["target"], partner, inputs["timesteps"], 1000, tau=1.0, gamma=0.25
+    )
+    ref_loss.backward()
+    ref_grads = [p.grad.clone() for p in unet.parameters()]
+    unet.zero_grad(set_to_none=True)
+
+    # Not bitwise in general: a batch of 8 and two of 4 may go through differently blocked float32 kernels,
+    # which sum in different orders. Observed on this CPU (1 and 2 threads): loss equal to 1e-7; loss_reg and
+    # loss_commit, mse of two close predictions, to 1e-6 (a difference of nearby numbers loses relative
+    # accuracy); gradients to 9e-7 of the largest gradient entry. Biases feeding a GroupNorm have an
+    # exactly-zero true gradient, so theirs are pure rounding noise (~1e-9) with no relative accuracy: the
+    # absolute tolerance is scaled by the largest gradient of the whole model, not per tensor. Tolerances
+    # leave about 10x headroom.
+    assert logs["loss_reg"] > 0 and logs["loss_commit"] > 0
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=0)
+    for key in ("loss_main", "loss_reg", "loss_commit"):
+        assert logs[key] == pytest.approx(ref_logs[key], rel=1e-5)
+    scale = max(float(g.abs().max()) for g in ref_grads)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
