@@ -388,3 +388,47 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(
     names = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
     assert names == [f"checkpoint-{s}" for s in range(1, failed_step)]
     assert (out / f"checkpoint-{failed_step - 1}" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_push_to_hub_uploads_the_model_not_the_checkpoints(
+    tiny_sd_path, tiny_dataset_path, tmp_path, monkeypatch
+):
+    """No wandb, no validation prompts (both crashed upstream's push) and checkpoints stay local."""
+    import train_pogdiff
+
+    calls = {}
+    monkeypatch.setattr(
+        train_pogdiff, "create_repo", lambda repo_id, **kw: type("R", (), {"repo_id": repo_id})
+    )
+    monkeypatch.setattr(train_pogdiff, "upload_folder", lambda **kw: calls.update(kw))
+    out = tmp_path / "hub"
+    run_in_process(
+        train_args(
+            tiny_sd_path, tiny_dataset_path, out, "--objective", "vanilla", "--checkpointing_steps", "1",
+            "--push_to_hub", "--hub_model_id", "me/pogdiff-test",
+        )
+    )  # fmt: skip
+    assert calls["repo_id"] == "me/pogdiff-test" and calls["folder_path"] == str(out)
+    import fnmatch
+
+    uploaded = [
+        p.relative_to(out).as_posix()
+        for p in out.rglob("*")
+        if p.is_file()
+        and not any(fnmatch.fnmatch(p.relative_to(out).as_posix(), pat) for pat in calls["ignore_patterns"])
+    ]
+    assert "model_index.json" in uploaded and "README.md" in uploaded
+    assert not [p for p in uploaded if p.startswith(("checkpoint-", "pogdiff-index-", "logs/"))], uploaded
+    assert "me/pogdiff-test" in (out / "README.md").read_text()
+
+
+def test_lora_bf16_mixed_precision_runs(tiny_sd_path, tiny_dataset_path, tmp_path):
+    out = tmp_path / "bf16"
+    run_in_process(
+        train_args(tiny_sd_path, tiny_dataset_path, out, "--use_lora", "--mixed_precision", "bf16")
+    )
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(v.float()).all() for v in lora.values())
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    assert np.isfinite(sample(PoGDiffPipeline.from_pretrained(out))).all()
