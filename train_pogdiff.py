@@ -60,7 +60,14 @@ from pogdiff.data import (
     preprocess_image,
     resolve_columns,
 )
-from pogdiff.index import build_or_load_index, first_occurrence_ids, format_summary, summarize_index
+from pogdiff.index import (
+    add_index_arguments,
+    build_or_load_index,
+    first_occurrence_ids,
+    format_summary,
+    index_build_kwargs,
+    summarize_index,
+)
 from pogdiff.sampling import (
     SAMPLING_SCHEMES,
     EpochSampler,
@@ -311,35 +318,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default="identity",
         help="Column naming who/what each image shows; if absent, the caption is the identity.",
     )
-    pog.add_argument(
-        "--num_neighbors",
-        type=int,
-        default=5,
-        help="k: neighbours per image, by image-embedding cosine (Eq. 8).",
-    )
-    pog.add_argument(
-        "--neighbor_encoder",
-        type=str,
-        default="facebook/dinov2-base",
-        help="Image encoder that decides neighbours: an HF id, 'vae' (the base model's VAE, no download), "
-        "'face' (dlib) or 'module:function'.",
-    )
-    pog.add_argument(
-        "--psi_a1", type=float, default=1.0, help="a1 of Eq. 9: exponent of s for the same identity."
-    )
-    pog.add_argument(
-        "--psi_a2", type=float, default=1.0, help="a2 of Eq. 9: extra exponent of s when identities differ."
-    )
-    pog.add_argument(
-        "--psi_a3", type=float, default=1.0, help="a3 of Eq. 11-12: divides psi (overall scale)."
-    )
-    pog.add_argument(
-        "--psi_terms",
-        type=str,
-        default="img,txt",
-        choices=["img,txt", "img", "txt", "none"],
-        help="Factors of psi (paper Table 6 ablation): image similarity, inverse text density; none = vanilla.",
-    )
+    add_index_arguments(pog)
     pog.add_argument(
         "--caption_dropout_prob",
         type=float,
@@ -354,31 +333,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Sample order: uniform; balanced (every identity equally, kohya-style repeats); sqrt (by sqrt(count)).",
     )
     pog.add_argument(
-        "--density_latent_dim", type=int, default=16, help="Latent size of the text-density VAE."
-    )
-    pog.add_argument(
-        "--density_hidden_dim", type=int, default=256, help="Hidden size of the text-density VAE."
-    )
-    pog.add_argument(
-        "--density_epochs", type=int, default=200, help="Training epochs of the text-density VAE."
-    )
-    pog.add_argument("--density_lr", type=float, default=1e-3, help="Learning rate of the text-density VAE.")
-    pog.add_argument(
-        "--density_num_samples",
-        type=int,
-        default=16,
-        help="Posterior draws per ELBO estimate (>= 16 advised).",
-    )
-    pog.add_argument(
-        "--density_temperature", type=float, default=1.0, help="T in log w = -ELBO/T - logmeanexp(-ELBO/T)."
-    )
-    pog.add_argument(
-        "--density_w_min", type=float, default=0.1, help="Lower clip of the inverse-density weights."
-    )
-    pog.add_argument(
-        "--density_w_max", type=float, default=10.0, help="Upper clip of the inverse-density weights."
-    )
-    pog.add_argument(
         "--cbdm_tau", type=float, default=1.0, help="CBDM's tau (regulariser weight, times t/T)."
     )
     pog.add_argument("--cbdm_gamma", type=float, default=0.25, help="CBDM's gamma (commitment term weight).")
@@ -387,12 +341,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help="Where the neighbour/density index is cached (default: output_dir), keyed by data and parameters.",
-    )
-    pog.add_argument(
-        "--few_shot_max",
-        type=int,
-        default=2,
-        help="Identities with at most this many images count as minority.",
     )
 
     args = parser.parse_args(input_args)
@@ -976,20 +924,7 @@ def main(args: argparse.Namespace) -> None:
                 get_image,
                 caption_texts,
                 identities,
-                pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-                revision=args.revision,
-                variant=args.variant,
-                neighbor_encoder=args.neighbor_encoder,
-                num_neighbors=min(args.num_neighbors, len(dataset) - 1),
-                resolution=args.resolution,
-                density_latent_dim=args.density_latent_dim,
-                density_hidden_dim=args.density_hidden_dim,
-                density_epochs=args.density_epochs,
-                density_lr=args.density_lr,
-                density_num_samples=args.density_num_samples,
-                density_temperature=args.density_temperature,
-                density_w_min=args.density_w_min,
-                density_w_max=args.density_w_max,
+                **index_build_kwargs(args),
                 seed=seed,
                 cache_dir=args.index_cache_dir or args.output_dir,
                 fingerprint=dataset_fingerprint(dataset),

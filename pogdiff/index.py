@@ -679,6 +679,106 @@ def _float_or_none(value: str) -> float | None:
     return None if value.lower() == "none" else float(value)
 
 
+def add_index_arguments(parser) -> None:
+    """The neighbour, psi and text-density flags, shared by `train_pogdiff.py` and `python -m pogdiff.index`.
+
+    `parser` is an `argparse.ArgumentParser` or argument group.
+    """
+    parser.add_argument(
+        "--neighbor_encoder",
+        type=str,
+        default="facebook/dinov2-base",
+        help="Image encoder that decides neighbours: an HF id, 'vae' (the base model's VAE, no download), "
+        "'face' (dlib), 'pixels' (tests) or 'module:function'.",
+    )
+    parser.add_argument(
+        "--num_neighbors",
+        type=int,
+        default=5,
+        help="k: neighbours per image, by image-embedding cosine (Eq. 8).",
+    )
+    parser.add_argument(
+        "--psi_a1", type=float, default=1.0, help="a1 of Eq. 9: exponent of s for the same identity."
+    )
+    parser.add_argument(
+        "--psi_a2", type=float, default=1.0, help="a2 of Eq. 9: extra exponent of s when identities differ."
+    )
+    parser.add_argument(
+        "--psi_a3", type=float, default=1.0, help="a3 of Eq. 11-12: divides psi (overall scale)."
+    )
+    parser.add_argument(
+        "--psi_terms",
+        type=str,
+        default="img,txt",
+        choices=["img,txt", "img", "txt", "none"],
+        help="Factors of psi (paper Table 6 ablation): image similarity, inverse text density; none = vanilla.",
+    )
+    parser.add_argument(
+        "--density_latent_dim", type=int, default=16, help="Latent size of the text-density VAE."
+    )
+    parser.add_argument(
+        "--density_hidden_dim", type=int, default=256, help="Hidden size of the text-density VAE."
+    )
+    parser.add_argument(
+        "--density_epochs", type=int, default=200, help="Training epochs of the text-density VAE."
+    )
+    parser.add_argument(
+        "--density_lr", type=float, default=1e-3, help="Learning rate of the text-density VAE."
+    )
+    parser.add_argument(
+        "--density_num_samples",
+        type=int,
+        default=16,
+        help="Posterior draws per ELBO estimate (>= 16 advised).",
+    )
+    parser.add_argument(
+        "--density_temperature", type=float, default=1.0, help="T in log w = -ELBO/T - logmeanexp(-ELBO/T)."
+    )
+    parser.add_argument(
+        "--density_w_min",
+        type=_float_or_none,
+        default=0.1,
+        help="Lower clip of the inverse-density weights ('none': no clipping).",
+    )
+    parser.add_argument(
+        "--density_w_max",
+        type=_float_or_none,
+        default=10.0,
+        help="Upper clip of the inverse-density weights ('none': no clipping).",
+    )
+    parser.add_argument(
+        "--few_shot_max",
+        type=int,
+        default=2,
+        help="Identities with at most this many images count as minority.",
+    )
+
+
+def index_build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `build_or_load_index` keywords that come straight from the flags of `add_index_arguments`."""
+    return {
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "variant": args.variant,
+        "neighbor_encoder": args.neighbor_encoder,
+        "num_neighbors": args.num_neighbors,
+        "resolution": args.resolution,
+        **{name: getattr(args, name) for name in DENSITY_FLAGS},
+    }
+
+
+DENSITY_FLAGS = (
+    "density_latent_dim",
+    "density_hidden_dim",
+    "density_epochs",
+    "density_lr",
+    "density_num_samples",
+    "density_temperature",
+    "density_w_min",
+    "density_w_max",
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Build (or load) PoGDiff's neighbour / text-density index, print its summary, plot it."
@@ -700,29 +800,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="identity",
         help="Identity column; when absent the caption is the identity.",
     )
-    parser.add_argument(
-        "--neighbor_encoder",
-        default="facebook/dinov2-base",
-        help="Image encoder for neighbours: a Hugging Face id, `vae` (the base model's VAE), `face`, `pixels` "
-        "or module:function.",
-    )
-    parser.add_argument("--num_neighbors", type=int, default=5)
     parser.add_argument("--resolution", type=int, default=512, help="Image size for the `vae` encoder.")
-    parser.add_argument("--density_latent_dim", type=int, default=16)
-    parser.add_argument("--density_hidden_dim", type=int, default=256)
-    parser.add_argument("--density_epochs", type=int, default=200)
-    parser.add_argument("--density_lr", type=float, default=1e-3)
-    parser.add_argument("--density_num_samples", type=int, default=16)
-    parser.add_argument("--density_temperature", type=float, default=1.0)
-    parser.add_argument("--density_w_min", type=_float_or_none, default=0.1, help="`none` disables clipping.")
-    parser.add_argument(
-        "--density_w_max", type=_float_or_none, default=10.0, help="`none` disables clipping."
-    )
-    parser.add_argument("--psi_a1", type=float, default=1.0)
-    parser.add_argument("--psi_a2", type=float, default=1.0)
-    parser.add_argument("--psi_a3", type=float, default=1.0)
-    parser.add_argument("--psi_terms", default="img,txt")
-    parser.add_argument("--few_shot_max", type=int, default=2, help="Minority = at most this many images.")
+    add_index_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=32, help="Batch size of the encoders.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -779,20 +858,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         get_image,
         texts,
         identities,
-        pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
-        neighbor_encoder=args.neighbor_encoder,
-        num_neighbors=args.num_neighbors,
-        resolution=args.resolution,
-        density_latent_dim=args.density_latent_dim,
-        density_hidden_dim=args.density_hidden_dim,
-        density_epochs=args.density_epochs,
-        density_lr=args.density_lr,
-        density_num_samples=args.density_num_samples,
-        density_temperature=args.density_temperature,
-        density_w_min=args.density_w_min,
-        density_w_max=args.density_w_max,
+        **index_build_kwargs(args),
         seed=args.seed,
         cache_dir=args.output_dir,
         fingerprint=fingerprint,
