@@ -46,6 +46,7 @@ if _ROOT not in sys.path:
 
 from pogdiff.index import PoGDiffIndex  # noqa: E402
 from pogdiff.sampling import derive_seed  # noqa: E402
+from pogdiff.testing import sd15_noise_scheduler  # noqa: E402
 from pogdiff.training import (  # noqa: E402
     OBJECTIVES,
     draw_pogdiff_neighbors,
@@ -91,7 +92,7 @@ def sd15_components(seed: int = 0) -> dict:
     The sizes are Stable Diffusion 1.5's (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M parameters), so
     step time and memory match a real SD1.5 fine-tune; the weights are random, which does not change either.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -130,16 +131,7 @@ def sd15_components(seed: int = 0) -> dict:
         cross_attention_dim=768,
         attention_head_dim=8,
     )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": sd15_noise_scheduler()}
 
 
 def preset_components(preset: str, seed: int = 0) -> dict:

@@ -74,6 +74,21 @@ def write_tiny_clip_vocab(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def sd15_noise_scheduler():
+    """Stable Diffusion 1.5's training schedule (DDPM, scaled-linear betas), so code sees SD's alphas."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
 def tiny_sd_components(seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> dict:
     """Build the components of a tiny Stable Diffusion pipeline, deterministically from `seed`.
 
@@ -82,7 +97,7 @@ def tiny_sd_components(seed: int = 0, tokenizer_dir: str | os.PathLike | None = 
     """
     import tempfile
 
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if tokenizer_dir is None:
@@ -133,22 +148,12 @@ def tiny_sd_components(seed: int = 0, tokenizer_dir: str | os.PathLike | None = 
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    # Stable Diffusion 1.5's training schedule, so code written against SD sees the same alphas.
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
     return {
         "unet": unet,
         "vae": vae,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
-        "scheduler": scheduler,
+        "scheduler": sd15_noise_scheduler(),
         "safety_checker": None,
         "feature_extractor": None,
         "requires_safety_checker": False,
