@@ -1395,6 +1395,9 @@ def main(args: argparse.Namespace) -> None:
                 ignore_patterns=HUB_IGNORE_PATTERNS,
                 token=args.hub_token,
             )
+    # Ranks reach the process-group teardown together: a rank tearing down gloo while the main process is still
+    # saving can hang at exit.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
