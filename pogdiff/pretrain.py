@@ -74,7 +74,9 @@ def batch_indices(
     from the next permutation, so every batch has exactly `batch_size` items (at most `num_items`).
     """
     if num_items < 1 or batch_size < 1:
-        raise ValueError(f"Need >= 1 item and batch_size >= 1, got {num_items} items, batch_size {batch_size}.")
+        raise ValueError(
+            f"Need >= 1 item and batch_size >= 1, got {num_items} items, batch_size {batch_size}."
+        )
     batch_size = min(batch_size, num_items)
     pool = torch.empty(0, dtype=torch.long)
     for _ in range(steps):
@@ -168,7 +170,9 @@ def pretrain_vae(
 
 
 @torch.no_grad()
-def encode_posteriors(vae, pixel_values: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_posteriors(
+    vae, pixel_values: torch.Tensor, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and standard deviation of every image (unscaled latents), computed once.
 
     Pretraining the UNet then draws z = mean + std * noise per step, exactly what `latent_dist.sample()`
@@ -316,7 +320,9 @@ def build_base_model(
     from diffusers import StableDiffusionPipeline
 
     if len(images) != len(captions):
-        raise ValueError(f"Got {len(images)} images but {len(captions)} captions; give one caption per image.")
+        raise ValueError(
+            f"Got {len(images)} images but {len(captions)} captions; give one caption per image."
+        )
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}.")
     started = time.perf_counter()
@@ -408,7 +414,9 @@ def load_training_images(
 ) -> tuple[list[Image.Image], list[str]]:
     """The images and captions of an `imagefolder` (its `train` rows when it has a `split` column)."""
     dataset = load_image_text_dataset(train_data_dir=train_data_dir)
-    image_column, caption_column, _ = resolve_columns(dataset.column_names, image_column, caption_column, None)
+    image_column, caption_column, _ = resolve_columns(
+        dataset.column_names, image_column, caption_column, None
+    )
     captions = [str(c) for c in dataset.with_format(None)[caption_column][:]]
     images = [load_rgb(row[image_column], path_hint=f"row {i}") for i, row in enumerate(dataset)]
     return images, captions
@@ -422,14 +430,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "identities you will fine-tune and evaluate on.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--train_data_dir", required=True, help="imagefolder with metadata.jsonl (file_name, text)")
+    parser.add_argument(
+        "--train_data_dir", required=True, help="imagefolder with metadata.jsonl (file_name, text)"
+    )
     parser.add_argument("--output_dir", required=True, help="where the diffusers folder is written")
     parser.add_argument("--image_column", default=None)
     parser.add_argument("--caption_column", default=None)
     parser.add_argument("--vae_steps", type=int, default=600)
     parser.add_argument("--unet_steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (UNet, and VAE by default)")
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="AdamW learning rate (UNet, and VAE by default)"
+    )
     parser.add_argument("--vae_lr", type=float, default=None, help="VAE learning rate (default: --lr)")
     parser.add_argument("--kl_weight", type=float, default=DEFAULT_KL_WEIGHT)
     parser.add_argument("--caption_dropout_prob", type=float, default=DEFAULT_CAPTION_DROPOUT)

@@ -59,6 +59,16 @@ def blob_images(n: int, seed: int = 0) -> list[Image.Image]:
     return images
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny models gain nothing from two, and on a busy machine two threads stall
+    each other (measured here: the VAE test took 228 s with two threads under load, 18 s with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_pixels() -> torch.Tensor:
     return images_to_tensor(blob_images(8))
@@ -90,7 +100,9 @@ def test_latent_scaling_factor_is_one_over_sample_std():
 def test_pretrain_vae_lowers_reconstruction_error_deterministically(tiny_pixels):
     def run(seed: int, steps: int):
         vae = tiny_sd_components(seed=0)["vae"]
-        history = pretrain_vae(vae, tiny_pixels, steps=steps, batch_size=4, lr=2e-3, seed=seed, show_progress=False)
+        history = pretrain_vae(
+            vae, tiny_pixels, steps=steps, batch_size=4, lr=2e-3, seed=seed, show_progress=False
+        )
         return vae, history
 
     vae = tiny_sd_components(seed=0)["vae"]
@@ -271,7 +283,11 @@ def test_quick_demo_end_to_end(tmp_path):
     assert re.search(r"Quick mode", markdown)
 
     # Grids: the demo's own and evaluate_pogdiff.py's, real images with content.
-    grids = [out / "grid_samples.png", out / "eval" / "grid_few_shot.png", *sorted((out / "eval" / "grids").glob("*.png"))]
+    grids = [
+        out / "grid_samples.png",
+        out / "eval" / "grid_few_shot.png",
+        *sorted((out / "eval" / "grids").glob("*.png")),
+    ]
     assert len(grids) == 2 + 5
     for path in grids:
         pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float64)

@@ -673,14 +673,23 @@ def consistency_shares(group: dict[str, Any]) -> dict[str, float]:
     return {method: float(np.mean(values)) for method, values in shares.items()}
 
 
+def finetune_compute(groups: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Number of fine-tuning runs and their summed wall time (each measured when it ran)."""
+    times = [t for g in groups for runs in g["run_wall_time_s"].values() for t in runs.values()]
+    return {"runs": len(times), "total_s": float(sum(times))}
+
+
 def format_results(results: dict[str, Any]) -> str:
     """results.md: the settings, then one table per caption style x shape."""
     s = results["settings"]
+    finetune = finetune_compute(results["groups"])
     lines = [
         "# PoGDiff evidence study (MNIST, offline)",
         "",
-        f"Command: `{results['command']}`. Size `{results['size']}`, seeds {results['seeds']}, wall time "
-        f"{results['wall_time_s'] / 60:.1f} min on {results['machine']}.",
+        f"Command: `{results['command']}`. Size `{results['size']}`, seeds {results['seeds']}, on "
+        f"{results['machine']}. Fine-tuning compute summed over all {finetune['runs']} runs: "
+        f"{finetune['total_s'] / 60:.1f} min; this invocation's wall time: {results['wall_time_s'] / 60:.1f} min "
+        "(runs and images found in --work_dir are reused, not redone).",
         "",
         f"Base model: tiny SD pretrained on MNIST classes {s['base_classes']}; evaluated identities: classes "
         f"{s['eval_classes']} under pseudonyms. Fine-tuning (every method): {s['finetune_steps']} steps, batch "
