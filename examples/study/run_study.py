@@ -733,8 +733,9 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def psi_statistics(index_dir: Path, few_shot_max: int = 2) -> list[dict[str, Any]]:
-    """Per cached index: expected psi per sample (a1=a2=a3=1, both terms) and its *effective* value.
+def psi_statistics(index_dir: Path, base: Path, few_shot_max: int = 2) -> list[dict[str, Any]]:
+    """Per seed's cached index (VAE neighbours of `base`): expected psi per sample (a1=a2=a3=1, both terms)
+    and its *effective* value.
 
     Effective psi counts a neighbour with the sample's own caption as 0: the trainer skips it because the two
     predictions are identical, so that is what training applies.
@@ -744,11 +745,18 @@ def psi_statistics(index_dir: Path, few_shot_max: int = 2) -> list[dict[str, Any
     from pogdiff.index import PoGDiffIndex
     from pogdiff.neighbors import compute_psi, neighbor_weights
 
-    stats = []
+    stats, seeds = [], set()
     for folder in sorted(index_dir.glob("pogdiff-index-*")):
         index = PoGDiffIndex.load(folder)
-        if index.config.get("neighbor_encoder") != "vae":
+        config = index.config
+        # The same data indexed again under another spelling of the base path is the same table: count it once.
+        if (
+            config.get("neighbor_encoder") != "vae"
+            or config.get("pretrained_model_name_or_path") != str(base)
+            or config.get("seed") in seeds
+        ):
             continue
+        seeds.add(config.get("seed"))
         k = index.neighbor_ids.shape[1]
         same_id = index.identity_ids[index.neighbor_ids] == index.identity_ids[:, None]
         psi = compute_psi(
@@ -1175,7 +1183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     psi = {
         f"{g['caption_style']}-{g['shape']}": psi_statistics(
-            work_dir / "index" / f"{g['caption_style']}-{g['shape']}"
+            work_dir / "index" / f"{g['caption_style']}-{g['shape']}", prepared.base
         )
         for g in groups
     }
