@@ -22,12 +22,12 @@ analogue that runs on a 2-core CPU, end to end, with nothing downloaded:
 - methods: `train_pogdiff.py --objective vanilla|pogdiff|cbdm|t2h`, the psi ablations (paper Table 6) and
   identity-balanced resampling (`--sampling balanced`), all with the same seeds, steps and hyperparameters.
 - evaluation (`evaluate_pogdiff.py`): images from the prompt "An image of {name}." (paper App. C), judged by a
-  classifier trained here on judge-side images (accuracy = the paper's human score, Table 3), and DINO score,
+  classifier trained here on judge-side images (its accuracy is our analogue of the paper's human score, Table 3), and DINO score,
   gRecall and per-identity FID (Tables 1, 2, 5) with that classifier's hidden layer as the feature extractor
   (`run_study:judge_features`), all-shot and few-shot.
 
 Results: `results.md` (one paper-shaped table per caption style x shape; mean +- std over seeds), `results.json`
-(every number, per seed), `grid_few_shot_<group>.png` and `psi.png`. Models, datasets and generated images go to
+(every number, per seed), `grid_few_shot_<group>.png`, `psi.png` (and `pilot.json` with `--pilot`). Models, datasets and generated images go to
 `--work_dir` (default `outputs/study-<size>`), which makes the script resumable: finished runs are skipped.
 
     python examples/study/run_study.py --output_dir examples/study/results --size full --seeds 0 1 2
@@ -54,10 +54,8 @@ from PIL import Image
 
 STUDY_DIR = Path(__file__).resolve().parent
 REPO_ROOT = STUDY_DIR.parents[1]
-for _path in (
-    REPO_ROOT,
-    STUDY_DIR,
-):  # train/evaluate scripts live at the root; `run_study:...` specs need this
+# train_pogdiff.py / evaluate_pogdiff.py live at the root; `run_study:judge_features` needs this folder.
+for _path in (REPO_ROOT, STUDY_DIR):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -855,14 +853,14 @@ def plot_few_shot_grid(
                     )
                 if image is not None:
                     ax.imshow(np.asarray(image.convert("L")), cmap="gray", vmin=0, vmax=255)
+                else:
+                    ax.axis("off")
                 if r == 0 and c == 0:
                     ax.set_title(identity, fontsize=8, loc="left")
             axes[r][0].set_ylabel(
                 METHOD_LABELS.get(row, row), rotation=0, ha="right", va="center", fontsize=8
             )
-    fig.suptitle(
-        "few-shot identities: training images, then generated (same noise for every method)", fontsize=9
-    )
+    fig.suptitle("Few-shot identities: training images,\nthen generated (same noise per column)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -877,10 +875,6 @@ def plot_few_shot_grid(
 class Prepared:
     """Data and models every group shares."""
 
-    images: np.ndarray
-    labels: np.ndarray
-    split: dict[int, dict[str, list]]
-    descriptions: dict[int, str]
     thresholds: dict[str, list[float]]
     base: Path
     base_summary: dict[str, Any]
@@ -933,18 +927,7 @@ def prepare(work_dir: Path, size: StudySize) -> Prepared:
         base, images, labels, [r for c in BASE_CLASSES for r in split[c]["model"]], descriptions, names, size
     )
     base_summary["pseudonyms"] = {str(c): n for c, n in names.items()}
-    return Prepared(
-        images,
-        labels,
-        split,
-        descriptions,
-        thresholds,
-        base,
-        base_summary,
-        judge_path,
-        judge_report,
-        class_dirs,
-    )
+    return Prepared(thresholds, base, base_summary, judge_path, judge_report, class_dirs)
 
 
 def run_group(
@@ -1161,7 +1144,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prepared = prepare(work_dir, size)
     if args.pilot:
         pilot = run_pilot(prepared, work_dir, size, learning_rates=(1e-4, 3e-4, 1e-3), steps=(100, 200))
-        (work_dir / "pilot.json").write_text(json.dumps(pilot, indent=1), encoding="utf-8")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (work_dir, output_dir):
+            (folder / "pilot.json").write_text(json.dumps(pilot, indent=1), encoding="utf-8")
         return pilot
 
     groups = []
