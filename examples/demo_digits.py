@@ -3,8 +3,8 @@
 
 One command shows the whole product working with nothing downloaded::
 
-    python examples/demo_digits.py --output_dir outputs/demo          # < 10 minutes on 2 CPU cores
-    python examples/demo_digits.py --output_dir outputs/demo --quick  # ~3 minutes; numbers mean nothing
+    python examples/demo_digits.py --output_dir outputs/demo          # ~6 minutes on an idle 2-core CPU
+    python examples/demo_digits.py --output_dir outputs/demo --quick  # ~2 minutes; numbers mean nothing
 
 1. Data: scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes), upscaled to 32 px RGB.
    Classes 0-4 are the base model's pretraining data. Classes 5-9 are the fine-tuning identities: written as an
@@ -52,7 +52,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # One thread per process, here and in every subprocess: the numbers then do not depend on the machine's core
 # count, the two fine-tunings can share a 2-core machine side by side, and a busy machine slows the demo down
-# proportionally instead of stalling OpenMP thread teams (measured: 2.5x slower with 2 threads under load).
+# proportionally instead of stalling OpenMP thread teams (measured on a busy 2-core machine: two threads per
+# process made pretraining 2.5x slower than one).
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import numpy as np  # noqa: E402
@@ -210,6 +211,7 @@ def run_logged(command: list[str], log_path: Path, verbose: bool) -> tuple[float
             log.write(line)
             if verbose:
                 sys.stdout.write(line)
+        process.stdout.close()
         # wait4 (not Popen.wait) reports this child's own CPU time, even while another child runs beside it.
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = code = os.waitstatus_to_exitcode(status)
@@ -390,7 +392,10 @@ def save_sample_grid(
     gap = 8
     tile = RESOLUTION + 2
     strip_width = sum(w * tile for w in widths) + gap * (len(groups) - 1)
-    figure, axes = plt.subplots(len(classes), 1, figsize=(strip_width / 40 + 2.6, 0.9 * len(classes) + 0.6))
+    row_inches = 0.9
+    # Width from the strips' aspect ratio (each image ~0.75 in tall after margins) plus room for the row labels.
+    size = (2.4 + 0.85 * row_inches * strip_width / tile, row_inches * len(classes) + 0.6)
+    figure, axes = plt.subplots(len(classes), 1, figsize=size)
     for axis, (k, info) in zip(np.atleast_1d(axes), classes.items()):
         strip = np.full((tile, strip_width, 3), 255, dtype=np.uint8)
         x = 0
