@@ -35,7 +35,7 @@ if _ROOT not in sys.path:
 
 from benchmarks.bench_step import machine_info, num_threads  # noqa: E402
 from pogdiff.density import elbo, fit_text_density, inverse_density_log_weights  # noqa: E402
-from pogdiff.neighbors import knn_cosine  # noqa: E402
+from pogdiff.neighbors import default_chunk_size, knn_cosine  # noqa: E402
 
 MIB = 2**20
 
@@ -122,9 +122,10 @@ def long_tailed_text_embeddings(n: int, dim: int, seed: int = 0) -> tuple[torch.
     return torch.randn((num_captions, dim), generator=generator)[caption_of_row], counts[caption_of_row]
 
 
-def bench_knn(n: int, dim: int, k: int, chunk_size: int, device: torch.device, seed: int) -> dict:
+def bench_knn(n: int, dim: int, k: int, chunk_size: int | None, device: torch.device, seed: int) -> dict:
     embeddings, labels = clustered_embeddings(n, dim, seed=seed)
     embeddings = embeddings.to(device)
+    chunk_size = chunk_size or default_chunk_size(device)
     with PeakMemory(device) as mem:
         sims, ids = knn_cosine(embeddings, k, chunk_size=chunk_size, show_progress=True)
     same_cluster = (labels[ids.cpu()] == labels[:, None]).float().mean().item()
@@ -205,7 +206,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--density_sizes", default="10000", help="Comma-separated N for the density model.")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--chunk_size", type=int, default=4096, help="knn_cosine's block size (its default).")
+    parser.add_argument(
+        "--chunk_size",
+        type=int,
+        default=None,
+        help="knn_cosine's block size (default: its per-device default).",
+    )
     parser.add_argument(
         "--density_max_steps", type=int, default=2000, help="fit_text_density's step cap (its default)."
     )

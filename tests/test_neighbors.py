@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from pogdiff.neighbors import (
+    _column_topk,
+    _row_topk,
     compute_psi,
     expected_psi,
     knn_cosine,
@@ -58,6 +60,22 @@ def test_knn_matches_brute_force(n, dim, k, chunk_sizes):
         assert torch.equal(sims, ref_sims), chunk_size
         assert not bool((ids == torch.arange(n)[:, None]).any())
     assert ids[2, 0].item() in (5, n - 1) and sims[2, 0].item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (45, 700), (300, 50), (40, 333)])
+@pytest.mark.parametrize("k", [1, 13])
+def test_grouped_topk_equal_torch_topk(shape, k):
+    """The grouped CPU top-k shortcuts return torch.topk's values and valid positions, ties included."""
+    g = torch.Generator().manual_seed(shape[0] + k)
+    for sims in (torch.randn(shape, generator=g), (torch.randn(shape, generator=g) * 2).round()):
+        values, cols = _row_topk(sims, k)
+        assert torch.equal(values, torch.topk(sims, k, dim=1).values)
+        assert torch.equal(sims.gather(1, cols), values)
+        assert all(len(set(row)) == k for row in cols.tolist())
+        values, rows = _column_topk(sims, k)
+        assert torch.equal(values, torch.topk(sims.T, k, dim=1).values)
+        assert torch.equal(sims.T.gather(1, rows), values)
+        assert all(len(set(col)) == k for col in rows.tolist())
 
 
 def test_knn_ties_lower_index_first_and_chunk_invariance():
