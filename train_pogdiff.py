@@ -34,7 +34,13 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DistributedType,
+    DynamoBackend,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -76,10 +82,13 @@ from pogdiff.sampling import (
     identity_sampling_weights,
 )
 from pogdiff.training import (
+    NEIGHBOR_FORWARD_MODES,
     OBJECTIVES,
     draw_pogdiff_neighbors,
     draw_random_partners,
     encode_latent_parameters,
+    fused_adamw_kwargs,
+    make_neighbor_forward,
     objective_loss,
     t2h_targets,
 )
@@ -239,6 +248,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     memory.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     memory.add_argument(
         "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
+    )
+    memory.add_argument(
+        "--neighbor_forward",
+        choices=NEIGHBOR_FORWARD_MODES,
+        default="auto",
+        help="PoGDiff's no-grad neighbour forward: 'cuda_graph' replays a CUDA graph of it (removes its kernel "
+        "launch time, which dominates at SD1.5 size on fast GPUs), 'eager' runs it as plain PyTorch, 'auto' "
+        "picks cuda_graph on CUDA unless DeepSpeed / FSDP shard the UNet or torch.compile is on.",
     )
 
     ema = parser.add_argument_group("EMA")
@@ -567,7 +584,7 @@ def log_validation(
         vae=accelerator.unwrap_model(vae),
         text_encoder=accelerator.unwrap_model(text_encoder),
         tokenizer=tokenizer,
-        unet=accelerator.unwrap_model(unet),
+        unet=accelerator.unwrap_model(unet, keep_torch_compile=False),
         scheduler=noise_scheduler,
     )
     pipeline.set_progress_bar_config(disable=True)
@@ -794,12 +811,16 @@ def main(args: argparse.Namespace) -> None:
                     StableDiffusionPipeline.save_lora_weights(
                         output_dir,
                         unet_lora_layers=convert_state_dict_to_diffusers(
-                            get_peft_model_state_dict(accelerator.unwrap_model(model))
+                            get_peft_model_state_dict(
+                                accelerator.unwrap_model(model, keep_torch_compile=False)
+                            )
                         ),
                         safe_serialization=True,
                     )
                 else:
-                    accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
+                    accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
+                        os.path.join(output_dir, "unet")
+                    )
                 # make sure to pop weight so that corresponding model is not saved again
                 if weights:
                     weights.pop()
@@ -817,7 +838,7 @@ def main(args: argparse.Namespace) -> None:
             del load_model
 
         for _ in range(len(models)):
-            model = accelerator.unwrap_model(models.pop())
+            model = accelerator.unwrap_model(models.pop(), keep_torch_compile=False)
             if args.use_lora:
                 from peft.utils import set_peft_model_state_dict
 
@@ -876,6 +897,7 @@ def main(args: argparse.Namespace) -> None:
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        **({} if args.use_8bit_adam else fused_adamw_kwargs(accelerator.device)),
     )
 
     # Get the dataset, its columns and identities.
@@ -977,6 +999,19 @@ def main(args: argparse.Namespace) -> None:
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         unet, optimizer, train_dataloader, lr_scheduler
     )
+    neighbor_forward = None
+    if args.objective == "pogdiff":
+        compiled = accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
+        try:
+            neighbor_forward = make_neighbor_forward(
+                # The module with accelerate's mixed-precision forward; DDP adds nothing to a no-grad forward.
+                accelerator.unwrap_model(unet, keep_torch_compile=False),
+                accelerator.device,
+                "eager" if compiled and args.neighbor_forward == "auto" else args.neighbor_forward,
+                sharded=accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP),
+            )
+        except ValueError as error:
+            raise TrainingError(str(error)) from error
 
     if args.use_ema:
         if args.offload_ema:
@@ -1246,6 +1281,7 @@ def main(args: argparse.Namespace) -> None:
                     num_train_timesteps=noise_scheduler.config.num_train_timesteps,
                     cbdm_tau=args.cbdm_tau,
                     cbdm_gamma=args.cbdm_gamma,
+                    neighbor_forward=neighbor_forward,
                 )
                 if draw is not None:
                     logs["frac_skipped"] = 1.0 - float(draw.needs_forward.float().mean())
@@ -1346,7 +1382,7 @@ def main(args: argparse.Namespace) -> None:
 
     # Create the pipeline using the trained modules and save it.
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(unet)
+        unet = accelerator.unwrap_model(unet, keep_torch_compile=False)
         if args.use_ema:
             ema_unet.copy_to(unet.parameters())
         if args.use_lora:

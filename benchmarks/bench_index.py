@@ -268,6 +268,15 @@ def markdown_report(result: dict) -> str:
             f"{_fmt(r['rss_growth_mib'], '.0f')} | {_fmt(r['mean_log_weight_single_captions'], '.2f')} / "
             f"{r['mean_log_weight_most_frequent_caption']:.2f} |"
         )
+    density_by_n = {r["n"]: r for r in result["density"]}
+    totals = [(r, density_by_n[r["n"]]) for r in result["knn"] if r["n"] in density_by_n]
+    if totals:
+        lines += ["", "## index build from embeddings (k-NN + text density, one after the other)", ""]
+        for knn, density in totals:
+            lines.append(
+                f"- N = {knn['n']:,} x {knn['dim']}, k = {knn['k']}, {knn['device']}: "
+                f"{knn['seconds'] + density['seconds']:.1f} s wall ({knn['seconds']:.1f} + {density['seconds']:.1f})"
+            )
     lines += [
         "",
         "RSS growth = peak resident memory during the call minus resident memory at its start (inputs excluded).",

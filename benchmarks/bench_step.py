@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import platform
@@ -48,15 +49,25 @@ from pogdiff.index import PoGDiffIndex  # noqa: E402
 from pogdiff.sampling import derive_seed  # noqa: E402
 from pogdiff.testing import sd15_noise_scheduler  # noqa: E402
 from pogdiff.training import (  # noqa: E402
+    NEIGHBOR_FORWARD_MODES,
     OBJECTIVES,
     draw_pogdiff_neighbors,
     draw_random_partners,
     encode_latent_parameters,
+    fused_adamw_kwargs,
+    make_neighbor_forward,
     objective_loss,
     t2h_targets,
 )
 
 GIB = 2**30
+
+# Not an objective: diffusers' own train_text_to_image.py step, written out as it is there (see
+# `reference_train_step`), to check that the trainer's vanilla step is no slower than the script it mirrors.
+REFERENCE = "diffusers"
+# PoGDiff with `--neighbor_forward eager` next to PoGDiff with the --neighbor_forward chosen, in the same run.
+POGDIFF_EAGER = "pogdiff-eager"
+METHODS = (REFERENCE, *OBJECTIVES, POGDIFF_EAGER)
 
 
 @dataclass(frozen=True)
@@ -259,12 +270,14 @@ class Shared:
 class Method:
     """One objective with its own UNet copy, optimizer and LR scheduler."""
 
+    name: str  # the row of the report: an objective, `diffusers` or `pogdiff-eager`
     objective: str
     unet: torch.nn.Module
     forward: object  # the UNet's (mixed-precision) forward, as the trainer calls it
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
+    neighbor_forward: object = None  # PoGDiff: `make_neighbor_forward`'s callable (None: eager)
 
 
 def caption_states(shared: Shared, rows: torch.Tensor) -> torch.Tensor:
@@ -352,6 +365,7 @@ def train_step(shared: Shared, method: Method, batch: dict, step_seed: int) -> d
         neighbor_hidden_states=neighbor_hidden_states,
         draw=draw,
         num_train_timesteps=scheduler.config.num_train_timesteps,
+        neighbor_forward=method.neighbor_forward,
     )
     if draw is not None:
         logs["frac_skipped"] = 1.0 - float(draw.needs_forward.float().mean())
@@ -360,6 +374,42 @@ def train_step(shared: Shared, method: Method, batch: dict, step_seed: int) -> d
     if not math.isfinite(logs["loss"]):
         raise RuntimeError(f"Non-finite loss {logs['loss']} for {method.objective}.")
 
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(method.params, shared.max_grad_norm)
+    method.optimizer.step()
+    method.lr_scheduler.step()
+    method.optimizer.zero_grad()
+    return logs
+
+
+def reference_train_step(shared: Shared, method: Method, batch: dict, step_seed: int) -> dict[str, float]:
+    """The loop body of diffusers' examples/text_to_image/train_text_to_image.py, as written there.
+
+    Global RNG draws (`latent_dist.sample()`, `randn_like`, `randint`), the MSE in float32, the loss read
+    on the host every step (upstream: `accelerator.gather(...).mean().item()`), backward, clipping, a
+    torch.optim.AdamW step with torch's default implementation, LR scheduler step, `zero_grad`.
+    """
+    torch.manual_seed(step_seed)  # the same draws in every round, as the other methods get
+    scheduler = shared.noise_scheduler
+    latents = shared.vae.encode(batch["pixel_values"].to(shared.weight_dtype)).latent_dist.sample()
+    latents = latents * shared.vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    if shared.noise_offset:
+        noise += shared.noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), device=latents.device
+        )
+    bsz = latents.shape[0]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=latents.device)
+    timesteps = timesteps.long()
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    encoder_hidden_states = shared.text_encoder(batch["input_ids"].to(shared.device), return_dict=False)[0]
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    model_pred = method.forward(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    loss = torch.nn.functional.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    logs = {"loss": loss.detach().item()}
     loss.backward()
     torch.nn.utils.clip_grad_norm_(method.params, shared.max_grad_norm)
     method.optimizer.step()
@@ -392,7 +442,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="Fraction of each batch whose PoGDiff neighbour forward is skipped (same-caption neighbours).",
     )
-    parser.add_argument("--methods", default=",".join(OBJECTIVES), help="Comma-separated objectives.")
+    parser.add_argument(
+        "--methods",
+        default=",".join(OBJECTIVES),
+        help=f"Comma-separated subset of {', '.join(METHODS)}; '{REFERENCE}' is diffusers' own "
+        "train_text_to_image.py step, for reference.",
+    )
+    parser.add_argument(
+        "--neighbor_forward",
+        choices=NEIGHBOR_FORWARD_MODES,
+        default="auto",
+        help="PoGDiff's neighbour forward, as the trainer's flag (auto: a CUDA graph on CUDA).",
+    )
+    parser.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="torch.compile every UNet, as `accelerate launch --dynamo_backend inductor` does in the trainer.",
+    )
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default=None, help="Default: preset's.")
     parser.add_argument(
         "--device", default=None, help="Default: cuda for sd15 (cpu without a GPU), cpu for tiny."
@@ -406,10 +472,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in OBJECTIVES]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         parser.error(
-            f"--methods takes a comma-separated subset of {', '.join(OBJECTIVES)}, got {args.methods!r}."
+            f"--methods takes a comma-separated subset of {', '.join(METHODS)}, got {args.methods!r}."
+        )
+    if REFERENCE in methods and args.cache_latents:
+        parser.error(
+            f"--methods {REFERENCE} (train_text_to_image.py) has no latent cache; drop --cache_latents."
         )
     args.methods = methods
     if not 0.0 <= args.skippable_fraction <= 1.0:
@@ -472,13 +542,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def build_method(
-    objective: str,
+    name: str,
     base_unet: torch.nn.Module,
     args: argparse.Namespace,
     device: torch.device,
     dtype: torch.dtype,
 ) -> Method:
     """A fresh UNet copy set up as the trainer does (full fine-tune or LoRA), with AdamW and a constant LR."""
+    objective = "pogdiff" if name == POGDIFF_EAGER else name
     from diffusers.optimization import get_scheduler
 
     unet = copy.deepcopy(base_unet)
@@ -501,10 +572,18 @@ def build_method(
     else:
         unet.to(device)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    # The trainer's optimizer (fused on CUDA); the reference keeps train_text_to_image.py's plain AdamW.
+    extra = {} if name == REFERENCE else fused_adamw_kwargs(device)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, **extra)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
-    forward = unet if dtype == torch.float32 else MixedPrecisionForward(unet, dtype, device.type)
-    return Method(objective, unet, forward, params, optimizer, lr_scheduler)
+    model = torch.compile(unet) if args.torch_compile else unet
+    forward = model if dtype == torch.float32 else MixedPrecisionForward(model, dtype, device.type)
+    neighbor_forward = None
+    if name == "pogdiff":
+        # As the trainer: compiled models keep the eager neighbour forward.
+        mode = "eager" if args.torch_compile else args.neighbor_forward
+        neighbor_forward = make_neighbor_forward(forward, device, mode)
+    return Method(name, objective, unet, forward, params, optimizer, lr_scheduler, neighbor_forward)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -567,10 +646,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     shared_bytes = _tensor_bytes(list(vae.parameters()) + list(text_encoder.parameters()))
 
     rounds = args.warmup + args.steps
-    times: dict[str, list[float]] = {m.objective: [] for m in methods}
-    cpu_times: dict[str, list[float]] = {m.objective: [] for m in methods}
-    transient: dict[str, int] = {m.objective: 0 for m in methods}
-    skipped: dict[str, list[float]] = {m.objective: [] for m in methods}
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    cpu_times: dict[str, list[float]] = {m.name: [] for m in methods}
+    transient: dict[str, int] = {m.name: 0 for m in methods}
+    skipped: dict[str, list[float]] = {m.name: [] for m in methods}
     progress = tqdm(total=rounds * len(methods), desc=f"bench_step {args.preset}", unit="step")
     for step in range(rounds):
         step_seed = derive_seed(args.seed, step)
@@ -591,25 +670,26 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             start, cpu_start = time.perf_counter(), time.process_time()
-            logs = train_step(shared, method, batch, step_seed)
+            step_fn = reference_train_step if method.name == REFERENCE else train_step
+            logs = step_fn(shared, method, batch, step_seed)
             _synchronize(device)
             elapsed = time.perf_counter() - start
             if step >= args.warmup:
-                times[method.objective].append(elapsed)
-                cpu_times[method.objective].append(time.process_time() - cpu_start)
+                times[method.name].append(elapsed)
+                cpu_times[method.name].append(time.process_time() - cpu_start)
                 if "frac_skipped" in logs:
-                    skipped[method.objective].append(logs["frac_skipped"])
+                    skipped[method.name].append(logs["frac_skipped"])
                 # From the second step on: the first one also allocates the optimizer state, counted apart.
                 if device.type == "cuda" and step >= 1:
                     peak = torch.cuda.max_memory_allocated(device) - base
-                    transient[method.objective] = max(transient[method.objective], peak)
+                    transient[method.name] = max(transient[method.name], peak)
             progress.update(1)
-            progress.set_postfix(method=method.objective, ms=f"{elapsed * 1e3:.0f}")
+            progress.set_postfix(method=method.name, ms=f"{elapsed * 1e3:.0f}")
     progress.close()
 
     results = {}
     for method in methods:
-        name = method.objective
+        name = method.name
         ms = sorted(t * 1e3 for t in times[name])
         median = statistics.median(ms)
         vanilla_ms = statistics.median(t * 1e3 for t in times["vanilla"]) if "vanilla" in times else None
@@ -625,8 +705,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "peak_gib": None,
             "step_transient_gib": None,
         }
+        if method.objective == "pogdiff":
+            nf = method.neighbor_forward
+            entry["neighbor_forward"] = (
+                "eager" if nf is None else "eager (CUDA graph capture failed)" if nf.failed else "cuda_graph"
+            )
         if device.type == "cuda" and transient[name]:
             resident = _tensor_bytes(method.unet.parameters()) + optimizer_state_bytes(method.optimizer)
+            # A CUDA graph's memory pool stays reserved between steps: count it as the method's own.
+            graph_bytes = getattr(method.neighbor_forward, "reserved_bytes", 0)
+            entry["graph_pool_gib"] = graph_bytes / GIB
+            resident += graph_bytes
             # What this method alone would hold: frozen VAE + text encoder, its UNet and optimizer state, and
             # the largest step-time growth (activations, gradients) seen in its own timing windows.
             entry["peak_gib"] = (shared_bytes + resident + transient[name]) / GIB
@@ -652,6 +741,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "warmup": args.warmup,
             "skippable_fraction": args.skippable_fraction,
             "methods": args.methods,
+            "torch_compile": args.torch_compile,
+            "neighbor_forward": args.neighbor_forward,
         },
         "process_peak_rss_gib": rss / GIB if rss is not None else None,
         "results": results,
@@ -668,7 +759,8 @@ def markdown_report(result: dict) -> str:
     lines = [
         f"# bench_step: {cfg['preset']} ({cfg['resolution']} px, batch {cfg['batch_size']}, "
         f"{'LoRA' if cfg['lora'] else 'full fine-tune'}{', cached latents' if cfg['cache_latents'] else ''}, "
-        f"mixed precision {cfg['mixed_precision']}, {cfg['device']})",
+        f"mixed precision {cfg['mixed_precision']}{', torch.compile' if cfg.get('torch_compile') else ''}, "
+        f"{cfg['device']})",
         "",
         f"`{result['command']}`",
         "",
@@ -690,10 +782,18 @@ def markdown_report(result: dict) -> str:
             f"{_fmt(r['peak_gib'], '.2f')} | {_fmt(r['step_transient_gib'], '.2f')} |"
         )
     lines.append("")
+    results = result["results"]
+    if REFERENCE in results and "vanilla" in results:
+        lines.append(
+            f"The trainer's vanilla step takes {results['vanilla']['median_ms'] / results[REFERENCE]['median_ms']:.3f}x "
+            f"the time of diffusers' train_text_to_image.py step (`{REFERENCE}` row) in this run."
+        )
+        lines.append("")
     if cfg["device"].startswith("cuda"):
         lines.append(
-            "Peak (alone) = frozen VAE + text encoder + the method's UNet and optimizer state + the largest "
-            "growth of `torch.cuda.max_memory_allocated` within its own steps."
+            "Peak (alone) = frozen VAE + text encoder + the method's UNet and optimizer state (+ for PoGDiff "
+            "the CUDA memory reserved while capturing its neighbour-forward graph) + the largest growth of "
+            "`torch.cuda.max_memory_allocated` within its own steps."
         )
     else:
         rss = result["process_peak_rss_gib"]
@@ -706,6 +806,9 @@ def markdown_report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # The neighbour forward's CUDA-graph capture reports its check (graph vs eager) at INFO.
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("pogdiff").setLevel(logging.INFO)
     with num_threads(args.threads):
         result = run_benchmark(args)
     report = markdown_report(result)

@@ -137,15 +137,24 @@ def _float32_candidates(
 def _matmul_error_bound(dim: int, device: torch.device) -> float:
     """Bound on |float32 matmul - exact| for a dot product of two unit vectors of length `dim`.
 
-    Accumulation error is at most about dim * 2^-24 (|x . y| <= 1). Where the matmul may round its inputs
-    (TF32 or bf16: any non-CPU device, or a CPU with reduced float32 matmul precision), add twice bf16's
-    unit roundoff, the coarser of the two; that only sends more rows to the exact stage 3.
+    Accumulation error is at most about dim * 2^-24 (|x . y| <= 1), in any summation order. Where the matmul
+    may round its inputs (TF32 on CUDA when allowed, bf16 on a CPU with reduced float32 matmul precision, or
+    a device whose float32 matmul we cannot inspect), add twice bf16's unit roundoff, the coarser of the two;
+    that only sends more rows to the exact stage 3.
     """
-    reduced = (
-        device.type != "cpu"
-        or torch.get_float32_matmul_precision() != "highest"
-        or getattr(torch.backends.mkldnn.matmul, "fp32_precision", "ieee") not in ("ieee", "none")
-    )
+    reduced = torch.get_float32_matmul_precision() != "highest"
+    if device.type == "cpu":
+        reduced = reduced or getattr(torch.backends.mkldnn.matmul, "fp32_precision", "ieee") not in (
+            "ieee",
+            "none",
+        )
+    elif device.type == "cuda":
+        matmul = torch.backends.cuda.matmul
+        reduced = (
+            reduced or matmul.allow_tf32 or getattr(matmul, "fp32_precision", "ieee") not in ("ieee", "none")
+        )
+    else:
+        reduced = True
     return (dim + 2) * 2.0**-24 + (2 * 2.0**-8 if reduced else 0.0)
 
 
@@ -216,7 +225,8 @@ def knn_cosine(
     if num_candidates < n - 1:
         unsafe = cand_values[:, -1] + _matmul_error_bound(dim, device) >= sims_out[:, -1]
         unsafe_rows = torch.nonzero(unsafe).flatten()
-        rows_per_slice = max(1, 2**22 // n)
+        # ~32 MiB of float64 similarities per slice on CPU, ~512 MiB on an accelerator (fewer launches).
+        rows_per_slice = max(1, (2**22 if device.type == "cpu" else 2**26) // n)
         for start in range(0, len(unsafe_rows), rows_per_slice):
             rows = unsafe_rows[start : start + rows_per_slice]
             sims = torch.cat(

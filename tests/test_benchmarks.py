@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from benchmarks import bench_index, bench_step
@@ -73,6 +74,43 @@ def test_bench_step_cached_latents_and_lora():
     assert result["config"]["cache_latents"] and result["config"]["lora"]
     assert result["results"]["pogdiff"]["frac_skipped"] == 0.25
     assert result["results"]["pogdiff"]["ratio_to_vanilla"] is None  # no vanilla run to compare with
+
+
+def test_bench_step_reference_and_eager_rows(tmp_path):
+    """diffusers' own train_text_to_image step and PoGDiff's eager neighbour forward run in the same table."""
+    result = bench_step.main(
+        [
+            "--preset",
+            "tiny",
+            "--batch_size",
+            "2",
+            "--warmup",
+            "0",
+            "--steps",
+            "2",
+            "--methods",
+            "diffusers,vanilla,pogdiff,pogdiff-eager",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    assert list(result["results"]) == ["diffusers", "vanilla", "pogdiff", "pogdiff-eager"]
+    # CPU: `auto` is the eager forward for both PoGDiff rows; the reference has no neighbour forward.
+    assert result["results"]["pogdiff"]["neighbor_forward"] == "eager"
+    assert result["results"]["pogdiff-eager"]["neighbor_forward"] == "eager"
+    assert "neighbor_forward" not in result["results"]["diffusers"]
+    ratio = result["results"]["vanilla"]["median_ms"] / result["results"]["diffusers"]["median_ms"]
+    table = (tmp_path / "bench_step.md").read_text()
+    assert (
+        f"The trainer's vanilla step takes {ratio:.3f}x the time of diffusers' train_text_to_image.py"
+        in table
+    )
+
+
+def test_bench_step_rejects_reference_with_cached_latents(capsys):
+    with pytest.raises(SystemExit):
+        bench_step.parse_args(["--methods", "diffusers,vanilla", "--cache_latents"])
+    assert "has no latent cache; drop --cache_latents" in capsys.readouterr().err
 
 
 def test_bench_index_small(tmp_path):

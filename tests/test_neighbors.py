@@ -8,6 +8,7 @@ import torch
 
 from pogdiff.neighbors import (
     _column_topk,
+    _matmul_error_bound,
     _row_topk,
     compute_psi,
     expected_psi,
@@ -211,3 +212,18 @@ def test_expected_psi_hand_computed():
     out = expected_psi(sims, same, log_w, a1=1.0, a2=1.0, a3=1.0)
     # Row 0: w = (0.6, 0.4, 0); psi_j = (0.6 * 2, 0.16 * 2, 0). Row 1: uniform w, every psi 0.
     assert out.tolist() == pytest.approx([0.6 * 1.2 + 0.4 * 0.32, 0.0], rel=1e-6)
+
+
+def test_matmul_error_bound_tracks_reduced_precision():
+    """float32 accumulation bound; reduced-precision matmul settings (TF32, bf16) widen it."""
+    exact = (768 + 2) * 2.0**-24
+    assert _matmul_error_bound(768, torch.device("cpu")) == exact
+    assert _matmul_error_bound(768, torch.device("cuda")) == exact  # torch's default: no TF32
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert _matmul_error_bound(768, torch.device("cpu")) == exact + 2 * 2.0**-8
+        assert _matmul_error_bound(768, torch.device("cuda")) == exact + 2 * 2.0**-8
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert _matmul_error_bound(768, torch.device("meta")) == exact + 2 * 2.0**-8

@@ -348,6 +348,21 @@ def test_num_neighbors_too_large(tiny_sd_path, tiny_dataset_path, tmp_path, caps
     _expect_error(argv, capsys, "--num_neighbors", "16")
 
 
+def test_cuda_graph_neighbour_forward_needs_cuda(tiny_sd_path, tiny_dataset_path, tmp_path, capsys):
+    argv = train_args(
+        tiny_sd_path,
+        tiny_dataset_path,
+        tmp_path / "o",
+        "--objective",
+        "pogdiff",
+        "--neighbor_forward",
+        "cuda_graph",
+    )
+    _expect_error(
+        argv, capsys, "--neighbor_forward cuda_graph needs a CUDA device", "--neighbor_forward eager"
+    )
+
+
 def test_empty_dataset(tiny_sd_path, tmp_path, capsys):
     data = tmp_path / "empty"
     data.mkdir()

@@ -14,7 +14,13 @@ import torch
 from pogdiff.index import PoGDiffIndex
 from pogdiff.objectives import cbdm_loss
 from pogdiff.testing import tiny_sd_components
-from pogdiff.training import NeighborDraw, draw_pogdiff_neighbors, objective_loss
+from pogdiff.training import (
+    GraphedNeighborForward,
+    NeighborDraw,
+    draw_pogdiff_neighbors,
+    make_neighbor_forward,
+    objective_loss,
+)
 
 BATCH, TOKENS, WIDTH = 4, 8, 32  # tiny UNet: 16x16x4 latents, cross-attention width 32
 
@@ -178,3 +184,70 @@ def test_cbdm_doubled_batch_equals_two_forwards(unet, inputs):
     scale = max(float(g.abs().max()) for g in ref_grads)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def drawn_rows_0_and_3():
+    return draw_pogdiff_neighbors(
+        small_index(),
+        torch.arange(4),
+        torch.Generator().manual_seed(0),
+        a1=1.0,
+        a2=1.0,
+        a3=1.0,
+        terms="img,txt",
+        caption_dropped=torch.tensor([False, True, False, False]),
+    )
+
+
+def test_full_batch_neighbour_forward_matches_compact(unet, inputs):
+    """The CUDA-graph path's computation (full batch, stale text on skipped rows, rows selected after) gives
+    the loss and gradients of the compact eager forward; run eagerly here (use_graph=False)."""
+    draw = drawn_rows_0_and_3()
+    nhs = inputs["neighbor_hidden_states"][draw.needs_forward]
+    compact = loss_and_grads(unet, "pogdiff", inputs, neighbor_hidden_states=nhs, draw=draw)
+    padded = loss_and_grads(
+        unet,
+        "pogdiff",
+        inputs,
+        neighbor_hidden_states=nhs,
+        draw=draw,
+        neighbor_forward=GraphedNeighborForward(unet, use_graph=False),
+    )
+    assert compact[1]["loss_consistency"] > 0
+    torch.testing.assert_close(padded[0], compact[0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(padded[2], compact[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_failed_graph_capture_falls_back_to_eager_exactly(unet, inputs, monkeypatch, caplog):
+    def fail(*args, **kwargs):
+        raise RuntimeError("capture not supported here")
+
+    neighbor_forward = make_neighbor_forward(unet, torch.device("cuda"), "cuda_graph")  # lazy: no CUDA yet
+    monkeypatch.setattr(GraphedNeighborForward, "__call__", fail)
+    draw = drawn_rows_0_and_3()
+    nhs = inputs["neighbor_hidden_states"][draw.needs_forward]
+    eager = loss_and_grads(unet, "pogdiff", inputs, neighbor_hidden_states=nhs, draw=draw)
+    with caplog.at_level("WARNING", logger="pogdiff.training"):
+        fallback = loss_and_grads(
+            unet, "pogdiff", inputs, neighbor_hidden_states=nhs, draw=draw, neighbor_forward=neighbor_forward
+        )
+    assert neighbor_forward.failed
+    assert "capture not supported here" in caplog.text and "eager" in caplog.text
+    assert torch.equal(fallback[0], eager[0])
+    assert all(torch.equal(a, b) for a, b in zip(fallback[2], eager[2]))
+
+
+def test_make_neighbor_forward_modes(unet):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert make_neighbor_forward(unet, cpu, "auto") is None
+    assert make_neighbor_forward(unet, cpu, "eager") is None
+    assert make_neighbor_forward(unet, cuda, "eager") is None
+    assert make_neighbor_forward(unet, cuda, "auto", sharded=True) is None  # DeepSpeed / FSDP
+    assert make_neighbor_forward(unet, cuda, "auto") is not None
+    with pytest.raises(ValueError, match="--neighbor_forward cuda_graph needs a CUDA device"):
+        make_neighbor_forward(unet, cpu, "cuda_graph")
+    with pytest.raises(ValueError, match="sharded: True"):
+        make_neighbor_forward(unet, cuda, "cuda_graph", sharded=True)
+    with pytest.raises(ValueError, match="must be one of auto, eager, cuda_graph"):
+        make_neighbor_forward(unet, cpu, "graphs")
