@@ -288,6 +288,15 @@ def caption_states(shared: Shared, rows: torch.Tensor) -> torch.Tensor:
         return shared.text_encoder(shared.all_input_ids[rows.cpu()].to(shared.device), return_dict=False)[0]
 
 
+def optimizer_step(shared: Shared, method: Method, loss: torch.Tensor) -> None:
+    """backward -> clip -> AdamW step -> LR scheduler step -> zero_grad, as both training loops end."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(method.params, shared.max_grad_norm)
+    method.optimizer.step()
+    method.lr_scheduler.step()
+    method.optimizer.zero_grad()
+
+
 def train_step(shared: Shared, method: Method, batch: dict, step_seed: int) -> dict[str, float]:
     """The loop body of `train_pogdiff.py` for one batch (no gradient accumulation, EMA or logging).
 
@@ -374,11 +383,7 @@ def train_step(shared: Shared, method: Method, batch: dict, step_seed: int) -> d
     if not math.isfinite(logs["loss"]):
         raise RuntimeError(f"Non-finite loss {logs['loss']} for {method.objective}.")
 
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(method.params, shared.max_grad_norm)
-    method.optimizer.step()
-    method.lr_scheduler.step()
-    method.optimizer.zero_grad()
+    optimizer_step(shared, method, loss)
     return logs
 
 
@@ -410,11 +415,7 @@ def reference_train_step(shared: Shared, method: Method, batch: dict, step_seed:
     model_pred = method.forward(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     loss = torch.nn.functional.mse_loss(model_pred.float(), target.float(), reduction="mean")
     logs = {"loss": loss.detach().item()}
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(method.params, shared.max_grad_norm)
-    method.optimizer.step()
-    method.lr_scheduler.step()
-    method.optimizer.zero_grad()
+    optimizer_step(shared, method, loss)
     return logs
 
 

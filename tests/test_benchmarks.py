@@ -78,22 +78,9 @@ def test_bench_step_cached_latents_and_lora():
 
 def test_bench_step_reference_and_eager_rows(tmp_path):
     """diffusers' own train_text_to_image step and PoGDiff's eager neighbour forward run in the same table."""
-    result = bench_step.main(
-        [
-            "--preset",
-            "tiny",
-            "--batch_size",
-            "2",
-            "--warmup",
-            "0",
-            "--steps",
-            "2",
-            "--methods",
-            "diffusers,vanilla,pogdiff,pogdiff-eager",
-            "--output_dir",
-            str(tmp_path),
-        ]
-    )
+    methods = "diffusers,vanilla,pogdiff,pogdiff-eager"
+    argv = f"--preset tiny --batch_size 2 --warmup 0 --steps 2 --methods {methods} --output_dir {tmp_path}"
+    result = bench_step.main(argv.split())
     assert list(result["results"]) == ["diffusers", "vanilla", "pogdiff", "pogdiff-eager"]
     # CPU: `auto` is the eager forward for both PoGDiff rows; the reference has no neighbour forward.
     assert result["results"]["pogdiff"]["neighbor_forward"] == "eager"

@@ -89,8 +89,9 @@ def small_index() -> PoGDiffIndex:
     )
 
 
-def test_skipping_neighbour_forwards_is_exact(unet, inputs):
-    draw = draw_pogdiff_neighbors(
+def drawn_rows_0_and_3() -> NeighborDraw:
+    """small_index's batch rows 0-3 drawn as the trainer does; row 1's caption dropped."""
+    return draw_pogdiff_neighbors(
         small_index(),
         torch.arange(4),
         torch.Generator().manual_seed(0),
@@ -100,6 +101,10 @@ def test_skipping_neighbour_forwards_is_exact(unet, inputs):
         terms="img,txt",
         caption_dropped=torch.tensor([False, True, False, False]),
     )
+
+
+def test_skipping_neighbour_forwards_is_exact(unet, inputs):
+    draw = drawn_rows_0_and_3()
     torch.testing.assert_close(draw.psi_drawn, torch.tensor([0.5, 0.0, 0.9, 0.8]))
     torch.testing.assert_close(draw.psi, torch.tensor([0.5, 0.0, 0.0, 0.8]))
     assert draw.needs_forward.tolist() == [True, False, False, True]
@@ -184,19 +189,6 @@ def test_cbdm_doubled_batch_equals_two_forwards(unet, inputs):
     scale = max(float(g.abs().max()) for g in ref_grads)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
-
-
-def drawn_rows_0_and_3():
-    return draw_pogdiff_neighbors(
-        small_index(),
-        torch.arange(4),
-        torch.Generator().manual_seed(0),
-        a1=1.0,
-        a2=1.0,
-        a3=1.0,
-        terms="img,txt",
-        caption_dropped=torch.tensor([False, True, False, False]),
-    )
 
 
 def test_full_batch_neighbour_forward_matches_compact(unet, inputs):
