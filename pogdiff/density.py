@@ -100,6 +100,14 @@ def _check_embeddings(embeddings: torch.Tensor, min_rows: int) -> None:
         )
 
 
+def _column_mean_std(x: torch.Tensor, rows_per_chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and sample std (N - 1) in float64, two passes over row chunks: no float64 copy of x."""
+    n = x.shape[0]
+    mean = sum(chunk.double().sum(dim=0) for chunk in x.split(rows_per_chunk)) / n
+    squares = sum((chunk.double() - mean).square().sum(dim=0) for chunk in x.split(rows_per_chunk))
+    return mean, (squares / max(n - 1, 1)).sqrt()
+
+
 def fit_text_density(
     embeddings: torch.Tensor,
     *,
@@ -142,9 +150,8 @@ def fit_text_density(
     noise_generator = torch.Generator(device=device).manual_seed(seed)
 
     model = TextDensityVAE(dim, latent_dim, hidden_dim, generator=cpu_generator).to(device)
-    data = embeddings.detach().double()
-    std = data.std(dim=0)
-    model.mean.copy_(data.mean(dim=0).float())
+    mean, std = _column_mean_std(embeddings.detach())
+    model.mean.copy_(mean.float())
     # A constant dimension carries no information; scale 1 keeps it at 0 instead of dividing by 0.
     model.std.copy_(torch.where(std > 0, std, torch.ones_like(std)).float())
     data = model.standardize(embeddings.detach())

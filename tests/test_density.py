@@ -7,6 +7,7 @@ import torch
 
 from pogdiff.density import (
     TextDensityVAE,
+    _column_mean_std,
     elbo,
     fit_text_density,
     inverse_density_log_weights,
@@ -138,3 +139,13 @@ def test_log_weight_errors_and_summary():
     )
     wide = log_weight_summary(torch.tensor([0.0, 1000.0]))
     assert wide["spread"] == math.inf and wide["log_spread"] == 1000.0
+
+
+def test_column_mean_std_chunked_equals_float64():
+    """The standardisation's statistics, accumulated over row chunks (no float64 copy of the embeddings)."""
+    x = torch.randn((1001, 16), generator=torch.Generator().manual_seed(0)) * 5 + 3
+    x[:, 3] = 7.0  # a constant column: std exactly 0
+    mean, std = _column_mean_std(x, rows_per_chunk=100)
+    torch.testing.assert_close(mean, x.double().mean(dim=0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(std, x.double().std(dim=0), rtol=0, atol=1e-12)
+    assert std[3].item() == 0.0
