@@ -117,9 +117,9 @@ class GraphedNeighborForward:
     Why: at SD1.5 size and batch 8 on an H200, a UNet forward is bound by the CPU launching its kernels, not
     by the GPU running them (the eager neighbour forward cost as much with half the rows as with all), so
     an extra eager forward costs its launch time whatever the number of rows. A graph replays them all with
-    one launch. It is captured for the full batch (one graph per input shape, reused every step): rows
-    without a neighbour term are computed on stale text and discarded, which costs little GPU time and
-    keeps the shapes static.
+    one launch. It is captured once for the full batch and reused every step; rows without a neighbour term
+    are computed on stale text and discarded, which costs little GPU time and keeps the shapes static. A
+    smaller batch (an epoch's last) fills the graph's first rows; a larger one or a new shape recaptures.
 
     The graph reads the model's parameters in place, so optimizer steps, `load_state` and EMA copies
     that write into the same tensors are seen by the next replay. Autocast's weight-cast cache is turned
@@ -133,8 +133,8 @@ class GraphedNeighborForward:
     def __init__(self, model: Callable, use_graph: bool = True) -> None:
         self.model = model
         self.use_graph = use_graph
-        self._graphs: dict[tuple, tuple] = {}
-        # CUDA memory reserved while capturing (the graphs' pools and static buffers), for memory reports.
+        self._static: _StaticBatch | None = None
+        # CUDA memory reserved by capturing (the graph's pool and its buffers), for memory reports.
         self.reserved_bytes = 0
 
     def __call__(
@@ -145,26 +145,29 @@ class GraphedNeighborForward:
         rows: torch.Tensor,
     ) -> torch.Tensor:
         """Neighbour predictions of `rows` (compact, in batch order), as the eager compact forward gives."""
-        key = (tuple(noisy_latents.shape), tuple(neighbor_hidden_states.shape[1:]), noisy_latents.dtype)
-        if not self.use_graph:
-            hidden = neighbor_hidden_states.new_zeros((noisy_latents.shape[0], *key[1]))
-            hidden.index_copy_(0, rows, neighbor_hidden_states)
-            return unet_prediction(self.model, noisy_latents, timesteps, hidden).index_select(0, rows)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(noisy_latents, timesteps, neighbor_hidden_states, rows)
-        graph, static_x, static_t, static_c, static_out = self._graphs[key]
-        static_x.copy_(noisy_latents)
-        static_t.copy_(timesteps)
-        static_c.index_copy_(0, rows, neighbor_hidden_states)
-        graph.replay()
-        return static_out.index_select(0, rows)
+        batch = noisy_latents.shape[0]
+        key = (tuple(noisy_latents.shape[1:]), tuple(neighbor_hidden_states.shape[1:]), noisy_latents.dtype)
+        static = self._static
+        # A smaller batch (an epoch's last) fills the first rows of the captured one; a new shape or a larger
+        # batch replaces the graph (the old one is released first: one pool at a time).
+        if static is None or static.key != key or static.x.shape[0] < batch:
+            self._static = static = None
+            static = self._build(key, noisy_latents, timesteps, neighbor_hidden_states, rows)
+            self._static = static
+        static.x[:batch].copy_(noisy_latents)
+        static.t[:batch].copy_(timesteps)
+        static.c.index_copy_(0, rows, neighbor_hidden_states)
+        if static.graph is None:
+            return unet_prediction(self.model, static.x, static.t, static.c).index_select(0, rows)
+        static.graph.replay()
+        return static.out.index_select(0, rows)
 
-    def _capture(self, noisy_latents, timesteps, neighbor_hidden_states, rows) -> tuple:
-        static_x, static_t = noisy_latents.clone(), timesteps.clone()
-        static_c = neighbor_hidden_states.new_zeros(
-            (noisy_latents.shape[0], *neighbor_hidden_states.shape[1:])
-        )
-        static_c.index_copy_(0, rows, neighbor_hidden_states)
+    def _build(self, key, noisy_latents, timesteps, neighbor_hidden_states, rows) -> _StaticBatch:
+        hidden = neighbor_hidden_states.new_zeros((noisy_latents.shape[0], *neighbor_hidden_states.shape[1:]))
+        hidden.index_copy_(0, rows, neighbor_hidden_states)
+        static = _StaticBatch(key, noisy_latents.clone(), timesteps.clone(), hidden)
+        if not self.use_graph:
+            return static
         # Capturing empties the allocator's cache; empty it first so that the growth of reserved memory is
         # the graph's own pool and buffers (a delta taken before that would count the released cache).
         torch.cuda.empty_cache()
@@ -177,24 +180,38 @@ class GraphedNeighborForward:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    eager = unet_prediction(self.model, static_x, static_t, static_c)
+                    eager = unet_prediction(self.model, static.x, static.t, static.c)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = unet_prediction(self.model, static_x, static_t, static_c)
+                static.out = unet_prediction(self.model, static.x, static.t, static.c)
         finally:
             torch.set_autocast_cache_enabled(cache_enabled)
         graph.replay()
-        self.reserved_bytes += torch.cuda.memory_reserved() - reserved
-        diff = (static_out - eager).abs().max().item()
+        self.reserved_bytes = torch.cuda.memory_reserved() - reserved
+        diff = (static.out - eager).abs().max().item()
         scale = eager.abs().max().item()
         logger.info(
             f"Captured a CUDA graph of the neighbour forward for inputs {tuple(noisy_latents.shape)}; "
-            f"max |graph - eager| = {diff:.3g} (max |eager| = {scale:.3g})."
+            f"max |graph - eager| = {diff:.3g} (max |eager| = {scale:.3g}); "
+            f"{self.reserved_bytes / 2**30:.2f} GiB reserved by the capture."
         )
         if not diff <= 1e-2 * scale + 1e-3:
             raise RuntimeError(f"the graph's output differs from the eager forward by {diff:.3g}")
-        return graph, static_x, static_t, static_c, static_out
+        static.graph = graph
+        return static
+
+
+@dataclass
+class _StaticBatch:
+    """The fixed-address inputs and output a captured graph reads and writes (graph None: run eagerly)."""
+
+    key: tuple
+    x: torch.Tensor
+    t: torch.Tensor
+    c: torch.Tensor
+    out: torch.Tensor | None = None
+    graph: object | None = None
 
 
 def make_neighbor_forward(model: Callable, device: torch.device, mode: str = "auto", sharded: bool = False):

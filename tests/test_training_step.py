@@ -211,6 +211,21 @@ def test_full_batch_neighbour_forward_matches_compact(unet, inputs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_static_batch_reused_for_a_smaller_batch(unet, inputs):
+    """After a full batch, a smaller one runs in the first rows of the same static buffers (stale rows after
+    it are computed and discarded) and gives the compact eager predictions."""
+    forward = GraphedNeighborForward(unet, use_graph=False)
+    nhs = inputs["neighbor_hidden_states"]
+    with torch.no_grad():
+        forward(inputs["noisy_latents"], inputs["timesteps"], nhs, torch.arange(BATCH))
+        static = forward._static
+        rows = torch.tensor([1])
+        small = forward(inputs["noisy_latents"][2:], inputs["timesteps"][2:], nhs[:1], rows)
+        expected = unet(inputs["noisy_latents"][3:4], inputs["timesteps"][3:4], nhs[:1], return_dict=False)[0]
+    assert forward._static is static and static.x.shape[0] == BATCH
+    torch.testing.assert_close(small, expected, rtol=1e-4, atol=1e-5)  # batch 4 vs batch 1 rounding
+
+
 def test_failed_graph_capture_falls_back_to_eager_exactly(unet, inputs, monkeypatch, caplog):
     def fail(*args, **kwargs):
         raise RuntimeError("capture not supported here")
