@@ -151,9 +151,8 @@ class GraphedNeighborForward:
         # A smaller batch (an epoch's last) fills the first rows of the captured one; a new shape or a larger
         # batch replaces the graph (the old one is released first: one pool at a time).
         if static is None or static.key != key or static.x.shape[0] < batch:
-            self._static = static = None
-            static = self._build(key, noisy_latents, timesteps, neighbor_hidden_states, rows)
-            self._static = static
+            self._static = None  # release the old graph and its pool before capturing a new one
+            self._static = static = self._build(key, noisy_latents, timesteps, neighbor_hidden_states, rows)
         static.x[:batch].copy_(noisy_latents)
         static.t[:batch].copy_(timesteps)
         static.c.index_copy_(0, rows, neighbor_hidden_states)
@@ -238,7 +237,8 @@ def make_neighbor_forward(model: Callable, device: torch.device, mode: str = "au
 
 
 class _FallbackToEager:
-    """Runs a `GraphedNeighborForward`; if capturing fails, warns once and returns None from then on."""
+    """Runs a `GraphedNeighborForward`; if it fails (capture or replay), warns once and returns None from then
+    on, which makes `objective_loss` run the eager forward."""
 
     def __init__(self, graphed: GraphedNeighborForward) -> None:
         self.graphed, self.failed = graphed, False
@@ -252,7 +252,7 @@ class _FallbackToEager:
             return None
         try:
             return self.graphed(noisy_latents, timesteps, neighbor_hidden_states, rows)
-        except Exception as error:  # noqa: BLE001 - any capture failure falls back to the exact eager path
+        except Exception as error:  # any failure falls back to the exact eager path
             self.failed = True
             logger.warning(
                 f"CUDA graph of the neighbour forward unavailable ({error}); using the eager forward."
