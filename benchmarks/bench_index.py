@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shlex
 import sys
@@ -33,7 +32,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from benchmarks.bench_step import machine_info, num_threads  # noqa: E402
+from benchmarks.bench_step import machine_info, num_threads, publish  # noqa: E402
 from pogdiff.density import elbo, fit_text_density, inverse_density_log_weights  # noqa: E402
 from pogdiff.neighbors import default_chunk_size, knn_cosine  # noqa: E402
 
@@ -301,13 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         "knn": knn,
         "density": density,
     }
-    report = markdown_report(result)
-    print(report)
-    if args.output_dir:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_index.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-        (out / "bench_index.md").write_text(report, encoding="utf-8")
+    publish(result, markdown_report(result), args.output_dir, "bench_index")
     return result
 
 

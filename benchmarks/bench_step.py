@@ -805,6 +805,16 @@ def markdown_report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def publish(result: dict, report: str, output_dir: str | None, name: str) -> None:
+    """Print the markdown report; with an output dir, also write `{name}.md` and `{name}.json` there."""
+    print(report)
+    if output_dir:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        (out / f"{name}.md").write_text(report, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # The neighbour forward's CUDA-graph capture reports its check (graph vs eager) at INFO.
@@ -812,13 +822,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("pogdiff").setLevel(logging.INFO)
     with num_threads(args.threads):
         result = run_benchmark(args)
-    report = markdown_report(result)
-    print(report)
-    if args.output_dir:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_step.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-        (out / "bench_step.md").write_text(report, encoding="utf-8")
+    publish(result, markdown_report(result), args.output_dir, "bench_step")
     return result
 
 

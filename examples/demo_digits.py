@@ -63,6 +63,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pogdiff.data import PSEUDONYM_FIRST_NAMES, build_longtail_dataset, format_summary  # noqa: E402
+from pogdiff.pretrain import finetune_arguments  # noqa: E402
 
 RESOLUTION = 32
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
@@ -235,22 +236,12 @@ def train_command(
         "--cpu", "--num_processes", "1", "--num_machines", "1", "--num_cpu_threads_per_process", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "train_pogdiff.py",
-        "--pretrained_model_name_or_path", str(base),
-        "--train_data_dir", str(data),
-        "--output_dir", str(output),
+        *finetune_arguments(
+            base, data, output,
+            batch_size=config.finetune_batch_size, steps=config.finetune_steps,
+            learning_rate=config.finetune_lr, seed=seed, resolution=RESOLUTION,
+        ),
         "--objective", method,
-        "--resolution", str(RESOLUTION),
-        "--center_crop",
-        "--cache_latents",
-        "--train_batch_size", str(config.finetune_batch_size),
-        "--max_train_steps", str(config.finetune_steps),
-        "--learning_rate", str(config.finetune_lr),
-        "--lr_scheduler", "constant",
-        "--lr_warmup_steps", "0",
-        "--checkpointing_steps", str(10**9),
-        "--seed", str(seed),
-        "--neighbor_encoder", "vae",
-        "--num_neighbors", "5",
     ]  # fmt: skip
 
 

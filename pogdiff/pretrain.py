@@ -408,6 +408,42 @@ def build_base_model(
     return summary
 
 
+def finetune_arguments(
+    base: str | os.PathLike,
+    train_data_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    steps: int,
+    learning_rate: float,
+    seed: int,
+    resolution: int = TINY_RESOLUTION,
+) -> list[str]:
+    """train_pogdiff.py arguments shared by the demo's and the study's fine-tunes of a tiny base model.
+
+    Centre crop + cached latents (deterministic transforms, so the cache is allowed), constant LR without
+    warm-up, no intermediate checkpoints, and the base model's own VAE as the neighbour encoder (no download).
+    Callers add the objective and their own flags.
+    """
+    return [
+        "--pretrained_model_name_or_path", str(base),
+        "--train_data_dir", str(train_data_dir),
+        "--output_dir", str(output_dir),
+        "--resolution", str(resolution),
+        "--center_crop",
+        "--cache_latents",
+        "--train_batch_size", str(batch_size),
+        "--max_train_steps", str(steps),
+        "--learning_rate", str(learning_rate),
+        "--lr_scheduler", "constant",
+        "--lr_warmup_steps", "0",
+        "--checkpointing_steps", str(10**9),
+        "--seed", str(seed),
+        "--neighbor_encoder", "vae",
+        "--num_neighbors", "5",
+    ]  # fmt: skip
+
+
 def load_training_images(
     train_data_dir: str, image_column: str | None = None, caption_column: str | None = None
 ) -> tuple[list[Image.Image], list[str]]:

@@ -491,23 +491,15 @@ def finetune_args(
     base: Path, dataset: Path, output_dir: Path, index_dir: Path, method: str, seed: int, size: StudySize
 ) -> list[str]:
     """train_pogdiff.py's arguments: identical for every method except the method's own flags."""
+    from pogdiff.pretrain import finetune_arguments
+
     return [
-        "--pretrained_model_name_or_path", str(base),
-        "--train_data_dir", str(dataset),
-        "--output_dir", str(output_dir),
+        *finetune_arguments(
+            base, dataset, output_dir,
+            batch_size=size.finetune_batch_size, steps=size.finetune_steps,
+            learning_rate=size.learning_rate, seed=seed, resolution=RESOLUTION,
+        ),
         "--index_cache_dir", str(index_dir),
-        "--resolution", str(RESOLUTION),
-        "--center_crop",
-        "--cache_latents",
-        "--train_batch_size", str(size.finetune_batch_size),
-        "--max_train_steps", str(size.finetune_steps),
-        "--learning_rate", str(size.learning_rate),
-        "--lr_scheduler", "constant",
-        "--lr_warmup_steps", "0",
-        "--checkpointing_steps", str(10**9),
-        "--seed", str(seed),
-        "--neighbor_encoder", "vae",
-        "--num_neighbors", "5",
         "--report_to", "tensorboard",
         *{**METHODS, **EXPLORATORY_METHODS}[method],
     ]  # fmt: skip
