@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import (
     DistributedType,
     DynamoBackend,
@@ -668,7 +669,7 @@ def save_checkpoint(accelerator: Accelerator, args, global_step: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> Accelerator:
     if args.report_to == "wandb" and args.hub_token is not None:
         raise TrainingError(
             "You cannot use both --report_to=wandb and --hub_token: the token would be exposed. "
@@ -1431,23 +1432,40 @@ def main(args: argparse.Namespace) -> None:
                 ignore_patterns=HUB_IGNORE_PATTERNS,
                 token=args.hub_token,
             )
-    # Ranks reach the process-group teardown together: a rank tearing down gloo while the main process is still
-    # saving can hang at exit.
+    # Ranks reach the teardown together: a rank tearing down gloo while the main process is still saving can hang.
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # The process group is destroyed by `run`, once this frame (and with it every DDP wrapper) is gone.
+    accelerator.free_memory()
+    return accelerator
 
 
 def run(input_args: list[str] | None = None) -> None:
-    """Entry point: problems the user must fix are reported as one message and a non-zero exit."""
+    """Entry point: problems the user must fix are reported as one message and a non-zero exit.
+
+    Teardown order matters with several processes. A DDP model's C++ reducer holds a reference to the process
+    group and is freed with the GIL held; if it drops the group's *last* reference, gloo's destructor joins its
+    worker threads under the GIL while a worker may need the GIL to free a finished collective's tensors: a
+    deadlock at exit (seen in CI). So `main` returns with its models released while the group is still
+    registered, and only then is the group destroyed (`end_training`), through torch's binding that frees it
+    with the GIL released.
+    """
     args = parse_args(input_args)
+    accelerator, message = None, None
     try:
-        main(args)
+        accelerator = main(args)
     except (TrainingError, ValueError, FileNotFoundError) as e:
         if os.environ.get("POGDIFF_TRACEBACK"):
             raise
-        print(
-            f"\ntrain_pogdiff.py: error: {e}\n(set POGDIFF_TRACEBACK=1 to see the traceback)", file=sys.stderr
-        )
+        message = f"\ntrain_pogdiff.py: error: {e}\n(set POGDIFF_TRACEBACK=1 to see the traceback)"
+    # Leaving the except clause dropped the traceback and with it main's frame; collect any reference cycle
+    # that still holds a model before the process group goes.
+    gc.collect()
+    if accelerator is not None:
+        accelerator.end_training()
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        PartialState().destroy_process_group()
+    if message is not None:
+        print(message, file=sys.stderr)
         sys.exit(2)
 
 

@@ -17,8 +17,11 @@ Command line (builds the model and, with ``--prompt``, samples one image through
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +267,27 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_process_group(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True, ...)` that cannot outlive `timeout`.
+
+    A launcher (torchrun, accelerate launch) starts worker processes that inherit its stdout and stderr; on a
+    timeout, `subprocess.run` kills only the launcher and then waits for pipes that the workers still hold open,
+    which can be forever. Here the command runs in its own session and the whole process group is killed, so a
+    hung multi-process run fails the test with its output instead of hanging the suite.
+    """
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr) from None
+    finally:
+        # Workers a launcher left behind after it exited (never expected, but never left running either).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

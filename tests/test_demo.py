@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from pogdiff.pretrain import (
 from pogdiff.pretrain import (
     main as pretrain_main,
 )
-from pogdiff.testing import tiny_sd_components
+from pogdiff.testing import run_process_group, tiny_sd_components
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -247,9 +246,9 @@ def table_rows(markdown: str, header_start: str) -> dict[str, list[str]]:
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(
+    proc = run_process_group(
         [sys.executable, str(REPO / "examples" / "demo_digits.py"), "--quick", "--output_dir", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=3600,
+        cwd=REPO, env=env, timeout=3600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

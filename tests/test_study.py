@@ -3,12 +3,13 @@
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from pogdiff.testing import run_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "study" / "run_study.py"
@@ -210,7 +211,7 @@ def test_ci_size_runs_end_to_end_and_resumes(tmp_path):
         str(work_dir),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    first = run_process_group(command, cwd=REPO, env=env, timeout=1800)
     assert first.returncode == 0, first.stderr[-3000:]
 
     results = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
@@ -248,7 +249,7 @@ def test_ci_size_runs_end_to_end_and_resumes(tmp_path):
         assert psi["effective_psi"]["majority"]["mean"] <= psi["expected_psi"]["majority"]["mean"]
 
     # A rerun skips every finished run and reuses the generated images: the same numbers come back.
-    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    second = run_process_group(command, cwd=REPO, env=env, timeout=1800)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
     assert [g["summary"] for g in again["groups"]] == [g["summary"] for g in results["groups"]]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
+
+from pogdiff.testing import run_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,10 +148,10 @@ def test_pogdiff_full_finetune_through_accelerate_launch(
         "--num_validation_inference_steps", "2",
     )  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(
+    proc = run_process_group(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
          str(REPO / "train_pogdiff.py"), *argv],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -282,10 +283,10 @@ def test_checkpoints_total_limit_keeps_the_newest(tiny_sd_path, tiny_dataset_pat
 def test_two_process_cpu_run(tiny_sd_path, tiny_dataset_path, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = run_process_group(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train_pogdiff.py"),
          *train_args(tiny_sd_path, tiny_dataset_path, out, "--train_batch_size", "2", "--sampling", "balanced")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Num processes: 2" in proc.stderr

@@ -69,6 +69,15 @@ def loss_and_grads(unet, objective, inputs, **kwargs):
     return loss.detach(), logs, grads
 
 
+def assert_grads_close(grads, ref_grads, rtol: float = 1e-4) -> None:
+    """Every gradient equal up to float32 rounding: relative `rtol`, absolute `rtol` / 10 of the model's largest
+    gradient entry (for entries whose true value is ~0 and carry only rounding noise)."""
+    assert len(grads) == len(ref_grads)
+    scale = max(float(g.abs().max()) for g in ref_grads)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol / 10 * scale)
+
+
 def small_index() -> PoGDiffIndex:
     """Batch rows 0-3 with k = 1 (the draw is deterministic) and their neighbours 4-7.
 
@@ -131,11 +140,21 @@ def test_skipping_neighbour_forwards_is_exact(unet, inputs):
 
     assert skip_logs["frac_skipped"] == 0.5 and full_logs["frac_skipped"] == 0.25
     assert skip_logs["loss_consistency"] > 0
-    # Bitwise: the same-caption row's neighbour prediction equals its own prediction exactly (same inputs, same
-    # batch position and size), so its term adds exactly 0 to the loss and to every gradient.
-    assert torch.equal(skip_loss, full_loss)
+    # Exact: the forward with grad is the same computation in both (same rows, same batch), so the main term
+    # is bitwise equal.
+    assert skip_logs["loss_main"] == full_logs["loss_main"]
+    # Up to float32 rounding only: the neighbour forward runs on 2 rows in one case and 4 in the other, and row
+    # 2's no-grad neighbour forward stands in for its grad forward; a CPU's kernels may block (and so round) a
+    # batch of 2 differently from a batch of 4, or a no-grad forward differently from a grad one. Each neighbour
+    # prediction then moves by a few float32 ulps of the activations (~1e-6 relative), which moves the
+    # consistency term and its gradient 2 psi (a - c) / (B C H W) by about |dc| / |a - c| relative (~1e-5
+    # here, where |a - c| ~ 0.1-1). rtol 1e-4 leaves a 10x margin; a wrong skip (row 2's term or row 1's
+    # missing psi counted) changes the loss and the gradients by 1e-2 relative or more.
+    torch.testing.assert_close(skip_loss, full_loss, rtol=1e-4, atol=0.0)
     assert len(skip_grads) == len(list(unet.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(skip_grads, full_grads))
+    # Biases feeding a GroupNorm have an exactly-zero true gradient (pure rounding noise): the absolute tolerance
+    # is scaled by the model's largest gradient, as in the CBDM test below.
+    assert_grads_close(skip_grads, full_grads)
 
 
 @pytest.mark.parametrize("snr", [False, True])
@@ -186,9 +205,7 @@ def test_cbdm_doubled_batch_equals_two_forwards(unet, inputs):
     torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=0)
     for key in ("loss_main", "loss_reg", "loss_commit"):
         assert logs[key] == pytest.approx(ref_logs[key], rel=1e-5)
-    scale = max(float(g.abs().max()) for g in ref_grads)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+    assert_grads_close(grads, ref_grads)
 
 
 def test_full_batch_neighbour_forward_matches_compact(unet, inputs):
@@ -206,9 +223,9 @@ def test_full_batch_neighbour_forward_matches_compact(unet, inputs):
         neighbor_forward=GraphedNeighborForward(unet, use_graph=False),
     )
     assert compact[1]["loss_consistency"] > 0
-    torch.testing.assert_close(padded[0], compact[0], rtol=1e-6, atol=1e-7)
-    for a, b in zip(padded[2], compact[2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # Batch 4 vs batch 2 in the neighbour forward: equal up to float32 rounding (see the skip test above).
+    torch.testing.assert_close(padded[0], compact[0], rtol=1e-4, atol=0.0)
+    assert_grads_close(padded[2], compact[2])
 
 
 def test_static_batch_reused_for_a_smaller_batch(unet, inputs):
