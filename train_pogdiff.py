@@ -76,11 +76,14 @@ from pogdiff.index import (
     summarize_index,
 )
 from pogdiff.sampling import (
+    SAMPLING_POWERS,
     SAMPLING_SCHEMES,
     EpochSampler,
     SampleCounter,
+    density_sampling_weights,
     derive_seed,
     identity_sampling_weights,
+    sampling_power,
 )
 from pogdiff.training import (
     NEIGHBOR_FORWARD_MODES,
@@ -331,6 +334,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="pogdiff (paper Eq. 13); vanilla (plain fine-tuning); cbdm (Qin et al. 2023); t2h (Zhang et al. 2024).",
     )
     pog.add_argument(
+        "--neighbor_grad",
+        action="store_true",
+        help=(
+            "PoGDiff: let the gradient flow through the neighbour's prediction eps(x_t, y') as well (the paper's "
+            "literal Algorithm 1; one forward with grad on the batch plus its neighbour rows). Default: that "
+            "prediction is a fixed target (no_grad), about 1.25x a vanilla step instead of 1.55x."
+        ),
+    )
+    pog.add_argument(
         "--identity_column",
         type=str,
         default="identity",
@@ -348,7 +360,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default="uniform",
         choices=list(SAMPLING_SCHEMES),
-        help="Sample order: uniform; balanced (every identity equally, kohya-style repeats); sqrt (by sqrt(count)).",
+        help=(
+            "Sample order: uniform; balanced (every identity equally, kohya-style repeats); sqrt (identities by "
+            "sqrt(count)); density (images by the index's inverse text density: balancing without identity labels)."
+        ),
+    )
+    pog.add_argument(
+        "--sampling_power",
+        type=float,
+        default=None,
+        help=(
+            "Balancing as a dial: an image of an identity with n images is drawn with weight n^(p-1), so 1 = "
+            "uniform, 0.5 = sqrt, 0 = balanced (those --sampling names are its aliases). Default: --sampling."
+        ),
     )
     pog.add_argument(
         "--cbdm_tau", type=float, default=1.0, help="CBDM's tau (regulariser weight, times t/T)."
@@ -376,6 +400,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_neighbors must be >= 1, got {args.num_neighbors}.")
     if args.psi_a3 <= 0:
         parser.error(f"--psi_a3 must be > 0 (it divides psi), got {args.psi_a3}.")
+    try:
+        args.sampling_power = sampling_power(args.sampling, args.sampling_power)
+    except ValueError as e:
+        parser.error(str(e))
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
     if args.cache_latents and (not args.center_crop or args.random_flip):
@@ -391,6 +419,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def sampling_label(args: argparse.Namespace) -> str:
+    """How images are drawn, as the flags say it (for logs and the model card)."""
+    if args.sampling == "density":
+        return "--sampling density"
+    named = {p: name for name, p in SAMPLING_POWERS.items()}.get(args.sampling_power)
+    return f"--sampling {named}" if named else f"--sampling_power {args.sampling_power:g}"
 
 
 def first_caption(caption) -> str:
@@ -496,6 +532,7 @@ def save_model_card(
     dataset = args.dataset_name or args.train_data_dir
     hyper = {
         "objective": args.objective,
+        "neighbor_grad": args.neighbor_grad,
         "num_neighbors (k)": args.num_neighbors,
         "neighbor_encoder": args.neighbor_encoder,
         "psi_a1": args.psi_a1,
@@ -509,7 +546,7 @@ def save_model_card(
             f"{args.density_lr}, {args.density_num_samples}"
         ),
         "caption_dropout_prob": args.caption_dropout_prob,
-        "sampling": args.sampling,
+        "sampling": sampling_label(args),
         "cbdm_tau / gamma": f"{args.cbdm_tau} / {args.cbdm_gamma}",
         "learning_rate": args.learning_rate,
         "train_batch_size x gradient_accumulation_steps": f"{args.train_batch_size} x {args.gradient_accumulation_steps}",
@@ -930,7 +967,8 @@ def main(args: argparse.Namespace) -> Accelerator:
 
     index = None
     index_summary = None
-    if args.objective in ("pogdiff", "t2h"):
+    # The index holds PoGDiff's neighbours and psi, T2H's text density, and --sampling density's weights.
+    if args.objective in ("pogdiff", "t2h") or args.sampling == "density":
         if args.objective == "pogdiff" and args.num_neighbors >= len(dataset):
             raise TrainingError(
                 f"--num_neighbors {args.num_neighbors} must be smaller than the dataset size ({len(dataset)} images): "
@@ -964,9 +1002,11 @@ def main(args: argparse.Namespace) -> Accelerator:
         logger.info("Expected psi per sample (majority vs minority):\n" + format_summary(index_summary))
 
     train_dataset = TrainDataset(dataset, image_column, captions, tokenizer, args, seed)
-    sampler = EpochSampler(
-        len(train_dataset), seed, weights=identity_sampling_weights(identities, args.sampling)
-    )
+    if args.sampling == "density":
+        sampling_weights = density_sampling_weights(index.txt_log_weights)
+    else:
+        sampling_weights = identity_sampling_weights(identities, args.sampling_power)
+    sampler = EpochSampler(len(train_dataset), seed, weights=sampling_weights)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
         sampler=sampler,
@@ -1283,6 +1323,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                     cbdm_tau=args.cbdm_tau,
                     cbdm_gamma=args.cbdm_gamma,
                     neighbor_forward=neighbor_forward,
+                    neighbor_grad=args.neighbor_grad,
                 )
                 if draw is not None:
                     logs["frac_skipped"] = 1.0 - float(draw.needs_forward.float().mean())
@@ -1368,12 +1409,13 @@ def main(args: argparse.Namespace) -> Accelerator:
     drawn_per_identity = sample_counter.per_identity(identities, drawn)
     total_drawn = max(sum(drawn_per_identity.values()), 1)
     shares = ", ".join(f"{k}={v} ({v / total_drawn:.1%})" for k, v in drawn_per_identity.items())
-    logger.info(f"Samples drawn per identity (--sampling {args.sampling}): {shares}")
+    logger.info(f"Samples drawn per identity ({sampling_label(args)}): {shares}")
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "sample_counts.json"), "w", encoding="utf-8") as f:
             json.dump(
                 {
                     "sampling": args.sampling,
+                    "sampling_power": args.sampling_power,
                     "images_per_identity": identity_counts,
                     "samples_per_identity": drawn_per_identity,
                 },

@@ -45,6 +45,7 @@ def pogdiff_loss(
     neighbor_pred: torch.Tensor | None,
     psi: torch.Tensor,
     snr_weights: torch.Tensor | None = None,
+    neighbor_grad: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PoGDiff loss (Eq. 13): mean_b[ w_b * (mse_b(a, target) + psi_b * mse_b(a, sg(c))) ].
 
@@ -59,6 +60,10 @@ def pogdiff_loss(
     is either (B, C, H, W) or compact, holding only the rows with psi > 0 in batch order, and may be None
     when no psi is > 0. With psi all 0 the loss is the very tensor `vanilla_loss` returns, with no extra
     graph.
+
+    `neighbor_grad=True` keeps c in the graph instead (the literal Algorithm 1 of the paper, which
+    differentiates through eps_theta(x_t, y') as well): the term's gradient is 2 psi (a - c) / (C H W B) for a
+    and its negative for c. The value of the loss is the same either way.
 
     logs: loss_main, loss_consistency, psi_mean, frac_skipped (fraction of rows with psi == 0).
     """
@@ -81,7 +86,9 @@ def pogdiff_loss(
     weight = psi[active].float()
     if snr_weights is not None:
         weight = weight * snr_weights[active]
-    per_sample = _per_sample_mse(model_pred[active], neighbor_pred.detach())
+    per_sample = _per_sample_mse(
+        model_pred[active], neighbor_pred if neighbor_grad else neighbor_pred.detach()
+    )
     # Divide by B, not len(active): skipped rows contribute 0 to the batch mean.
     consistency = (weight * per_sample).sum() / batch_size
     logs["loss_consistency"] = consistency.item()

@@ -1,4 +1,5 @@
-"""Seeded, resumable sample order for training (uniform, or identity-balanced as kohya-style repeats).
+"""Seeded, resumable sample order for training: uniform, identity powers (balanced = kohya-style repeats), or
+by inverse text density.
 
 The order of an epoch is a pure function of (seed, epoch), so a run resumed from a checkpoint replays exactly
 the stream the uninterrupted run saw, on one process or many (accelerate shards the batches of this one global
@@ -15,7 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-SAMPLING_SCHEMES = ("uniform", "balanced", "sqrt")
+SAMPLING_SCHEMES = ("uniform", "balanced", "sqrt", "density")
+# The identity schemes as powers of `--sampling_power`: an image of an identity with n images is drawn with
+# weight n^(p - 1), so the identity as a whole gets n^p.
+SAMPLING_POWERS = {"uniform": 1.0, "sqrt": 0.5, "balanced": 0.0}
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -30,25 +34,53 @@ def derive_seed(seed: int, *keys: int) -> int:
     return int((int(state[0]) << 32 | int(state[1])) & 0x7FFFFFFFFFFFFFFF)
 
 
-def identity_sampling_weights(identities: Sequence[str], scheme: str) -> torch.Tensor | None:
-    """Per-sample draw probabilities (sum 1) for a sampling scheme, or None for uniform.
+def sampling_power(scheme: str, power: float | None) -> float | None:
+    """The power p of `--sampling` / `--sampling_power`, or None for `density` (not a function of counts).
 
-    - ``uniform``: every image equally (None: the sampler uses a permutation, not draws with replacement).
-    - ``balanced``: every identity equally, then an image uniformly within it (an identity with n images gets
-      each image drawn with probability 1 / (n_ids * n)).
-    - ``sqrt``: identities weighted by sqrt(n), the usual middle ground between the two.
+    `--sampling_power` is the dial and the identity schemes are its named points (uniform 1, sqrt 0.5,
+    balanced 0); giving both a named non-uniform scheme and a power is ambiguous and refused.
     """
     if scheme not in SAMPLING_SCHEMES:
         raise ValueError(f"--sampling must be one of {', '.join(SAMPLING_SCHEMES)}, got {scheme!r}.")
-    if scheme == "uniform":
+    if power is not None:
+        if not math.isfinite(power):
+            raise ValueError(f"--sampling_power must be a finite number, got {power}.")
+        if scheme != "uniform":
+            raise ValueError(
+                f"--sampling {scheme} and --sampling_power {power} both set how images are drawn: give one "
+                f"(--sampling {scheme} is --sampling_power {SAMPLING_POWERS.get(scheme, 'n/a')})."
+            )
+        return float(power)
+    return SAMPLING_POWERS.get(scheme)
+
+
+def identity_sampling_weights(identities: Sequence[str], power: float) -> torch.Tensor | None:
+    """Per-sample draw probabilities (sum 1) for `--sampling_power p`, or None for p == 1 (uniform).
+
+    An image of an identity with n images gets weight n^(p - 1), so identities are drawn in proportion to n^p:
+    p = 1 every image equally (None: the sampler shuffles instead of drawing with replacement), p = 0.5 the
+    usual sqrt middle ground, p = 0 every identity equally (kohya-style repeats), p < 0 favours the rarest.
+    """
+    if not math.isfinite(power):
+        raise ValueError(f"--sampling_power must be a finite number, got {power}.")
+    if power == 1.0:
         return None
     counts = Counter(identities)
-    identity_mass = {name: (1.0 if scheme == "balanced" else math.sqrt(n)) for name, n in counts.items()}
-    total = sum(identity_mass.values())
-    weights = torch.tensor(
-        [identity_mass[name] / total / counts[name] for name in identities], dtype=torch.float64
-    )
+    weights = torch.tensor([float(counts[name]) ** (power - 1.0) for name in identities], dtype=torch.float64)
     return weights / weights.sum()
+
+
+def density_sampling_weights(txt_log_weights: torch.Tensor) -> torch.Tensor:
+    """`--sampling density`: per-sample draw probabilities proportional to the index's inverse text density.
+
+    These are the weights psi_txt uses (exp of the index's clipped log-weights), so captions that are rare in
+    text-embedding space are drawn more often without any identity label: on data whose captions cluster by
+    who is shown, that approaches identity balance.
+    """
+    log_w = txt_log_weights.double()
+    if log_w.ndim != 1 or log_w.numel() == 0 or not bool(torch.isfinite(log_w).all()):
+        raise ValueError("The index's text log-weights must be a finite, non-empty 1-D tensor; rebuild the index.")
+    return torch.softmax(log_w, dim=0)
 
 
 class EpochSampler(Sampler[int]):

@@ -275,6 +275,7 @@ def objective_loss(
     cbdm_tau: float = 1.0,
     cbdm_gamma: float = 0.25,
     neighbor_forward: Callable | None = None,
+    neighbor_grad: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """UNet forward(s) and the loss of `objective` for one batch.
 
@@ -286,12 +287,30 @@ def objective_loss(
       gather their parameters as for any forward. `neighbor_forward` (from `make_neighbor_forward`) replaces
       that eager forward, e.g. by a CUDA graph replay; it returns the same compact predictions, or None to
       fall back to the eager forward.
+    - pogdiff with `neighbor_grad` (`--neighbor_grad`, the paper's literal Algorithm 1): the neighbour rows
+      need grad too, so they join the sample rows in one forward on the enlarged batch, as CBDM's do
+      (`neighbor_forward` is not used).
     - cbdm: the neighbour branch needs grad, so both conditions go through ONE forward on the doubled batch
       (a DDP model may only run one forward per backward).
     """
     if objective in ("vanilla", "t2h"):
         model_pred = unet_prediction(unet, noisy_latents, timesteps, encoder_hidden_states)
         return vanilla_loss(model_pred, target, snr_weights)
+
+    if objective == "pogdiff" and neighbor_grad:
+        rows = draw.needs_forward.nonzero().flatten().to(noisy_latents.device, non_blocking=True)
+        both = unet_prediction(
+            unet,
+            torch.cat([noisy_latents, noisy_latents.index_select(0, rows)]),
+            torch.cat([timesteps, timesteps.index_select(0, rows)]),
+            torch.cat([encoder_hidden_states, neighbor_hidden_states])
+            if neighbor_hidden_states is not None
+            else encoder_hidden_states,
+        )
+        model_pred, neighbor_pred = both[: len(noisy_latents)], both[len(noisy_latents) :]
+        return pogdiff_loss(
+            model_pred, target, neighbor_pred, draw.psi.to(model_pred.device), snr_weights, neighbor_grad=True
+        )
 
     if objective == "pogdiff":
         neighbor_pred = None

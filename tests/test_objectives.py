@@ -74,6 +74,45 @@ def test_pogdiff_sends_no_gradient_to_the_neighbour():
     assert logs["loss_main"] + logs["loss_consistency"] == pytest.approx(loss.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("neighbor_grad", [False, True])
+def test_neighbor_grad_hand_computed(neighbor_grad):
+    """B = 2, one element each: a = (1, 2), eps = (0, 0), c = (0.5, 2.5), psi = (2, 0.5).
+
+    L = mean_b[(a - eps)^2 + psi (a - c)^2] = ((1 + 2 * 0.25) + (4 + 0.5 * 0.25)) / 2 = 2.8125
+    dL/da = [2 (a - eps) + 2 psi (a - c)] / 2 = (2, 1.75)
+    dL/dc = -2 psi (a - c) / 2 = (-1, 0.25) with --neighbor_grad (Algorithm 1), none without.
+    All values are exact in binary floating point.
+    """
+    a = torch.tensor([1.0, 2.0]).reshape(2, 1, 1, 1).requires_grad_(True)
+    c = torch.tensor([0.5, 2.5]).reshape(2, 1, 1, 1).requires_grad_(True)
+    eps = torch.zeros(2, 1, 1, 1)
+    loss, logs = pogdiff_loss(a, eps, c, torch.tensor([2.0, 0.5]), neighbor_grad=neighbor_grad)
+    assert loss.item() == 2.8125 and logs["loss_consistency"] == 0.3125
+    grads = torch.autograd.grad(loss, [a, c], allow_unused=True)
+    assert grads[0].flatten().tolist() == [2.0, 1.75]
+    if neighbor_grad:
+        assert grads[1].flatten().tolist() == [-1.0, 0.25]
+    else:
+        assert grads[1] is None
+
+
+def test_neighbor_grad_matches_autograd_of_the_written_loss():
+    """Random case: --neighbor_grad's gradients equal autograd of mean_b[mse_b(a, eps) + psi_b mse_b(a, c)]."""
+    a, eps, c = tensors(5)
+    psi = torch.tensor([1.0, 0.0, 0.25, 3.0])
+    a1, c1 = a.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    loss, _ = pogdiff_loss(a1, eps, c1, psi, neighbor_grad=True)
+    got = torch.autograd.grad(loss, [a1, c1])
+    a2, c2 = a.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    per = lambda x, y: ((x - y) ** 2).mean(dim=(1, 2, 3))  # noqa: E731
+    ref = (per(a2, eps) + psi * per(a2, c2)).mean()
+    want = torch.autograd.grad(ref, [a2, c2])
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    assert torch.all(got[1][1] == 0)  # psi = 0: no gradient into that neighbour row
+
+
 def test_psi_zero_is_vanilla_bitwise():
     a, eps, c = tensors(3)
     snr = torch.tensor([0.5, 1.0, 2.0, 0.25])

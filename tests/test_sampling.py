@@ -10,7 +10,16 @@ import torch
 from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
 from torch.utils.data import BatchSampler
 
-from pogdiff.sampling import EpochSampler, SampleCounter, derive_seed, identity_sampling_weights
+from pogdiff.density import elbo, fit_text_density, inverse_density_log_weights
+from pogdiff.sampling import (
+    SAMPLING_POWERS,
+    EpochSampler,
+    SampleCounter,
+    density_sampling_weights,
+    derive_seed,
+    identity_sampling_weights,
+    sampling_power,
+)
 
 # Two majority identities (30 images) and three minority ones (2 images): the paper's long-tail shape.
 IDENTITIES = ["a"] * 30 + ["b"] * 30 + ["c"] * 2 + ["d"] * 2 + ["e"] * 2
@@ -34,7 +43,9 @@ def expected_share(scheme: str) -> dict[str, float]:
 
 @pytest.mark.parametrize("scheme", ["uniform", "balanced", "sqrt"])
 def test_identity_frequencies_over_10000_draws(scheme):
-    sampler = EpochSampler(len(IDENTITIES), seed=0, weights=identity_sampling_weights(IDENTITIES, scheme))
+    sampler = EpochSampler(
+        len(IDENTITIES), seed=0, weights=identity_sampling_weights(IDENTITIES, SAMPLING_POWERS[scheme])
+    )
     rows = draws(sampler, 10_000)
     observed = Counter(IDENTITIES[r] for r in rows)
     for name, p in expected_share(scheme).items():
@@ -48,15 +59,67 @@ def test_identity_frequencies_over_10000_draws(scheme):
 
 
 def test_weights_are_exact():
-    weights = identity_sampling_weights(IDENTITIES, "balanced")
+    weights = identity_sampling_weights(IDENTITIES, SAMPLING_POWERS["balanced"])
     assert torch.allclose(weights[0], torch.tensor(1 / 5 / 30, dtype=torch.float64))
     assert torch.allclose(weights[60], torch.tensor(1 / 5 / 2, dtype=torch.float64))
-    sqrt_weights = identity_sampling_weights(IDENTITIES, "sqrt")
+    sqrt_weights = identity_sampling_weights(IDENTITIES, SAMPLING_POWERS["sqrt"])
     z = 2 * math.sqrt(30) + 3 * math.sqrt(2)
     assert math.isclose(float(sqrt_weights[:30].sum()), math.sqrt(30) / z, rel_tol=1e-12)
-    assert identity_sampling_weights(IDENTITIES, "uniform") is None
-    with pytest.raises(ValueError, match="--sampling"):
-        identity_sampling_weights(IDENTITIES, "repeats")
+    assert identity_sampling_weights(IDENTITIES, SAMPLING_POWERS["uniform"]) is None
+    with pytest.raises(ValueError, match="--sampling must be one of"):
+        sampling_power("repeats", None)
+    with pytest.raises(ValueError, match="--sampling_power must be a finite number"):
+        identity_sampling_weights(IDENTITIES, float("nan"))
+
+
+def test_sampling_power_resolves_the_named_schemes_and_refuses_both():
+    assert [sampling_power(s, None) for s in ("uniform", "sqrt", "balanced")] == [1.0, 0.5, 0.0]
+    assert sampling_power("density", None) is None
+    assert sampling_power("uniform", -0.5) == -0.5
+    with pytest.raises(ValueError, match="give one"):
+        sampling_power("balanced", 0.3)
+    with pytest.raises(ValueError, match="finite"):
+        sampling_power("uniform", float("inf"))
+
+
+@pytest.mark.parametrize("power", [0.25, -0.5])
+def test_sampling_power_frequencies_over_10000_draws(power):
+    """Identity with n images drawn with probability n^p / sum(n^p): within 4 binomial standard deviations."""
+    sampler = EpochSampler(len(IDENTITIES), seed=1, weights=identity_sampling_weights(IDENTITIES, power))
+    observed = Counter(IDENTITIES[r] for r in draws(sampler, 10_000))
+    total = sum(n**power for n in COUNTS.values())
+    for name, n in COUNTS.items():
+        p = n**power / total
+        assert abs(observed[name] / 10_000 - p) <= 4 * math.sqrt(p * (1 - p) / 10_000), (
+            name,
+            observed[name],
+            p,
+        )
+
+
+def test_density_sampling_favours_rare_captions_without_identity_labels():
+    """Captions clustered by identity (30, 30, 2, 2, 2 per cluster), identities never given: the inverse text
+    density alone gives every image of a cluster nearly the same weight, every minority image more than any
+    majority image, and the minority at least its balanced share (at the default clip bounds [0.1, 10] it
+    overshoots: balance is 0.2 per identity; --density_w_max tempers it)."""
+    g = torch.Generator().manual_seed(0)
+    names = sorted(COUNTS)
+    centres = 3 * torch.randn(len(names), 32, generator=g)
+    embeddings = torch.stack(
+        [centres[names.index(n)] + 0.3 * torch.randn(32, generator=g) for n in IDENTITIES]
+    )
+    model = fit_text_density(embeddings, latent_dim=4, hidden_dim=64, epochs=200, seed=0, show_progress=False)
+    log_w = inverse_density_log_weights(elbo(model, embeddings, num_samples=16, seed=0))
+    weights = density_sampling_weights(log_w)
+    assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-12)
+    share = {n: float(weights[[i for i, x in enumerate(IDENTITIES) if x == n]].sum()) for n in names}
+    majority, minority = weights[:60], weights[60:]
+    assert float(minority.min()) > float(majority.max())
+    assert all(share[n] >= 0.2 for n in ("c", "d", "e")) and all(share[n] < 30 / 66 for n in ("a", "b"))
+    # Draws follow the weights (4 binomial standard deviations).
+    observed = Counter(IDENTITIES[r] for r in draws(EpochSampler(len(IDENTITIES), 2, weights), 10_000))
+    for n, p in share.items():
+        assert abs(observed[n] / 10_000 - p) <= 4 * math.sqrt(p * (1 - p) / 10_000), (n, observed[n], p)
 
 
 def test_uniform_is_a_seeded_permutation_unchanged():
@@ -75,14 +138,16 @@ def test_uniform_is_a_seeded_permutation_unchanged():
 
 
 def test_weighted_epoch_has_as_many_samples_as_uniform():
-    weights = identity_sampling_weights(IDENTITIES, "balanced")
+    weights = identity_sampling_weights(IDENTITIES, SAMPLING_POWERS["balanced"])
     assert len(EpochSampler(len(IDENTITIES), 0, weights).indices(0)) == len(IDENTITIES)
 
 
 @pytest.mark.parametrize("scheme", ["uniform", "balanced"])
 def test_two_ranks_draw_disjoint_shares_of_one_stream(scheme):
     """accelerate shards the batches of the one global order: ranks split positions, never duplicate them."""
-    sampler = EpochSampler(len(IDENTITIES), seed=0, weights=identity_sampling_weights(IDENTITIES, scheme))
+    sampler = EpochSampler(
+        len(IDENTITIES), seed=0, weights=identity_sampling_weights(IDENTITIES, SAMPLING_POWERS[scheme])
+    )
     batch_sampler = BatchSampler(sampler, batch_size=4, drop_last=False)
     global_order = sampler.indices(0)
     shards = [
@@ -101,7 +166,9 @@ def test_two_ranks_draw_disjoint_shares_of_one_stream(scheme):
 
 def test_resume_skips_into_the_same_stream():
     """What accelerate's skip_first_batches does on resume: the remaining batches are those not yet seen."""
-    sampler = EpochSampler(len(IDENTITIES), seed=3, weights=identity_sampling_weights(IDENTITIES, "sqrt"))
+    sampler = EpochSampler(
+        len(IDENTITIES), seed=3, weights=identity_sampling_weights(IDENTITIES, SAMPLING_POWERS["sqrt"])
+    )
     batch_sampler = BatchSampler(sampler, batch_size=4, drop_last=False)
     sampler.set_epoch(2)
     full = list(batch_sampler)

@@ -208,6 +208,36 @@ def test_cbdm_doubled_batch_equals_two_forwards(unet, inputs):
     assert_grads_close(grads, ref_grads)
 
 
+def test_neighbor_grad_one_forward_equals_two_forwards_with_grad(unet, inputs):
+    """--neighbor_grad: the enlarged-batch forward gives the loss and gradients of two forwards with grad (the
+    sample rows, and the needed neighbour rows), and differs from the stop-gradient default in its gradients
+    only, not its loss."""
+    draw = drawn_rows_0_and_3()
+    nhs = inputs["neighbor_hidden_states"][draw.needs_forward]
+    loss, logs, grads = loss_and_grads(
+        unet, "pogdiff", inputs, neighbor_hidden_states=nhs, draw=draw, neighbor_grad=True
+    )
+
+    rows = draw.needs_forward.nonzero().flatten()
+    unet.zero_grad(set_to_none=True)
+    own = unet(inputs["noisy_latents"], inputs["timesteps"], inputs["encoder_hidden_states"]).sample
+    neighbour = unet(inputs["noisy_latents"][rows], inputs["timesteps"][rows], nhs).sample
+    psi = draw.psi
+    per = lambda x, y: ((x - y) ** 2).mean(dim=(1, 2, 3))  # noqa: E731
+    ref_loss = (per(own, inputs["target"]).sum() + (psi[rows] * per(own[rows], neighbour)).sum()) / BATCH
+    ref_loss.backward()
+    ref_grads = [p.grad.clone() for p in unet.parameters()]
+    unet.zero_grad(set_to_none=True)
+
+    assert logs["loss_consistency"] > 0
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=0)
+    assert_grads_close(grads, ref_grads)
+    stop_loss, _, stop_grads = loss_and_grads(unet, "pogdiff", inputs, neighbor_hidden_states=nhs, draw=draw)
+    torch.testing.assert_close(stop_loss, loss, rtol=1e-5, atol=0)
+    scale = max(float(g.abs().max()) for g in grads)
+    assert max(float((a - b).abs().max()) for a, b in zip(grads, stop_grads)) > 1e-3 * scale
+
+
 def test_full_batch_neighbour_forward_matches_compact(unet, inputs):
     """The CUDA-graph path's computation (full batch, stale text on skipped rows, rows selected after) gives
     the loss and gradients of the compact eager forward; run eagerly here (use_graph=False)."""
