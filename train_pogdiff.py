@@ -88,12 +88,14 @@ from pogdiff.sampling import (
 from pogdiff.training import (
     NEIGHBOR_FORWARD_MODES,
     OBJECTIVES,
+    StepMeans,
     draw_pogdiff_neighbors,
     draw_random_partners,
     encode_latent_parameters,
     fused_adamw_kwargs,
     make_neighbor_forward,
     objective_loss,
+    pogdiff_draw_logs,
     t2h_targets,
 )
 
@@ -1179,7 +1181,7 @@ def main(args: argparse.Namespace) -> Accelerator:
             active_dataloader.set_epoch(epoch)
         step_offset = resume_batches if epoch == first_epoch else 0
         train_loss = 0.0
-        step_logs: dict[str, float] = {}
+        step_means = StepMeans()
         for step, batch in enumerate(active_dataloader, start=step_offset):
             # All randomness of this micro-batch comes from generators keyed by (seed, epoch, step, rank).
             step_seed = derive_seed(seed, epoch, step, accelerator.process_index)
@@ -1325,15 +1327,18 @@ def main(args: argparse.Namespace) -> Accelerator:
                     neighbor_forward=neighbor_forward,
                     neighbor_grad=args.neighbor_grad,
                 )
+                neighbor_mse = logs.pop("neighbor_mse", None)
+                logs.pop(
+                    "frac_skipped", None
+                )  # the draw's own count below (it also knows same-caption skips)
+                for k, v in logs.items():
+                    step_means.add(k, v)
                 if draw is not None:
-                    logs["frac_skipped"] = 1.0 - float(draw.needs_forward.float().mean())
-                    minority = is_minority[rows]
-                    if bool(minority.any()):
-                        logs["psi_minority"] = float(draw.psi_drawn[minority].mean())
-                    if bool((~minority).any()):
-                        logs["psi_majority"] = float(draw.psi_drawn[~minority].mean())
+                    pogdiff_draw_logs(draw, is_minority[rows.cpu()], step_means)
+                    if neighbor_mse is not None:
+                        step_means.add("neighbor_mse", neighbor_mse, weight=int(draw.needs_forward.sum()))
                 if args.objective == "t2h":
-                    logs["t2h_accept_rate"] = float(accepted.float().mean())
+                    step_means.add("t2h_accept_rate", float(accepted.float().mean()))
 
                 # Gather the losses across all processes for logging (if we use distributed training).
                 avg_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
@@ -1344,8 +1349,6 @@ def main(args: argparse.Namespace) -> Accelerator:
                         "--learning_rate, try --mixed_precision bf16 instead of fp16, or check the data."
                     )
                 train_loss += avg_loss.item() / args.gradient_accumulation_steps
-                for k, v in logs.items():
-                    step_logs[k] = step_logs.get(k, 0.0) + v / args.gradient_accumulation_steps
 
                 # Backpropagate
                 accelerator.backward(loss)
@@ -1366,11 +1369,10 @@ def main(args: argparse.Namespace) -> Accelerator:
                 progress_bar.update(1)
                 global_step += 1
                 accelerator.log(
-                    {"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0], **step_logs},
+                    {"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0], **step_means.pop()},
                     step=global_step,
                 )
                 train_loss = 0.0
-                step_logs = {}
 
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args, global_step)

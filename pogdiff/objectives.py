@@ -65,7 +65,8 @@ def pogdiff_loss(
     differentiates through eps_theta(x_t, y') as well): the term's gradient is 2 psi (a - c) / (C H W B) for a
     and its negative for c. The value of the loss is the same either way.
 
-    logs: loss_main, loss_consistency, psi_mean, frac_skipped (fraction of rows with psi == 0).
+    logs: loss_main, loss_consistency, psi_mean, frac_skipped (fraction of rows with psi == 0), and
+    neighbor_mse (mean of mse_b(a, c) over the rows with psi > 0, when there are any).
     """
     batch_size = model_pred.shape[0]
     _check_psi(psi, batch_size)
@@ -92,6 +93,8 @@ def pogdiff_loss(
     # Divide by B, not len(active): skipped rows contribute 0 to the batch mean.
     consistency = (weight * per_sample).sum() / batch_size
     logs["loss_consistency"] = consistency.item()
+    # ||a - c||^2 per element over the rows with a term: how far the two captions' predictions are apart.
+    logs["neighbor_mse"] = per_sample.mean().item()
     return main + consistency, logs
 
 

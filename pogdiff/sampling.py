@@ -79,7 +79,9 @@ def density_sampling_weights(txt_log_weights: torch.Tensor) -> torch.Tensor:
     """
     log_w = txt_log_weights.double()
     if log_w.ndim != 1 or log_w.numel() == 0 or not bool(torch.isfinite(log_w).all()):
-        raise ValueError("The index's text log-weights must be a finite, non-empty 1-D tensor; rebuild the index.")
+        raise ValueError(
+            "The index's text log-weights must be a finite, non-empty 1-D tensor; rebuild the index."
+        )
     return torch.softmax(log_w, dim=0)
 
 

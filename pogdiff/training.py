@@ -31,6 +31,7 @@ class NeighborDraw:
     psi: torch.Tensor  # (B,) weight used in the loss; 0 where the neighbour forward is skipped
     psi_drawn: torch.Tensor  # (B,) psi before skipping (for logging what the method asked for)
     needs_forward: torch.Tensor  # (B,) bool: rows whose neighbour prediction must be computed
+    same_identity: torch.Tensor | None = None  # (B,) bool: the neighbour shows the sample's own identity
 
 
 def draw_pogdiff_neighbors(
@@ -66,7 +67,44 @@ def draw_pogdiff_neighbors(
         psi=torch.where(needs, psi, torch.zeros_like(psi)),
         psi_drawn=psi,
         needs_forward=needs,
+        same_identity=same_identity,
     )
+
+
+class StepMeans:
+    """Means of logged values over the micro-steps of one optimizer step (gradient accumulation).
+
+    Each value comes with a weight (1 for a per-micro-step value such as a loss; the number of rows it averages
+    for a per-row statistic such as the minority's psi), and a key absent from a micro-step does not count
+    there: a minority-only mean is not diluted by micro-steps that drew no minority image.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+
+    def add(self, key: str, value: float, weight: float = 1.0) -> None:
+        if weight > 0:
+            self._sums[key] = self._sums.get(key, 0.0) + float(value) * weight
+            self._weights[key] = self._weights.get(key, 0.0) + weight
+
+    def pop(self) -> dict[str, float]:
+        """The weighted means since the last `pop`, and a fresh start."""
+        means = {k: self._sums[k] / self._weights[k] for k in self._sums}
+        self._sums, self._weights = {}, {}
+        return means
+
+
+def pogdiff_draw_logs(draw: NeighborDraw, minority: torch.Tensor, step_means: StepMeans) -> None:
+    """The mechanism's diagnostics of one micro-step: psi for the minority and the majority (per row, before
+    skipping), the share of rows skipped, and the share of drawn neighbours of the sample's own identity."""
+    step_means.add("frac_skipped", float(1.0 - draw.needs_forward.float().mean()))
+    for key, rows in (("psi_minority", minority), ("psi_majority", ~minority)):
+        count = int(rows.sum())
+        if count:
+            step_means.add(key, float(draw.psi_drawn[rows].mean()), weight=count)
+    if draw.same_identity is not None:
+        step_means.add("neighbor_same_identity", float(draw.same_identity.float().mean()))
 
 
 def draw_random_partners(num_rows: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -358,6 +396,8 @@ def objective_loss(
 __all__ = [
     "OBJECTIVES",
     "NeighborDraw",
+    "StepMeans",
+    "pogdiff_draw_logs",
     "draw_pogdiff_neighbors",
     "draw_random_partners",
     "encode_latent_parameters",

@@ -17,9 +17,11 @@ from pogdiff.testing import tiny_sd_components
 from pogdiff.training import (
     GraphedNeighborForward,
     NeighborDraw,
+    StepMeans,
     draw_pogdiff_neighbors,
     make_neighbor_forward,
     objective_loss,
+    pogdiff_draw_logs,
 )
 
 BATCH, TOKENS, WIDTH = 4, 8, 32  # tiny UNet: 16x16x4 latents, cross-attention width 32
@@ -305,3 +307,27 @@ def test_make_neighbor_forward_modes(unet):
         make_neighbor_forward(unet, cuda, "cuda_graph", sharded=True)
     with pytest.raises(ValueError, match="must be one of auto, eager, cuda_graph"):
         make_neighbor_forward(unet, cpu, "graphs")
+
+
+def test_step_means_weigh_rows_and_skip_absent_micro_steps():
+    """Gradient accumulation over 3 micro-steps: a loss averages over all 3; the minority's psi only over the
+    micro-steps that drew minority rows, weighted by their row counts."""
+    means = StepMeans()
+    means.add("loss_main", 1.0)
+    means.add("psi_minority", 4.0, weight=1)
+    means.add("loss_main", 2.0)
+    means.add("loss_main", 6.0)
+    means.add("psi_minority", 1.0, weight=3)
+    means.add("psi_majority", 9.0, weight=0)  # no rows: ignored
+    assert means.pop() == {"loss_main": 3.0, "psi_minority": 1.75}
+    assert means.pop() == {}
+
+
+def test_pogdiff_draw_logs(unet, inputs):
+    draw = drawn_rows_0_and_3()
+    means = StepMeans()
+    pogdiff_draw_logs(draw, torch.tensor([True, False, False, True]), means)
+    logs = means.pop()
+    # psi_drawn = (0.5, 0, 0.9, 0.8); rows 0 and 3 are the minority; small_index: rows 1-3 share identities.
+    assert logs["psi_minority"] == pytest.approx(0.65) and logs["psi_majority"] == pytest.approx(0.45)
+    assert logs["frac_skipped"] == 0.5 and logs["neighbor_same_identity"] == 0.75
