@@ -278,6 +278,48 @@ def check_identities(labels: list[str]) -> dict[str, int]:
     return counts
 
 
+# Background that transparent pixels are composited over (what an image viewer shows for them on a white page).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB with its intensities scaled, not clipped, and transparency composited over white.
+
+    PIL's `convert("RGB")` clips wide integer and float modes to 0-255, which turns a 16-bit photo almost
+    entirely white, and it drops alpha, which shows whatever colour hides under transparent pixels (often
+    black). Here:
+    - `I;16*` (16-bit): value * 255 / 65535;
+    - `I` (32-bit int, how PIL may open 16-bit PNGs): as 8-bit if every value is in 0-255, as 16-bit if in
+      0-65535, else min-max scaled;
+    - `F` (float): * 255 if every value is in [0, 1], else min-max scaled;
+    - alpha (`RGBA`, `LA`, `PA`, `P` with a transparency entry): composited over `ALPHA_BACKGROUND`;
+    - every other mode (`L`, `1`, `P`, `CMYK`, `YCbCr`, ...): PIL's own conversion, which is exact for them.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if mode.startswith("I;16"):
+            scale, offset = 255.0 / 65535.0, 0.0
+        elif mode == "I" and lo >= 0 and hi <= 255:
+            scale, offset = 1.0, 0.0
+        elif mode == "I" and lo >= 0 and hi <= 65535:
+            scale, offset = 255.0 / 65535.0, 0.0
+        elif mode == "F" and lo >= 0 and hi <= 1:
+            scale, offset = 255.0, 0.0
+        else:
+            scale, offset = (255.0 / (hi - lo) if hi > lo else 0.0), lo
+        grey = np.clip(np.round((values - offset) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_rgb(image: Any, path_hint: str | None = None) -> Image.Image:
     """Return `image` as a decoded RGB PIL image.
 
@@ -311,7 +353,7 @@ def load_rgb(image: Any, path_hint: str | None = None) -> Image.Image:
             with Image.open(source) as opened:
                 opened.load()
                 decoded = ImageOps.exif_transpose(opened)
-        return decoded if decoded.mode == "RGB" else decoded.convert("RGB")
+        return to_rgb(decoded)
     except (OSError, UnidentifiedImageError, ValueError, TypeError, SyntaxError) as err:
         where = (
             " ".join(x for x in (path, f"({path_hint})" if path_hint else None) if x) or "<in-memory image>"

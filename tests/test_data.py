@@ -329,7 +329,7 @@ def test_check_identities_warns_about_single_images():
 
 def test_load_rgb_accepts_dataset_values_and_names_corrupt_files(tmp_path):
     path = tmp_path / "ok.png"
-    Image.new("RGBA", (3, 2), (10, 20, 30, 0)).save(path)
+    Image.new("RGBA", (3, 2), (10, 20, 30, 255)).save(path)
     for value in (str(path), {"path": str(path), "bytes": None}, {"path": None, "bytes": path.read_bytes()}):
         image = load_rgb(value)
         assert image.mode == "RGB" and image.size == (3, 2) and image.getpixel((0, 0)) == (10, 20, 30)
@@ -501,3 +501,70 @@ def test_builder_reads_an_imagefolder_with_identity_column(tiny_dataset_path, tm
         assert row["text"] == original["text"].replace(original["identity"], row["identity"])
         assert names[row["identity"]] == original["identity"]
         assert (out / row["file_name"]).read_bytes() == Path(sources[row["file_name"]]).read_bytes()
+
+
+# ---- image modes: intensities scaled (never clipped), transparency over white, EXIF orientation applied --------
+
+
+def _rgb_values(image) -> list:
+    return np.asarray(load_rgb(image)).tolist()
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 65535], [25700, 32768]], dtype=np.uint16)  # 25700 = 100 * 257
+    image = Image.fromarray(values)
+    assert image.mode.startswith("I;16")
+    # v * 255 / 65535: 0, 255, 100, 127.50 -> 128; identical for R, G, B.
+    expected = [[[0] * 3, [255] * 3], [[100] * 3, [128] * 3]]
+    assert _rgb_values(image) == expected
+    # Through a 16-bit PNG file (PIL may open it as I;16 or as 32-bit I).
+    path = tmp_path / "sixteen.png"
+    image.save(path)
+    assert _rgb_values(str(path)) == expected
+
+
+def test_thirty_two_bit_int_and_float_modes():
+    eight_bit_range = Image.fromarray(np.array([[0, 200]], dtype=np.int32), mode="I")
+    assert _rgb_values(eight_bit_range) == [[[0] * 3, [200] * 3]]
+    sixteen_bit_range = Image.fromarray(np.array([[0, 65535, 257]], dtype=np.int32), mode="I")
+    assert _rgb_values(sixteen_bit_range) == [[[0] * 3, [255] * 3, [1] * 3]]
+    # Outside 0-65535: min-max scaled: (v + 5) * 255 / 70005 -> 0, 255, 3.66 -> 4.
+    wide = Image.fromarray(np.array([[-5, 70000, 1000]], dtype=np.int32), mode="I")
+    assert _rgb_values(wide) == [[[0] * 3, [255] * 3, [4] * 3]]
+    unit_float = Image.fromarray(np.array([[0.0, 1.0, 0.5, 0.25]], dtype=np.float32), mode="F")
+    assert _rgb_values(unit_float) == [[[0] * 3, [255] * 3, [128] * 3, [64] * 3]]
+    other_float = Image.fromarray(np.array([[-1.0, 3.0, 1.0]], dtype=np.float32), mode="F")
+    assert _rgb_values(other_float) == [[[0] * 3, [255] * 3, [128] * 3]]  # (v + 1) * 255 / 4: 127.5 -> 128
+
+
+def test_transparency_is_composited_over_white():
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.putdata([0, 1])
+    palette.info["transparency"] = 0  # palette entry 0 (red) is fully transparent
+    assert _rgb_values(palette) == [[[255, 255, 255], [0, 0, 255]]]
+
+    la = Image.fromarray(np.array([[[0, 0], [100, 255], [0, 128]]], dtype=np.uint8), mode="LA")
+    transparent, opaque, half = _rgb_values(la)[0]
+    assert transparent == [255] * 3 and opaque == [100] * 3
+    assert all(abs(v - 127) <= 1 for v in half)  # 255 * (1 - 128/255) = 127
+
+    rgba = Image.fromarray(np.array([[[10, 20, 30, 0], [10, 20, 30, 255]]], dtype=np.uint8), mode="RGBA")
+    assert _rgb_values(rgba) == [[[255, 255, 255], [10, 20, 30]]]
+
+
+def test_cmyk_and_exif_orientation(tmp_path):
+    cmyk = Image.new("CMYK", (3, 1))
+    cmyk.putdata([(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255)])
+    assert _rgb_values(cmyk) == [[[255, 255, 255], [0, 255, 255], [0, 0, 0]]]
+
+    # A 2x1 image (red, blue) tagged "rotate 90 degrees clockwise to display" (EXIF orientation 6).
+    image = Image.new("RGB", (2, 1))
+    image.putdata([(255, 0, 0), (0, 0, 255)])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.png"
+    image.save(path, exif=exif)
+    shown = load_rgb(str(path))
+    assert shown.size == (1, 2)
+    assert np.asarray(shown).tolist() == [[[255, 0, 0]], [[0, 0, 255]]]
