@@ -131,7 +131,16 @@ class PoGDiffPipeline(StableDiffusionPipeline):
                 "(README.md with `base_model:` in its metadata). Load the base yourself and call "
                 f"`pipe.load_lora_weights({str(pretrained_model_name_or_path)!r})`."
             )
-        pipe = super().from_pretrained(base_model, **kwargs)
+        try:
+            pipe = super().from_pretrained(base_model, **kwargs)
+        except (OSError, ValueError) as error:
+            # The name came from a file the user may never have read: say where, and what to do instead.
+            raise ValueError(
+                f"The base model {base_model!r} named by `base_model:` in the model card {card_file} cannot be "
+                f"loaded ({error}). Fix that line, make the base available (a local folder, or a Hub id that is "
+                "cached when offline), or load the base yourself and call "
+                f"`pipe.load_lora_weights({str(pretrained_model_name_or_path)!r})`."
+            ) from error
         pipe.load_lora_weights(os.path.dirname(lora_file), weight_name=LORA_WEIGHT_NAME)
         return pipe
 

@@ -523,6 +523,12 @@ def collate_fn(examples: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def base_model_reference(name_or_path: str) -> str:
+    """How the model card names the base: a local folder by its absolute path (a relative one would stop
+    resolving as soon as the user loads the result from another directory), a Hub id as given."""
+    return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+
+
 def save_model_card(
     args, repo_id: str, images: list | None, repo_folder: str, index_summary: dict | None
 ) -> None:
@@ -574,7 +580,7 @@ def save_model_card(
     kind = "LoRA adapters for" if args.use_lora else "A full fine-tune of"
     yaml = f"""---
 license: creativeml-openrail-m
-base_model: {args.pretrained_model_name_or_path}
+base_model: {base_model_reference(args.pretrained_model_name_or_path)}
 library_name: diffusers
 datasets:
 - {dataset}

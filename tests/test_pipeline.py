@@ -144,3 +144,13 @@ def test_folder_with_neither_layout_gives_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ValueError, match="neither a full pipeline .*model_index.json.* nor LoRA"):
         PoGDiffPipeline.from_pretrained(tmp_path)
+
+
+def test_lora_card_naming_a_missing_base_says_it_came_from_the_card(tiny_sd_path, tmp_path):
+    lora_dir = tmp_path / "lora"
+    _write_lora_result(tiny_sd_path, lora_dir)
+    card = lora_dir / "README.md"
+    card.write_text(card.read_text().replace(tiny_sd_path, str(tmp_path / "moved-away")))
+    with pytest.raises(ValueError, match=r"named by `base_model:` in the model card .*README.md") as caught:
+        PoGDiffPipeline.from_pretrained(lora_dir)
+    assert "moved-away" in str(caught.value) and "load_lora_weights" in str(caught.value)

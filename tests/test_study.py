@@ -92,25 +92,33 @@ def test_captions_fit_the_text_encoder_for_every_pseudonym_and_description():
     assert study.caption("Lukas", None) == "An image of Lukas."
 
 
-def test_split_model_judge_is_disjoint_and_seeded():
-    labels = np.repeat(np.arange(3), 10)
-    split = study.split_model_judge(labels, 4)
+def test_split_classes_is_disjoint_and_seeded():
+    labels = np.repeat(np.arange(10), 40)
+    split = study.split_classes(labels, judge_per_class=4, validation_per_class=5)
     for cls, parts in split.items():
-        assert len(parts["model"]) == 4 and len(parts["judge"]) == 6
-        assert set(parts["model"]).isdisjoint(parts["judge"])
-        assert set(parts["model"]) | set(parts["judge"]) == set(np.flatnonzero(labels == cls).tolist())
-    assert study.split_model_judge(labels, 4) == split
-    with pytest.raises(ValueError, match="no judge images"):
-        study.split_model_judge(labels, 10)
+        n_validation = 5 if cls in study.EVAL_CLASSES else 0
+        assert (len(parts["judge"]), len(parts["validation"])) == (4, n_validation)
+        assert len(parts["model"]) == 40 - 4 - n_validation
+        assert set(parts["model"]).isdisjoint(parts["judge"]) and set(parts["model"]).isdisjoint(
+            parts["validation"]
+        )
+        assert set(parts["judge"]).isdisjoint(parts["validation"])
+        assert set(parts["model"]) | set(parts["judge"]) | set(parts["validation"]) == set(
+            np.flatnonzero(labels == cls).tolist()
+        )
+    assert study.split_classes(labels, 4, 5) == split
+    with pytest.raises(ValueError, match="too few"):
+        study.split_classes(labels, 10, 5)
 
 
 def test_judge_predict_and_features_use_the_hidden_layer(tmp_path, monkeypatch):
     from PIL import Image
 
-    # Hidden unit 0 fires on the top half, unit 1 on the bottom half; class 7 <- unit 0, class 3 <- unit 1.
-    w1 = np.zeros((1024, 2), dtype=np.float32)
-    w1[:512, 0] = 1.0
-    w1[512:, 1] = 1.0
+    # On the judge's 8x8 grid: hidden unit 0 fires on the top half, unit 1 on the bottom half;
+    # class 7 <- unit 0, class 3 <- unit 1.
+    w1 = np.zeros((64, 2), dtype=np.float32)
+    w1[:32, 0] = 1.0
+    w1[32:, 1] = 1.0
     weights = {
         "w1": w1,
         "b1": np.zeros(2, np.float32),
@@ -126,11 +134,52 @@ def test_judge_predict_and_features_use_the_hidden_layer(tmp_path, monkeypatch):
     path = tmp_path / "judge.npz"
     np.savez(path, **weights)
     monkeypatch.setenv(study.JUDGE_ENV, str(path))
-    assert study.judge_features(images).tolist() == [[512.0, 0.0], [0.0, 512.0]]
+    assert study.judge_features(images).tolist() == [[32.0, 0.0], [0.0, 32.0]]
     assert study.judge_features.centre_on_real is True
     monkeypatch.delenv(study.JUDGE_ENV)
     with pytest.raises(ValueError, match=study.JUDGE_ENV):
         study.judge_features(images)
+
+
+def test_regime_check():
+    assert study.regime_check(0.8, 0.1)["informative"] is True
+    assert study.regime_check(0.8, 0.55)["informative"] is False  # the minority is learned too
+    assert study.regime_check(0.65, 0.0)["informative"] is False  # the majority is not learned
+    assert study.regime_check(0.7, 0.4)["informative"] is True  # both bounds are inclusive
+    assert study.regime_check(None, 0.0)["informative"] is False
+
+
+def test_diagnostics_means_and_consistency_share():
+    series = {
+        "loss_main": [0.9, 0.8, 0.5, 0.5],
+        "loss_consistency": [0.1, 0.2, 0.5, 0.5],
+        "psi_minority": [1.0, 2.0, 3.0, 6.0],
+    }
+    d = study.diagnostics(series)
+    assert d["psi_minority_mean"] == 3.0 and d["psi_minority_last_quarter"] == 6.0
+    # Per-step shares 0.1, 0.2, 0.5, 0.5.
+    assert d["consistency_share_mean"] == pytest.approx(0.325)
+    assert d["consistency_share_last_quarter"] == pytest.approx(0.5)
+
+
+def test_seed_metrics_groups_many_and_few():
+    report = {
+        "split": {"all": ["a", "b", "c"], "few": ["c"]},
+        "identities": {"a": {}, "b": {}, "c": {}},
+        "models": {
+            "m": {
+                "accuracy_per_identity": {"a": 1.0, "b": 0.5, "c": 0.25},
+                "per_identity": {
+                    "a": {"dino": 0.2, "grecall": 0.1, "fid": 1.0},
+                    "b": {"dino": 0.4, "grecall": 0.3, "fid": None},
+                    "c": {"dino": -0.1, "grecall": 0.0, "fid": 3.0},
+                },
+            }
+        },
+    }
+    m = study.seed_metrics(report, "m")
+    assert m["accuracy"] == {"all": 0.5833333333333334, "many": 0.75, "few": 0.25}
+    assert m["dino"]["many"] == pytest.approx(0.3) and m["fid"] == {"all": 2.0, "many": 1.0, "few": 3.0}
 
 
 def test_mean_std_and_cells():
@@ -145,10 +194,10 @@ def test_mean_std_and_cells():
 def test_summarize_group_and_markdown_table():
     def numbers(acc_few, fid_all):
         return {
-            "accuracy": {"all": 0.5, "few": acc_few},
-            "dino": {"all": 0.1, "few": 0.2},
-            "grecall": {"all": 0.0, "few": None},
-            "fid": {"all": fid_all, "few": 3.0},
+            "accuracy": {"all": 0.5, "many": 0.75, "few": acc_few},
+            "dino": {"all": 0.1, "many": 0.1, "few": 0.2},
+            "grecall": {"all": 0.0, "many": 0.0, "few": None},
+            "fid": {"all": fid_all, "many": 1.0, "few": 3.0},
         }
 
     per_seed = {
@@ -160,27 +209,16 @@ def test_summarize_group_and_markdown_table():
     assert summary["vanilla"]["accuracy"]["few"] == {"mean": 0.25, "std": pytest.approx(0.5**0.5 / 2), "n": 2}
     assert summary["pogdiff"]["fid"]["all"] == {"mean": 12.0, "std": 0.0, "n": 2}
     assert summary["vanilla"]["grecall"]["few"]["mean"] is None
-    table = study.markdown_table(summary).splitlines()
+    table = study.markdown_table(summary, {"pogdiff": "PoGDiff (x)"}).splitlines()
     assert table[0] == (
-        "| Method | Accuracy ↑ All | Accuracy ↑ Few | DINO ↑ All | DINO ↑ Few | gRecall ↑ All | gRecall ↑ Few "
-        "| FID ↓ All | FID ↓ Few |"
+        "| Method | Accuracy ↑ All | Accuracy ↑ Many | Accuracy ↑ Few | DINO ↑ All | DINO ↑ Many | DINO ↑ Few "
+        "| gRecall ↑ All | gRecall ↑ Many | gRecall ↑ Few | FID ↓ All | FID ↓ Many | FID ↓ Few |"
     )
     assert table[2] == (
-        "| Vanilla | 0.50 ± 0.00 | 0.25 ± 0.35 | 0.100 ± 0.000 | 0.200 ± 0.000 | 0.000 ± 0.000 | n/a "
-        "| 12.00 ± 2.83 | 3.00 ± 0.00 |"
+        "| Vanilla | 0.50 ± 0.00 | 0.75 ± 0.00 | 0.25 ± 0.35 | 0.100 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 "
+        "| 0.000 ± 0.000 | 0.000 ± 0.000 | n/a | 12.00 ± 2.83 | 1.00 ± 0.00 | 3.00 ± 0.00 |"
     )
-    assert table[3].startswith("| PoGDiff | 0.50 ± 0.00 | 0.75 ± 0.35 |")
-
-
-def test_consistency_shares_average_the_ratio_over_seeds():
-    group = {
-        "methods": ["vanilla", "pogdiff"],
-        "training_log_means": {
-            "0": {"vanilla": {"loss_main": 1.0}, "pogdiff": {"loss_main": 0.9, "loss_consistency": 0.1}},
-            "1": {"pogdiff": {"loss_main": 0.7, "loss_consistency": 0.3}},
-        },
-    }
-    assert study.consistency_shares(group) == {"pogdiff": pytest.approx(0.2)}
+    assert table[3].startswith("| PoGDiff (x) | 0.50 ± 0.00 | 0.75 ± 0.00 | 0.75 ± 0.35 |")
 
 
 def _table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
@@ -199,20 +237,16 @@ def _table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
 
 @pytest.mark.e2e
 def test_ci_size_runs_end_to_end_and_resumes(tmp_path):
+    """The whole study at `--size ci` with 2 jobs (the process pool), then again: the rerun finds every run,
+    the pilot and every image done and reproduces the numbers."""
     results_dir, work_dir = tmp_path / "results", tmp_path / "work"
     command = [
-        sys.executable,
-        str(SCRIPT),
-        "--size",
-        "ci",
-        "--output_dir",
-        str(results_dir),
-        "--work_dir",
-        str(work_dir),
-    ]
+        sys.executable, str(SCRIPT), "--size", "ci", "--jobs", "2",
+        "--output_dir", str(results_dir), "--work_dir", str(work_dir),
+    ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     first = run_process_group(command, cwd=REPO, env=env, timeout=1800)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     results = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
     markdown = (results_dir / "results.md").read_text(encoding="utf-8")
@@ -223,26 +257,43 @@ def test_ci_size_runs_end_to_end_and_resumes(tmp_path):
     ]
     # The judge is a real classifier: far above chance (0.1) on held-out real digits.
     assert results["judge"]["heldout_accuracy"] > 0.8
+    pilot = results["pilot"]
+    assert [(b["learning_rate"], b["steps"]) for b in pilot["budgets"]] == [
+        list(b) for b in size.pilot_budgets
+    ]
+    assert (pilot["psi_choice"]["a2"], pilot["psi_choice"]["a3"]) in size.psi_grid
+    assert pilot["sampling_choice"]["sampling"] in size.pilot_samplings
+    labels = study.method_labels(pilot)
     for group in results["groups"]:
         assert group["methods"] == list(size.methods[group["caption_style"]])
         assert sorted(group["dataset"]["train_counts"].values()) == [2, 30]
-        rows = _table_rows(markdown, f"## Shape {group['shape']}, captions `{group['caption_style']}`")
-        assert list(rows) == [study.METHOD_LABELS[m] for m in group["methods"]]
+        heading = f"## Shape {group['shape']}, captions `{group['caption_style']}`"
+        section = markdown[markdown.index(heading) :]
+        # Vanilla's regime is checked and said before the table; the ci budget cannot reach it.
+        assert ("uninformative regime" in section.split("| Method")[0]) is not group["regime"]["informative"]
+        rows = _table_rows(markdown, heading)
+        assert list(rows)[: len(group["methods"])] == [labels[m] for m in group["methods"]]
         for method in group["methods"]:
             expected = [
                 study.format_cell(group["summary"][method][metric][shot], digits)
                 for metric, _, _, digits in study.METRIC_COLUMNS
                 for shot in study.SHOT_GROUPS
             ]
-            assert rows[study.METHOD_LABELS[method]] == expected
+            assert rows[labels[method]] == expected
             for seed in results["seeds"]:
-                logs = group["training_log_means"][str(seed)][method]
-                assert ("loss_consistency" in logs) == method.startswith("pogdiff")
+                diag = group["diagnostics"][str(seed)][method]
+                assert ("consistency_share_mean" in diag) == method.startswith("pogdiff")
+                if method.startswith("pogdiff"):
+                    assert 0.0 <= diag["neighbor_same_identity_mean"] <= 1.0
                 accuracy = group["per_seed"][str(seed)][method]["accuracy"]
-                assert 0.0 <= accuracy["all"] <= 1.0 and 0.0 <= accuracy["few"] <= 1.0
+                assert all(0.0 <= accuracy[g] <= 1.0 for g in study.SHOT_GROUPS)
+        assert group["flags"]["pogdiff-ngrad"] == ["--objective", "pogdiff", "--neighbor_grad"] or (
+            "pogdiff-ngrad" not in group["methods"]
+        )
     for style in size.methods:
         assert (results_dir / f"grid_few_shot_{style}-S.png").is_file()
-    assert (results_dir / "psi.png").is_file()
+        assert (results_dir / f"tradeoff_{style}-S.png").is_file()
+    assert (results_dir / "psi.png").is_file() and (results_dir / "pilot.json").is_file()
     # Rare captions weigh more (inverse text density): minority samples get the larger psi.
     for psi in results["psi"].values():
         assert psi["expected_psi"]["minority"]["mean"] > psi["expected_psi"]["majority"]["mean"]
@@ -250,7 +301,7 @@ def test_ci_size_runs_end_to_end_and_resumes(tmp_path):
 
     # A rerun skips every finished run and reuses the generated images: the same numbers come back.
     second = run_process_group(command, cwd=REPO, env=env, timeout=1800)
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     again = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
     assert [g["summary"] for g in again["groups"]] == [g["summary"] for g in results["groups"]]
-    assert "reusing the" in second.stderr
+    assert again["pilot"] == results["pilot"]

@@ -733,7 +733,13 @@ def seed_metrics(report: dict[str, Any], model: str) -> dict[str, dict[str, floa
 def regime_check(many: float | None, few: float | None) -> dict[str, Any]:
     """Whether vanilla's judge accuracies are in the regime the question needs: majority learned (>= 0.7), minority
     not (at least 0.3 below)."""
-    ok = many is not None and few is not None and many >= REGIME_MIN_MAJORITY and few <= many - REGIME_MIN_GAP
+    # The 1e-9 keeps the bounds inclusive under float rounding (0.7 - 0.3 is 0.3999...).
+    ok = (
+        many is not None
+        and few is not None
+        and many >= REGIME_MIN_MAJORITY - 1e-9
+        and few <= many - REGIME_MIN_GAP + 1e-9
+    )
     return {
         "majority_accuracy": many,
         "few_shot_accuracy": few,
