@@ -258,6 +258,26 @@ def _check_inputs(texts: Sequence[str], identities: Sequence[str], num_neighbors
         )
 
 
+def one_caption_per_identity_warning(texts: Sequence[str], identities: Sequence[str]) -> str | None:
+    """The warning for data whose every identity has a single caption (template captions), else None.
+
+    PoGDiff skips a neighbour with the sample's own caption (the two predictions are equal, the term is 0), so
+    with one caption per identity every same-identity neighbour is skipped and the term only ever pulls toward
+    *other* identities' predictions. The paper's captions differ per image.
+    """
+    captions_of: dict[str, set[str]] = {}
+    for text, identity in zip(texts, identities):
+        captions_of.setdefault(identity, set()).add(text)
+    if any(len(captions) > 1 for captions in captions_of.values()):
+        return None
+    return (
+        f"Every identity here has a single caption ({len(captions_of)} identities, {len(set(texts))} distinct "
+        "captions): PoGDiff's consistency term is then skipped for every same-identity neighbour (same caption, "
+        "same prediction) and only pulls toward other identities. Per-image captions (what each image shows, "
+        "as the paper's LLaVA captions) let it tie an identity's images together."
+    )
+
+
 def _is_index_folder(folder: Path, key: str) -> bool:
     meta_file = folder / _JSON_FILE
     if not (meta_file.is_file() and (folder / _TENSORS_FILE).is_file()):
@@ -317,6 +337,9 @@ def build_or_load_index(
     close to 1 and psi_img would not tell neighbours apart.
     """
     _check_inputs(texts, identities, num_neighbors)
+    warning = one_caption_per_identity_warning(texts, identities)
+    if warning:
+        logger.warning(warning)
     if image_encoder_fn is not None:
         neighbor_encoder = f"callable:{encoder_name(image_encoder_fn)}"
     params = {

@@ -17,6 +17,7 @@ from pogdiff.index import (
     build_or_load_index,
     format_summary,
     main,
+    one_caption_per_identity_warning,
     plot_index,
     summarize_index,
     vae_image_encoder,
@@ -342,3 +343,12 @@ def test_cli_end_to_end(tiny_sd_path, tiny_dataset_path, tmp_path, capsys, caplo
     with caplog.at_level(logging.INFO, logger="pogdiff.index"):
         assert main(argv) == summary
     assert "cache hit" in caplog.text
+
+
+def test_one_caption_per_identity_is_said():
+    template = ["An image of a.", "An image of a.", "An image of b."]
+    warning = one_caption_per_identity_warning(template, ["a", "a", "b"])
+    assert warning.startswith("Every identity here has a single caption (2 identities, 2 distinct captions)")
+    assert "only pulls toward other identities" in warning and "Per-image captions" in warning
+    per_image = ["a, thick.", "a, thin.", "b, thin."]
+    assert one_caption_per_identity_warning(per_image, ["a", "a", "b"]) is None
