@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from PIL import Image
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -364,10 +366,48 @@ def build_or_load_index(
     key = index_cache_key(params, texts, identities)
     cache_dir = Path(cache_dir)
     folder = cache_dir / f"{INDEX_FOLDER_PREFIX}{key[:16]}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # One builder per index: a second run on the same cache waits, then finds the first one's index.
+    lock_path = cache_dir / f".{folder.name}.lock"
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.warning(
+            "PoGDiff index: another run is building %s (it holds %s); waiting for it.", folder, lock_path
+        )
+        lock.acquire()
+    try:
+        return _load_or_build(
+            folder, key, get_image, texts, identities, params, image_encoder_fn, device, batch_size
+        )
+    finally:
+        lock.release()
+
+
+def _load_or_build(
+    folder: Path,
+    key: str,
+    get_image: Callable[[int], Image.Image],
+    texts: list[str],
+    identities: list[str],
+    params: dict[str, Any],
+    image_encoder_fn: Callable | None,
+    device: str | torch.device,
+    batch_size: int,
+) -> PoGDiffIndex:
     if _is_index_folder(folder, key):
-        index = PoGDiffIndex.load(folder)
-        logger.info("PoGDiff index: cache hit, loaded %d samples from %s", len(index), folder)
-        return index
+        try:
+            index = PoGDiffIndex.load(folder)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as error:
+            # A cache is only a cache: a damaged one (disk full, a copy cut short) is rebuilt, not fatal.
+            logger.warning(
+                "PoGDiff index: the cached index in %s is unreadable (%s); rebuilding it.", folder, error
+            )
+            shutil.rmtree(folder)
+        else:
+            logger.info("PoGDiff index: cache hit, loaded %d samples from %s", len(index), folder)
+            return index
 
     logger.info("PoGDiff index: cache miss, building it for %d samples into %s", len(texts), folder)
     index = _build_index(

@@ -84,7 +84,8 @@ def _build(rows, tiny_sd_path, cache_dir, encoder, **overrides):
 
 
 def _index_folders(cache_dir):
-    return sorted(p.name for p in Path(cache_dir).iterdir())
+    """The cache's index folders (not the hidden lock files beside them)."""
+    return sorted(p.name for p in Path(cache_dir).iterdir() if not p.name.startswith("."))
 
 
 def _hand_cosines(vectors: np.ndarray) -> np.ndarray:
@@ -352,3 +353,43 @@ def test_one_caption_per_identity_is_said():
     assert "only pulls toward other identities" in warning and "Per-image captions" in warning
     per_image = ["a, thick.", "a, thin.", "b, thin."]
     assert one_caption_per_identity_warning(per_image, ["a", "a", "b"]) is None
+
+
+def test_a_corrupt_cached_index_is_rebuilt_with_a_warning(rows, tiny_sd_path, tmp_path, caplog):
+    first, _ = _build(rows, tiny_sd_path, tmp_path, MeanColour())
+    tensors = tmp_path / f"pogdiff-index-{first.config['key'][:16]}" / "index.safetensors"
+    assert tensors.is_file()
+    tensors.write_bytes(tensors.read_bytes()[:100])  # a copy cut short
+    encoder = MeanColour()
+    with caplog.at_level(logging.WARNING, logger="pogdiff.index"):
+        again, _ = _build(rows, tiny_sd_path, tmp_path, encoder)
+    assert "unreadable" in caplog.text and "rebuilding it" in caplog.text
+    assert encoder.calls > 0
+    _assert_tensors_equal(first, again)
+
+
+def test_a_second_builder_waits_for_the_first(rows, tiny_sd_path, tmp_path, caplog):
+    """Two runs on one cache: while one holds the index's lock the other waits, then loads its result."""
+    import threading
+
+    from filelock import FileLock
+
+    built, _ = _build(rows, tiny_sd_path, tmp_path / "ref", MeanColour())
+    name = f"pogdiff-index-{built.config['key'][:16]}"
+    holder = FileLock(str(tmp_path / "shared" / f".{name}.lock"))
+    (tmp_path / "shared").mkdir()
+    holder.acquire()
+    result = {}
+    with caplog.at_level(logging.WARNING, logger="pogdiff.index"):
+        waiter = threading.Thread(
+            target=lambda: result.update(
+                index=_build(rows, tiny_sd_path, tmp_path / "shared", MeanColour())[0]
+            )
+        )
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive() and "another run is building" in caplog.text
+        holder.release()
+        waiter.join(timeout=120)
+    assert not waiter.is_alive()
+    _assert_tensors_equal(built, result["index"])
