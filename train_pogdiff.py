@@ -61,6 +61,7 @@ from transformers.utils import ContextManagers
 from pogdiff.data import (
     check_identities,
     dataset_fingerprint,
+    empty_caption_rows,
     identity_labels,
     load_image_text_dataset,
     load_rgb,
@@ -392,8 +393,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
 
+    # argparse's float() accepts "nan" and "inf", which would flow silently into psi, the learning rate or the
+    # loss; one check covers every float flag, present and future.
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if any(
+            isinstance(v, float) and not math.isfinite(v)
+            for v in (value if isinstance(value, list) else [value])
+        ):
+            parser.error(
+                f"{'/'.join(action.option_strings) or action.dest} must be a finite number, got {value}."
+            )
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("Need either --dataset_name or --train_data_dir.")
+    for flag in ("checkpointing_steps", "checkpoints_total_limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be >= 1, got {value}.")
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
     if not 0.0 <= args.caption_dropout_prob < 1.0:
@@ -968,6 +984,22 @@ def main(args: argparse.Namespace) -> Accelerator:
     caption_texts = [first_caption(c) for c in captions]
     identities = identity_labels(dataset, identity_column, caption_column)
     identity_counts = check_identities(identities)
+
+    empty_rows = empty_caption_rows(captions)
+    if empty_rows:
+        logger.warning(
+            f"{len(empty_rows)} of {len(captions)} captions are empty (rows {', '.join(map(str, empty_rows[:10]))}"
+            f"{', ...' if len(empty_rows) > 10 else ''}): those images teach the unconditional prediction, not a "
+            f"prompt. Fill in --caption_column {caption_column!r} or drop those rows."
+        )
+    if len(identity_counts) == 1 and (args.objective == "pogdiff" or args.sampling_power not in (None, 1.0)):
+        ((name, count),) = identity_counts.items()
+        source = f"column {identity_column!r}" if identity_column else f"the captions ({caption_column!r})"
+        logger.warning(
+            f"The training set has a single identity ({name!r}, {count} images, from {source}): balanced or sqrt "
+            "sampling draw uniformly and PoGDiff has no other identity to tell neighbours apart by, so both act "
+            "much like vanilla fine-tuning here. If the data shows several identities, check --identity_column."
+        )
     logger.info(
         f"{len(dataset)} training images, {len(identity_counts)} identities "
         f"({sum(1 for n in identity_counts.values() if n <= args.few_shot_max)} with <= {args.few_shot_max} images)."

@@ -31,6 +31,7 @@ import re
 import shutil
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -318,6 +319,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def empty_caption_rows(captions: Sequence[Any]) -> list[int]:
+    """Rows whose caption is empty or only whitespace (for a row with several captions: any of them).
+
+    Such a row trains the unconditional prediction, as a dropped caption does, which the data rarely means.
+    """
+    rows = []
+    for i, caption in enumerate(captions):
+        texts = list(caption) if isinstance(caption, (list, tuple, np.ndarray)) else [caption]
+        if any(isinstance(t, str) and not t.strip() for t in texts):
+            rows.append(i)
+    return rows
 
 
 def load_rgb(image: Any, path_hint: str | None = None) -> Image.Image:
