@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -58,6 +59,22 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import ContextManagers
 
+from pogdiff.checkpointing import (
+    RESTORED_FROM_CHECKPOINT,
+    TEMP_PREFIX,
+    checkpoint_dirs,
+    checkpoint_problem,
+    checkpoint_step,
+    describe_differences,
+    fsync_dir,
+    fsync_tree,
+    prune_checkpoints,
+    read_run_record,
+    run_settings,
+    settings_differences,
+    temp_checkpoint_dirs,
+    write_run_record,
+)
 from pogdiff.data import (
     check_identities,
     dataset_fingerprint,
@@ -283,7 +300,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help='A checkpoint-N folder from --checkpointing_steps, or "latest".',
+        help='A checkpoint-N folder (a path, or a name inside --output_dir), or "latest": the newest readable '
+        "checkpoint in --output_dir (a fresh start when there is none).",
+    )
+    ckpt.add_argument(
+        "--allow_changed_settings",
+        action="store_true",
+        help="Resume even when the checkpoint was written with settings that change the result (they are listed "
+        "in a warning); the run then no longer equals an uninterrupted one.",
     )
 
     val = parser.add_argument_group("validation")
@@ -689,40 +713,127 @@ def log_validation(
     return images
 
 
-def checkpoint_dirs(output_dir: str) -> list[str]:
-    """Finished checkpoint-N folders, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
-    return sorted(names, key=lambda d: int(d.split("-")[1]))
+# Test-only: the process SIGKILLs itself once checkpoint N is written under its temporary name, before the
+# rename (the instant at which a save is most fragile); tests/test_reliability.py sets it.
+KILL_AFTER_TMP_CHECKPOINT_ENV = "POGDIFF_TEST_KILL_AFTER_TMP_CHECKPOINT"
 
 
 def save_checkpoint(accelerator: Accelerator, args, global_step: int) -> None:
-    """accelerator.save_state into a temporary folder renamed to checkpoint-N once complete.
+    """accelerator.save_state into .tmp-checkpoint-N, recorded and fsynced, renamed to checkpoint-N; only then
+    are checkpoints beyond --checkpoints_total_limit removed.
 
-    A run killed while saving therefore never leaves a half-written checkpoint-N that `latest` would pick.
+    A kill at any instant therefore leaves every checkpoint that was complete before (plus the new one once
+    renamed), and never a half-written checkpoint-N that `latest` would pick.
     """
-    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{global_step}")
+    name = f"checkpoint-{global_step}"
+    final = os.path.join(args.output_dir, name)
+    tmp = os.path.join(args.output_dir, f"{TEMP_PREFIX}{global_step}")
     if accelerator.is_main_process:
-        if args.checkpoints_total_limit is not None:
-            existing = checkpoint_dirs(args.output_dir)
-            # Remove so that, after this save, exactly checkpoints_total_limit remain.
-            excess = len(existing) - args.checkpoints_total_limit + 1
-            for name in existing[: max(excess, 0)]:
-                logger.info(
-                    f"Removing old checkpoint {name} (--checkpoints_total_limit {args.checkpoints_total_limit})"
-                )
-                shutil.rmtree(os.path.join(args.output_dir, name))
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_run_record(tmp, global_step, args.run_settings)
+        fsync_tree(tmp)
+        if os.environ.get(KILL_AFTER_TMP_CHECKPOINT_ENV) == str(global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        # A checkpoint-N already here means this run resumed from an older checkpoint, which is still there.
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(args.output_dir)
         logger.info(f"Saved state to {final}")
+        if args.checkpoints_total_limit is not None:
+            for old in prune_checkpoints(args.output_dir, args.checkpoints_total_limit, keep=name):
+                logger.info(
+                    f"Removed old checkpoint {old} (--checkpoints_total_limit {args.checkpoints_total_limit})"
+                )
     accelerator.wait_for_everyone()
+
+
+def select_resume_checkpoint(args, accelerator: Accelerator) -> str | None:
+    """The checkpoint folder --resume_from_checkpoint names, or None for `latest` in an output_dir without one.
+
+    A path is used as given and must exist; a bare `checkpoint-N` is looked up in output_dir (as in
+    train_text_to_image.py). `latest` skips damaged checkpoints, newest first, with a warning for each. Folders
+    left by an interrupted save are removed first.
+    """
+    if accelerator.is_main_process:
+        for leftover in temp_checkpoint_dirs(args.output_dir):
+            shutil.rmtree(os.path.join(args.output_dir, leftover))
+            logger.info(
+                f"Removed {leftover} from {args.output_dir}: an unfinished checkpoint of an interrupted save."
+            )
+    given = args.resume_from_checkpoint
+    if given == "latest":
+        names = checkpoint_dirs(args.output_dir)
+        damaged = []
+        for name in reversed(names):
+            problem = checkpoint_problem(os.path.join(args.output_dir, name))
+            if problem is None:
+                for bad, why in damaged:
+                    logger.warning(
+                        f"Checkpoint {bad} is unreadable: {why}. Resuming from {name}, the newest readable one."
+                    )
+                return os.path.join(args.output_dir, name)
+            damaged.append((name, problem))
+        if damaged:
+            raise TrainingError(
+                f"No readable checkpoint in {args.output_dir}: "
+                + "; ".join(f"{bad}: {why}" for bad, why in damaged)
+                + ". Restore one, or remove them to start over."
+            )
+        return None
+    path = (
+        given
+        if os.sep in given or (os.altsep and os.altsep in given)
+        else os.path.join(args.output_dir, given)
+    )
+    if not os.path.isdir(path):
+        raise TrainingError(
+            f"--resume_from_checkpoint {given} does not exist. Give a checkpoint-N folder, a checkpoint-N name in "
+            f"{args.output_dir} ({', '.join(checkpoint_dirs(args.output_dir)) or 'it has none'}), or 'latest'."
+        )
+    if checkpoint_step(os.path.basename(os.path.normpath(path))) is None:
+        raise TrainingError(
+            f"--resume_from_checkpoint {given} is not a checkpoint-N folder saved by train_pogdiff.py."
+        )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TrainingError(f"Checkpoint {given} is unreadable: {problem}. Resume from another one.")
+    return path
+
+
+def check_resume_settings(args, resume_dir: str, record: dict | None) -> None:
+    """Refuse to continue a checkpoint with settings that change the result, unless --allow_changed_settings."""
+    name = os.path.basename(os.path.normpath(resume_dir))
+    if record is None:
+        logger.warning(
+            f"Checkpoint {name} has no pogdiff_run.json (an older train_pogdiff.py wrote it): whether this run's "
+            "settings match the checkpoint's cannot be checked."
+        )
+        return
+    saved = record["settings"]
+    changed = settings_differences(saved, args.run_settings)
+    if not changed:
+        return
+    differences = describe_differences(changed, saved, args.run_settings)
+    if not args.allow_changed_settings:
+        raise TrainingError(
+            f"Checkpoint {name} belongs to a run with other settings: {differences}. Resume with the "
+            "checkpoint's values, start a new run in another --output_dir, or pass --allow_changed_settings to "
+            "continue anyway (the result will then differ from an uninterrupted run)."
+        )
+    kept = [key for key in changed if key in RESTORED_FROM_CHECKPOINT]
+    logger.warning(
+        f"--allow_changed_settings: continuing {name} with other settings ({differences}); the result will differ "
+        "from an uninterrupted run."
+        + (
+            f" {', '.join(kept)} keep the checkpoint's values: the optimizer state holds them."
+            if kept
+            else ""
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -767,11 +878,22 @@ def main(args: argparse.Namespace) -> Accelerator:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
 
+    # The checkpoint to resume from is settled first: its recorded seed drives every draw below, and a wrong
+    # path fails before any model is loaded.
+    resume_dir = select_resume_checkpoint(args, accelerator) if args.resume_from_checkpoint else None
+    resume_record = read_run_record(resume_dir) if resume_dir is not None else None
+
     # Every random draw of the run (sample order, crops, noise, timesteps, neighbours) derives from this seed,
-    # so all ranks must share it; without --seed one is drawn and logged.
-    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
-    seed = broadcast_object_list([seed])[0]
-    if args.seed is None:
+    # so all ranks must share it; without --seed a resumed run takes its checkpoint's, a new one draws one.
+    if args.seed is not None:
+        seed = args.seed
+    elif resume_record is not None:
+        seed = resume_record["settings"]["--seed"]
+        logger.info(
+            f"No --seed given; resuming with the seed of checkpoint {os.path.basename(resume_dir)}: seed {seed}."
+        )
+    else:
+        seed = broadcast_object_list([int(np.random.SeedSequence().generate_state(1)[0])])[0]
         logger.info(f"No --seed given; this run uses seed {seed}.")
     set_seed(seed)
 
@@ -985,6 +1107,13 @@ def main(args: argparse.Namespace) -> Accelerator:
     identities = identity_labels(dataset, identity_column, caption_column)
     identity_counts = check_identities(identities)
 
+    data_fingerprint = dataset_fingerprint(dataset)
+    args.run_settings = run_settings(
+        args, seed=seed, data_fingerprint=data_fingerprint, num_processes=accelerator.num_processes
+    )
+    if resume_dir is not None:
+        check_resume_settings(args, resume_dir, resume_record)
+
     empty_rows = empty_caption_rows(captions)
     if empty_rows:
         logger.warning(
@@ -1028,7 +1157,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                 **index_build_kwargs(args),
                 seed=seed,
                 cache_dir=args.index_cache_dir or args.output_dir,
-                fingerprint=dataset_fingerprint(dataset),
+                fingerprint=data_fingerprint,
                 device=accelerator.device,
             )
         index_summary = summarize_index(
@@ -1174,26 +1303,16 @@ def main(args: argparse.Namespace) -> Accelerator:
     global_step = 0
     first_epoch = 0
 
-    # Potentially load in the weights and states from a previous save
+    # Potentially load in the weights and states from a previous save (chosen and checked at the start)
     resume_batches = 0
     if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint != "latest":
-            path = os.path.basename(os.path.normpath(args.resume_from_checkpoint))
-            if not os.path.isdir(os.path.join(args.output_dir, path)):
-                raise TrainingError(
-                    f"Checkpoint {args.resume_from_checkpoint!r} not found in {args.output_dir}. "
-                    f"Available: {', '.join(checkpoint_dirs(args.output_dir)) or 'none'}."
-                )
-        else:
-            existing = checkpoint_dirs(args.output_dir)
-            path = existing[-1] if existing else None
-        if path is None:
-            accelerator.print(f"No checkpoint found in {args.output_dir}; starting a new training run.")
+        if resume_dir is None:
+            logger.info(f"No checkpoint found in {args.output_dir}; starting a new training run.")
             args.resume_from_checkpoint = None
         else:
-            accelerator.print(f"Resuming from checkpoint {path}")
-            accelerator.load_state(os.path.join(args.output_dir, path))
-            global_step = int(path.split("-")[1])
+            logger.info(f"Resuming from checkpoint {resume_dir}")
+            accelerator.load_state(resume_dir)
+            global_step = checkpoint_step(os.path.basename(os.path.normpath(resume_dir)))
             first_epoch = global_step // num_update_steps_per_epoch
             resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
     initial_global_step = global_step
