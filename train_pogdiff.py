@@ -1315,6 +1315,13 @@ def main(args: argparse.Namespace) -> Accelerator:
             global_step = checkpoint_step(os.path.basename(os.path.normpath(resume_dir)))
             first_epoch = global_step // num_update_steps_per_epoch
             resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+            if global_step >= args.max_train_steps:
+                # The loop checks the step budget only after a step: entering it would train one step too many.
+                logger.info(
+                    f"Checkpoint {os.path.basename(os.path.normpath(resume_dir))} is at step {global_step}, "
+                    f"--max_train_steps is {args.max_train_steps}: nothing left to train."
+                )
+                first_epoch = args.num_train_epochs
     initial_global_step = global_step
 
     progress_bar = tqdm(

@@ -282,6 +282,15 @@ def test_checkpoint_without_a_record_resumes_with_a_warning(
     assert_same_tensors(unet_state(base_run), unet_state(out))
 
 
+def test_resuming_a_finished_run_trains_nothing(base_run, tiny_sd_path, tiny_dataset_path, tmp_path, caplog):
+    out = copy_run(base_run, tmp_path)
+    caplog.set_level(logging.INFO)
+    run_in_process(base_argv(tiny_sd_path, tiny_dataset_path, out, "--resume_from_checkpoint", "latest"))
+    assert any("nothing left to train" in m for m in messages(caplog))
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1", "checkpoint-2"]
+    assert_same_tensors(unet_state(base_run), unet_state(out))
+
+
 # ---- 5. flag values and data warnings -------------------------------------------------------------------------
 
 
