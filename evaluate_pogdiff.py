@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from pipeline_pogdiff import PoGDiffPipeline
 from pogdiff.data import identity_labels, load_image_text_dataset, load_rgb, resolve_columns
+from pogdiff.errors import UserError, model_load_message, report_user_errors
 from pogdiff.features import DEFAULT_FEATURE_EXTRACTOR, centre_on, get_feature_extractor
 from pogdiff.metrics import aggregate_metrics, identity_metrics, markdown_table, shot_split
 
@@ -127,12 +128,12 @@ def parse_models(specs: Sequence[str]) -> dict[str, str]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not path or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in {".", ".."}:
-            raise ValueError(
+            raise UserError(
                 f"--model {spec!r} must look like NAME=PATH_OR_HUB_ID, with NAME made of letters, digits, '.', "
                 "'_' or '-' (it names the results folder), e.g. --model pogdiff=outputs/pogdiff."
             )
         if name in models:
-            raise ValueError(f"--model name {name!r} is given twice; give each model its own name.")
+            raise UserError(f"--model name {name!r} is given twice; give each model its own name.")
         models[name] = path
     return models
 
@@ -249,7 +250,7 @@ def check_reusable(settings_path: Path, settings: dict[str, Any]) -> None:
         if saved["prompts"].get(name, prompt) != prompt
     ]
     if changed:
-        raise ValueError(
+        raise UserError(
             f"{settings_path.parent} holds images generated with other settings ({', '.join(changed)} differ from "
             f"{settings_path}). Use another --output_dir or --model name, or delete that folder to regenerate."
         )
@@ -290,7 +291,11 @@ def generate_images(
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     # As in diffusers' training scripts: the safety checker is not part of the fine-tuned model, and a false
     # positive (a black image) would count as a failed generation.
-    pipe = PoGDiffPipeline.from_pretrained(model_path, dtype=dtype, safety_checker=None).to(args.device)
+    try:
+        pipe = PoGDiffPipeline.from_pretrained(model_path, dtype=dtype, safety_checker=None).to(args.device)
+    except (OSError, ValueError) as error:
+        # PoGDiffPipeline stays standalone (custom_pipeline-loadable), so its errors are plain ValueErrors.
+        raise UserError(model_load_message(f"--model {name}:", model_path, error)) from error
     pipe.set_progress_bar_config(disable=True)
     model_dir.mkdir(parents=True, exist_ok=True)
     settings_path.write_text(json.dumps(settings, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -522,4 +527,4 @@ def save_grids(
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors("evaluate_pogdiff.py", main)

@@ -85,6 +85,7 @@ from pogdiff.data import (
     preprocess_image,
     resolve_columns,
 )
+from pogdiff.errors import UserError, model_load_message
 from pogdiff.index import (
     add_index_arguments,
     build_or_load_index,
@@ -123,7 +124,7 @@ logger = get_logger(__name__, log_level="INFO")
 HUB_IGNORE_PATTERNS = ["step_*", "epoch_*", "checkpoint-*", ".tmp-checkpoint-*", "pogdiff-index-*", "logs/*"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """A problem the user must fix (reported as one message, without a traceback)."""
 
 
@@ -471,14 +472,20 @@ def sampling_label(args: argparse.Namespace) -> str:
     return f"--sampling {named}" if named else f"--sampling_power {args.sampling_power:g}"
 
 
-def first_caption(caption) -> str:
-    """The caption of a row (the first one when a row has several)."""
+def first_caption(caption, row: int | None = None, column: str | None = None) -> str:
+    """The caption of a row (the first one when a row has several); `row` and `column` name it in errors."""
     if isinstance(caption, str):
         return caption
     if isinstance(caption, (list, tuple, np.ndarray)) and len(caption) > 0:
         return str(caption[0])
+    where = f"Row {row} of the training set" if row is not None else "A row"
+    if caption is None:
+        raise TrainingError(
+            f"{where} has no caption: its {column or 'caption'!r} value is missing or null. Give every row "
+            "a caption (an empty string trains it unconditionally) or drop the row."
+        )
     raise TrainingError(
-        f"Captions must be strings or lists of strings, got {type(caption).__name__}: {caption!r}."
+        f"{where}: captions must be strings or lists of strings, got {type(caption).__name__}: {caption!r}."
     )
 
 
@@ -847,6 +854,8 @@ def main(args: argparse.Namespace) -> Accelerator:
             "You cannot use both --report_to=wandb and --hub_token: the token would be exposed. "
             "Authenticate with `hf auth login` instead."
         )
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise TrainingError(f"--output_dir {args.output_dir!r} is a file, not a folder: give a folder path.")
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator_project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     # Under torchrun on a machine without an accelerator, accelerate only enters its multi-process CPU (gloo)
@@ -861,6 +870,11 @@ def main(args: argparse.Namespace) -> Accelerator:
         log_with=args.report_to,
         project_config=accelerator_project_config,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise TrainingError(
+            "--mixed_precision fp16 is for GPUs: on the CPU, use --mixed_precision bf16 (or no). (It may also come "
+            "from your accelerate config.)"
+        )
 
     # Make one log on every process with the configuration for debugging.
     logging.basicConfig(
@@ -905,9 +919,14 @@ def main(args: argparse.Namespace) -> Accelerator:
             ).repo_id
 
     # Load scheduler, tokenizer and models.
-    noise_scheduler = DDPMScheduler.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
-    )
+    try:
+        noise_scheduler = DDPMScheduler.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
+        )
+    except OSError as error:
+        raise TrainingError(
+            model_load_message("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, error)
+        ) from error
     tokenizer = CLIPTokenizer.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
     )
@@ -1103,7 +1122,7 @@ def main(args: argparse.Namespace) -> Accelerator:
     if len(dataset) == 0:
         raise TrainingError("The training dataset is empty: check --train_data_dir / --dataset_name.")
     captions = list(dataset[caption_column])
-    caption_texts = [first_caption(c) for c in captions]
+    caption_texts = [first_caption(c, row=i, column=caption_column) for i, c in enumerate(captions)]
     identities = identity_labels(dataset, identity_column, caption_column)
     identity_counts = check_identities(identities)
 
@@ -1661,7 +1680,8 @@ def run(input_args: list[str] | None = None) -> None:
     accelerator, message = None, None
     try:
         accelerator = main(args)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
+    # The project's own error type only (TrainingError is one): any other exception is a bug and stays loud.
+    except (UserError, FileNotFoundError) as e:
         if os.environ.get("POGDIFF_TRACEBACK"):
             raise
         message = f"\ntrain_pogdiff.py: error: {e}\n(set POGDIFF_TRACEBACK=1 to see the traceback)"

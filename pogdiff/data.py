@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError, report_user_errors
+
 if TYPE_CHECKING:  # `datasets` is imported where used: the transforms alone should not pay for it
     import datasets
 
@@ -114,6 +116,33 @@ PSEUDONYM_SURNAMES: tuple[str, ...] = tuple(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def check_metadata_files(folder: str | os.PathLike) -> None:
+    """Every `metadata.jsonl` under `folder` is UTF-8 text of one JSON object per line; else a ValueError that
+    names the file and the line (imagefolder would fail deep inside datasets with neither)."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name != "metadata.jsonl":
+                continue
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")
+            for number, raw in enumerate(lines, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise UserError(
+                        f"{path} line {number} is not UTF-8 text (byte {raw[err.start:err.start + 1]!r} at column "
+                        f"{err.start + 1}); save the file as UTF-8."
+                    ) from err
+                if text.strip():
+                    try:
+                        row = json.loads(text)
+                    except json.JSONDecodeError as err:
+                        raise UserError(f"{path} line {number} is not a JSON object: {err.msg}.") from err
+                    if not isinstance(row, dict):
+                        raise UserError(f"{path} line {number} is not a JSON object (got {type(row).__name__}).")
+
+
 def load_image_text_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -136,7 +165,7 @@ def load_image_text_dataset(
     from datasets.data_files import EmptyDatasetError
 
     if (dataset_name is None) == (train_data_dir is None):
-        raise ValueError(
+        raise UserError(
             "Give exactly one data source: --dataset_name (a Hub dataset or a local dataset folder) or "
             "--train_data_dir (a folder of images with a metadata.jsonl, read by the imagefolder builder); "
             f"got dataset_name={dataset_name!r} and train_data_dir={train_data_dir!r}."
@@ -147,7 +176,7 @@ def load_image_text_dataset(
             dataset_dict = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
         else:
             if not os.path.isdir(train_data_dir):
-                raise ValueError(f"--train_data_dir {train_data_dir!r} is not a directory.")
+                raise UserError(f"--train_data_dir {train_data_dir!r} is not a directory.")
             # imagefolder fails with an IndexError deep inside datasets when a metadata file has no image
             # beside it; say what is wrong instead.
             if not any(
@@ -156,27 +185,28 @@ def load_image_text_dataset(
                 for name in names
             ):
                 raise EmptyDatasetError(train_data_dir)
+            check_metadata_files(train_data_dir)
             dataset_dict = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     except EmptyDatasetError as err:
-        raise ValueError(
+        raise UserError(
             f"No images found in {source!r}: the folder holds no image or metadata files. Point the flag "
             "at the folder that contains the images and metadata.jsonl."
         ) from err
 
     if TRAIN_SPLIT not in dataset_dict:
-        raise ValueError(
+        raise UserError(
             f"Dataset {source!r} has no 'train' split; it has {sorted(dataset_dict)}. Rename the split or "
             "save the data you want to train on as 'train'."
         )
     dataset = dataset_dict[TRAIN_SPLIT]
     if len(dataset) == 0:
-        raise ValueError(f"No images found in {source!r}: its 'train' split is empty.")
+        raise UserError(f"No images found in {source!r}: its 'train' split is empty.")
 
     if SPLIT_COLUMN in dataset.column_names:
         values = [str(v) for v in dataset.with_format(None)[SPLIT_COLUMN][:]]
         keep = [i for i, value in enumerate(values) if value == split]
         if not keep:
-            raise ValueError(
+            raise UserError(
                 f"No rows of {source!r} have {SPLIT_COLUMN} == {split!r}; the {SPLIT_COLUMN!r} column holds "
                 f"{sorted(set(values))}."
             )
@@ -188,7 +218,7 @@ def load_image_text_dataset(
         return dataset
     if split in dataset_dict:
         return dataset_dict[split]
-    raise ValueError(
+    raise UserError(
         f"Dataset {source!r} has no {SPLIT_COLUMN!r} column and no {split!r} split (splits: "
         f"{sorted(dataset_dict)}). Build it with `python -m pogdiff.data build` to get a reference split."
     )
@@ -219,7 +249,7 @@ def resolve_columns(
     columns = list(column_names)
     if image_column is None:
         if not columns:
-            raise ValueError("The dataset has no columns; --image_column and --caption_column need some.")
+            raise UserError("The dataset has no columns; --image_column and --caption_column need some.")
         image_column = "image" if "image" in columns else columns[0]
     elif image_column not in columns:
         raise _missing_column_error("--image_column", image_column, columns)
@@ -227,7 +257,7 @@ def resolve_columns(
     if caption_column is None:
         others = [c for c in columns if c != image_column]
         if not others:
-            raise ValueError(
+            raise UserError(
                 f"The dataset has no caption column besides the image column {image_column!r}; its columns "
                 f"are {columns}. Add captions (a 'text' field in metadata.jsonl) or pass --caption_column."
             )
@@ -235,7 +265,7 @@ def resolve_columns(
     elif caption_column not in columns:
         raise _missing_column_error("--caption_column", caption_column, columns)
     if caption_column == image_column:
-        raise ValueError(f"--image_column and --caption_column are both {image_column!r}; they must differ.")
+        raise UserError(f"--image_column and --caption_column are both {image_column!r}; they must differ.")
 
     if identity_column is not None and identity_column not in columns:
         if identity_column != "identity":
@@ -363,7 +393,7 @@ def load_rgb(image: Any, path_hint: str | None = None) -> Image.Image:
             else:
                 raise TypeError(f"unsupported image value of type {type(image).__name__}")
             if source is None:
-                raise ValueError("the image value has neither 'path' nor 'bytes'")
+                raise UserError("the image value has neither 'path' nor 'bytes'")
             with Image.open(source) as opened:
                 opened.load()
                 decoded = ImageOps.exif_transpose(opened)
@@ -372,7 +402,7 @@ def load_rgb(image: Any, path_hint: str | None = None) -> Image.Image:
         where = (
             " ".join(x for x in (path, f"({path_hint})" if path_hint else None) if x) or "<in-memory image>"
         )
-        raise ValueError(f"Cannot decode image {where}: {err}. Remove or replace this file.") from err
+        raise UserError(f"Cannot decode image {where}: {err}. Remove or replace this file.") from err
 
 
 def preprocess_image(
@@ -396,13 +426,13 @@ def preprocess_image(
         ValueError: `resolution` < 1, an unknown `interpolation`, or a random crop/flip without a generator.
     """
     if resolution < 1:
-        raise ValueError(f"resolution must be a positive number of pixels, got {resolution}.")
+        raise UserError(f"resolution must be a positive number of pixels, got {resolution}.")
     if interpolation not in INTERPOLATION_MODES:
-        raise ValueError(
+        raise UserError(
             f"interpolation must be one of {sorted(INTERPOLATION_MODES)}, got {interpolation!r}."
         )
     if generator is None and (random_flip or not center_crop):
-        raise ValueError(
+        raise UserError(
             "preprocess_image draws its random crop (center_crop=False) and flip (random_flip=True) from "
             "`generator` only; pass a torch.Generator (seeded per sample) or use center_crop=True and "
             "random_flip=False."
@@ -469,7 +499,7 @@ def parse_agedb_filename(file_name: str) -> dict[str, Any]:
     """
     match = re.fullmatch(AGEDB_PATTERN, os.path.basename(file_name))
     if match is None:
-        raise ValueError(
+        raise UserError(
             f"File {file_name!r} does not follow AgeDB's naming `<image id>_<Name>_<age>_<gender>.jpg` "
             "(e.g. 715_RonaldReagan_53_m.jpg). Remove it, or use --identity_from folder / --identity_regex."
         )
@@ -522,7 +552,7 @@ def assign_pseudonyms(names: list[str], seed: int = 0) -> dict[str, str]:
             if choice is not None:
                 break
         else:
-            raise ValueError(
+            raise UserError(
                 f"Ran out of pseudonyms for {len(unique)} identities; extend PSEUDONYM_SURNAMES."
             )
         used.add(choice)
@@ -606,7 +636,7 @@ def longtail_targets(
     """
     if power_law is not None:
         if power_law < 0 or num_ids is None or num_ids < 1 or not 1 <= min_images <= max_images:
-            raise ValueError(
+            raise UserError(
                 "--power_law needs ALPHA >= 0, --num_ids >= 1 and 1 <= --min_images <= --max_images; got "
                 f"alpha={power_law}, num_ids={num_ids}, min_images={min_images}, max_images={max_images}."
             )
@@ -614,13 +644,13 @@ def longtail_targets(
             max(min_images, math.floor(max_images * r ** (-power_law) + 0.5)) for r in range(1, num_ids + 1)
         ]
     if majority_ids is None or minority_ids is None:
-        raise ValueError("Give --preset S|M|L, or --majority_ids and --minority_ids, or --power_law ALPHA.")
+        raise UserError("Give --preset S|M|L, or --majority_ids and --minority_ids, or --power_law ALPHA.")
     if majority_ids < 0 or minority_ids < 0 or majority_ids + minority_ids == 0:
-        raise ValueError(
+        raise UserError(
             f"Need >= 1 identity; got --majority_ids {majority_ids} --minority_ids {minority_ids}."
         )
     if min(majority_images, minority_images) < 1:
-        raise ValueError("--majority_images and --minority_images must be >= 1.")
+        raise UserError("--majority_images and --minority_images must be >= 1.")
     targets = [majority_images] * majority_ids + [minority_images] * minority_ids
     return sorted(targets, reverse=True)
 
@@ -638,9 +668,9 @@ def assign_identities(
         ValueError: no identity left with enough images; names the best candidate and its count.
     """
     if selection not in ("most_images", "random"):
-        raise ValueError(f"--selection must be 'most_images' or 'random', got {selection!r}.")
+        raise UserError(f"--selection must be 'most_images' or 'random', got {selection!r}.")
     if len(targets) > len(counts):
-        raise ValueError(
+        raise UserError(
             f"Asked for {len(targets)} identities but the input has only {len(counts)}. Lower the number "
             "of identities (--majority_ids / --minority_ids / --num_ids) or use a smaller --preset."
         )
@@ -651,7 +681,7 @@ def assign_identities(
         eligible = [n for n in ranked if n not in taken and counts[n] >= target]
         if not eligible:
             best = next(n for n in ranked if n not in taken)
-            raise ValueError(
+            raise UserError(
                 f"Identity {best!r} has {counts[best]} images, fewer than the {target} requested for the "
                 f"identity ranked {rank} of {len(targets)} (it is the best one left; "
                 f"{sum(c >= target for c in counts.values())} identities have >= {target}). Lower the "
@@ -685,27 +715,27 @@ class _Source:
 def _scan_image_dir(image_dir: str, identity_from: str, identity_regex: str | None) -> list[_Source]:
     root = Path(image_dir)
     if not root.is_dir():
-        raise ValueError(f"--image_dir {image_dir!r} is not a directory.")
+        raise UserError(f"--image_dir {image_dir!r} is not a directory.")
     pattern = None
     if identity_from == "agedb":
         pattern = re.compile(AGEDB_PATTERN)
     elif identity_from == "regex":
         if not identity_regex:
-            raise ValueError(
+            raise UserError(
                 "--identity_from regex needs --identity_regex with a named group (?P<identity>...)."
             )
         pattern = re.compile(identity_regex)
         if "identity" not in pattern.groupindex:
-            raise ValueError(f"--identity_regex {identity_regex!r} has no named group (?P<identity>...).")
+            raise UserError(f"--identity_regex {identity_regex!r} has no named group (?P<identity>...).")
     elif identity_from != "folder":
-        raise ValueError(f"--identity_from must be folder, agedb or regex, got {identity_from!r}.")
+        raise UserError(f"--identity_from must be folder, agedb or regex, got {identity_from!r}.")
 
     sources = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
         key = path.relative_to(root).as_posix()
         if identity_from == "folder":
             if "/" not in key:
-                raise ValueError(
+                raise UserError(
                     f"File {key!r} lies directly in --image_dir; with --identity_from folder every image "
                     "must be inside a sub-folder named after its identity."
                 )
@@ -716,7 +746,7 @@ def _scan_image_dir(image_dir: str, identity_from: str, identity_regex: str | No
         else:
             match = pattern.fullmatch(path.name)
             if match is None:
-                raise ValueError(
+                raise UserError(
                     f"File {key!r} does not match --identity_regex {pattern.pattern!r} (matched against the "
                     "whole file name). Fix the pattern or remove the file."
                 )
@@ -724,7 +754,7 @@ def _scan_image_dir(image_dir: str, identity_from: str, identity_regex: str | No
             identity = match["identity"]
         sources.append(_Source(key=key, identity=identity, path=str(path), fields=fields))
     if not sources:
-        raise ValueError(f"No images found in --image_dir {image_dir!r} (extensions {IMAGE_EXTENSIONS}).")
+        raise UserError(f"No images found in --image_dir {image_dir!r} (extensions {IMAGE_EXTENSIONS}).")
     return sources
 
 
@@ -772,7 +802,7 @@ def _read_captions_file(captions_file: str) -> dict[str, str]:
             row = json.loads(line)
             text = row.get("text", row.get("caption"))
             if "file_name" not in row or not isinstance(text, str):
-                raise ValueError(
+                raise UserError(
                     f"{captions_file}:{line_number}: each line must be a JSON object with 'file_name' and "
                     f"'text' (or 'caption'); got keys {sorted(row)}."
                 )
@@ -788,7 +818,7 @@ def _lookup_caption(captions: dict[str, str], source: _Source, captions_file: st
     for candidate in candidates:
         if candidate in captions:
             return captions[candidate]
-    raise ValueError(f"--captions_file {captions_file!r} has no caption for image {source.key!r}.")
+    raise UserError(f"--captions_file {captions_file!r} has no caption for image {source.key!r}.")
 
 
 def _slug(name: str) -> str:
@@ -906,22 +936,22 @@ def build_longtail_dataset(
     """
     # Which input.
     if sum(x is not None for x in (image_dir, dataset_name, input_data_dir)) != 1:
-        raise ValueError("Give exactly one input: --image_dir, --dataset_name or --input_data_dir.")
+        raise UserError("Give exactly one input: --image_dir, --dataset_name or --input_data_dir.")
     if identity_regex is not None and image_dir is not None:
         identity_from = "regex"
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--output_dir {output_dir!r} is not empty; pass --overwrite to replace it.")
+        raise UserError(f"--output_dir {output_dir!r} is not empty; pass --overwrite to replace it.")
     if image_format not in ("copy", "png"):
-        raise ValueError(f"--image_format must be 'copy' or 'png', got {image_format!r}.")
+        raise UserError(f"--image_format must be 'copy' or 'png', got {image_format!r}.")
 
     # Which shape.
     if power_law is not None and (preset or majority_ids is not None or minority_ids is not None):
-        raise ValueError("--power_law cannot be combined with --preset or --majority_ids/--minority_ids.")
+        raise UserError("--power_law cannot be combined with --preset or --majority_ids/--minority_ids.")
     shape: dict[str, Any]
     if power_law is None:
         if preset is not None and preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+            raise UserError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}.")
         given = {
             "majority_ids": majority_ids,
             "majority_images": majority_images,
@@ -974,7 +1004,7 @@ def build_longtail_dataset(
         clashes = Counter(out_name.values())
         duplicated = sorted(n for n in chosen if clashes[out_name[n]] > 1)
         if duplicated:
-            raise ValueError(
+            raise UserError(
                 f"Identities {duplicated} share the display name; rename them or use --mask_names."
             )
         masker = None
@@ -999,7 +1029,7 @@ def build_longtail_dataset(
             try:
                 text = caption_template.format(name=written_name, **source.fields)
             except (KeyError, IndexError) as err:
-                raise ValueError(
+                raise UserError(
                     f"--caption_template {caption_template!r} uses {err}, but only {{name}}"
                     f"{''.join(', {' + k + '}' for k in source.fields)} are available for {source.key!r}."
                 ) from err
@@ -1185,4 +1215,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors("python -m pogdiff.data", main)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import UserError
+
 # Bounds on log-variances and observation log-scales: keep exp() finite and stop the observation scale of
 # a (nearly) constant embedding dimension from collapsing to 0, where its log-likelihood would diverge.
 _LOGVAR_RANGE = (-12.0, 8.0)
@@ -90,12 +92,12 @@ class TextDensityVAE(nn.Module):
 
 def _check_embeddings(embeddings: torch.Tensor, min_rows: int) -> None:
     if embeddings.ndim != 2 or embeddings.shape[0] < min_rows:
-        raise ValueError(
+        raise UserError(
             f"The text-density VAE needs a 2-D tensor of at least {min_rows} text embeddings (N, D), got "
             f"shape {tuple(embeddings.shape)}."
         )
     if not bool(torch.isfinite(embeddings).all()):
-        raise ValueError(
+        raise UserError(
             "The text embeddings contain NaN or inf; check the text encoder's output for the training captions."
         )
 
@@ -139,7 +141,7 @@ def fit_text_density(
     """
     _check_embeddings(embeddings, min_rows=2)
     if min(epochs, batch_size, max_steps, latent_dim, hidden_dim) < 1 or not lr > 0:
-        raise ValueError(
+        raise UserError(
             f"fit_text_density needs epochs, batch_size, max_steps, latent_dim, hidden_dim >= 1 and lr > 0, "
             f"got epochs={epochs}, batch_size={batch_size}, max_steps={max_steps}, latent_dim={latent_dim}, "
             f"hidden_dim={hidden_dim}, lr={lr}."
@@ -203,7 +205,7 @@ def elbo(
     sample and cancels in `inverse_density_log_weights`.
     """
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1 (SPEC recommends >= 16), got {num_samples}.")
+        raise UserError(f"num_samples must be >= 1 (SPEC recommends >= 16), got {num_samples}.")
     _check_embeddings(embeddings, min_rows=1)
     model.eval()
     device = model.mean.device
@@ -247,13 +249,13 @@ def inverse_density_log_weights(
         (N,) float32 log-weights on the device of `elbo`.
     """
     if elbo.ndim != 1 or elbo.numel() == 0:
-        raise ValueError(f"elbo must be a non-empty 1-D tensor, got shape {tuple(elbo.shape)}.")
+        raise UserError(f"elbo must be a non-empty 1-D tensor, got shape {tuple(elbo.shape)}.")
     if not bool(torch.isfinite(elbo).all()):
-        raise ValueError("The ELBO contains NaN or inf; refit the text-density VAE (check its embeddings).")
+        raise UserError("The ELBO contains NaN or inf; refit the text-density VAE (check its embeddings).")
     if not temperature > 0:
-        raise ValueError(f"--density_temperature must be > 0, got {temperature}.")
+        raise UserError(f"--density_temperature must be > 0, got {temperature}.")
     if (w_min is not None and not 0 < w_min <= 1) or (w_max is not None and not w_max >= 1):
-        raise ValueError(
+        raise UserError(
             f"The inverse-density weight bounds must satisfy 0 < w_min <= 1 <= w_max (weights have mean 1), "
             f"got w_min={w_min}, w_max={w_max}."
         )

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UserError
+
 DEFAULT_FEATURE_EXTRACTOR = "facebook/dinov2-base"
 _ALIASES = {"dinov2": DEFAULT_FEATURE_EXTRACTOR}
 
@@ -61,7 +63,7 @@ class FeatureExtractor:
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         images = list(images)
         if not images:
-            raise ValueError(f"Feature extractor {self.name!r} got no images.")
+            raise UserError(f"Feature extractor {self.name!r} got no images.")
         return _normalize_rows(
             torch.cat([self.extract(batch) for batch in _batches(images, self.batch_size)])
         )
@@ -215,7 +217,7 @@ class CallableFeatureExtractor(FeatureExtractor):
         output = self.function(list(images))
         features = output if torch.is_tensor(output) else torch.as_tensor(np.asarray(output))
         if features.ndim != 2 or features.shape[0] != len(images):
-            raise ValueError(
+            raise UserError(
                 f"Feature extractor {self.name!r} must return one row per image, shape ({len(images)}, d); "
                 f"got shape {tuple(features.shape)}."
             )
@@ -231,12 +233,12 @@ def _load_callable(spec: str) -> Callable[..., Any]:
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(
+        raise UserError(
             f"Could not import the feature extractor {spec!r} ({error}). Pass `module:function` where "
             "`module` is importable (on PYTHONPATH) and `function(images: list[PIL.Image]) -> (n, d)` exists."
         ) from error
     if not callable(function):
-        raise ValueError(f"{spec!r} is not callable; it must map a list of PIL images to an (n, d) tensor.")
+        raise UserError(f"{spec!r} is not callable; it must map a list of PIL images to an (n, d) tensor.")
     return function
 
 

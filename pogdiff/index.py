@@ -39,6 +39,8 @@ from PIL import Image
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from .errors import UserError, report_user_errors
+
 logger = logging.getLogger(__name__)
 
 # Bump when the meaning or layout of the saved tensors changes: old cache folders then stop matching.
@@ -72,7 +74,7 @@ class PoGDiffIndex:
         )
         if not shapes_ok:
             shapes = ", ".join(f"{name} {tuple(getattr(self, name).shape)}" for name in _TENSOR_DTYPES)
-            raise ValueError(
+            raise UserError(
                 "Inconsistent PoGDiff index: neighbor_ids and neighbor_sims must be (N, k) and identity_ids, "
                 f"text_ids, txt_log_weights and elbo (N,); got {shapes}. Delete the index folder so that it "
                 "is rebuilt."
@@ -106,7 +108,7 @@ class PoGDiffIndex:
         folder = Path(folder)
         meta = json.loads((folder / _JSON_FILE).read_text(encoding="utf-8"))
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
-            raise ValueError(
+            raise UserError(
                 f"The PoGDiff index in {folder} has format version {meta.get('format_version')}, this code "
                 f"reads version {INDEX_FORMAT_VERSION}. Delete the folder so that it is rebuilt."
             )
@@ -196,7 +198,7 @@ def encode_images(
         images = [get_image(i) for i in range(start, min(start + batch_size, num_images))]
         features = torch.as_tensor(encoder(images)).detach().float().cpu()
         if features.ndim != 2 or features.shape[0] != len(images):
-            raise ValueError(
+            raise UserError(
                 f"The image encoder must return one row per image, shape ({len(images)}, d), for rows "
                 f"{start}..{start + len(images) - 1}; got shape {tuple(features.shape)}."
             )
@@ -245,16 +247,16 @@ def encode_texts(
 def _check_inputs(texts: Sequence[str], identities: Sequence[str], num_neighbors: int) -> None:
     n = len(texts)
     if n == 0:
-        raise ValueError(
+        raise UserError(
             "The training dataset is empty, so there is nothing to index. Check --train_data_dir / "
             "--dataset_name and the split."
         )
     if len(identities) != n:
-        raise ValueError(
+        raise UserError(
             f"Got {n} captions but {len(identities)} identities; pass one identity per dataset row."
         )
     if not 1 <= num_neighbors < n:
-        raise ValueError(
+        raise UserError(
             f"--num_neighbors must be at least 1 and smaller than the number of training samples N={n} "
             f"(a sample is never its own neighbour), got {num_neighbors}. Lower --num_neighbors or add samples."
         )
@@ -904,7 +906,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     not_text = [i for i, text in enumerate(texts) if not isinstance(text, str)]
     if not_text:
-        raise ValueError(
+        raise UserError(
             f"The PoGDiff index needs a caption string (or a list of them) per row, but column "
             f"{caption_column!r} holds {type(texts[not_text[0]]).__name__} values (rows {not_text[:10]}). "
             "Pass --caption_column with a column of strings."
@@ -938,4 +940,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors("python -m pogdiff.index", main)

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
+
 GRECALL_RULES = ("nearest", "any")
 METRICS = ("dino", "grecall", "fid")
 
@@ -29,7 +31,7 @@ def as_float64(features: Any) -> np.ndarray:
         features = features.detach().to("cpu").double().numpy()
     array = np.asarray(features, dtype=np.float64)
     if array.ndim != 2:
-        raise ValueError(
+        raise UserError(
             f"Expected a feature matrix of shape (n_images, dim), got shape {array.shape}. "
             "Pass one row per image (stack single vectors with `[v]` or `v[None]`)."
         )
@@ -47,7 +49,7 @@ def cosine_matrix(features_a: Any, features_b: Any) -> np.ndarray:
     """Cosine similarity of every row of ``features_a`` with every row of ``features_b``, shape (n_a, n_b)."""
     a, b = l2_normalize(features_a), l2_normalize(features_b)
     if a.shape[1] != b.shape[1]:
-        raise ValueError(
+        raise UserError(
             f"Feature dimensions differ ({a.shape[1]} vs {b.shape[1]}): both sets must come from the same "
             "feature extractor."
         )
@@ -62,7 +64,7 @@ def dino_score(gen_feats: Any, real_feats: Any) -> float:
     """
     sims = cosine_matrix(gen_feats, real_feats)
     if sims.size == 0:
-        raise ValueError("dino_score needs at least one generated and one real image.")
+        raise UserError("dino_score needs at least one generated and one real image.")
     return float(sims.mean())
 
 
@@ -82,7 +84,7 @@ def grecall(
     is the mean of that ratio over identities (:func:`aggregate_metrics`).
     """
     if rule not in GRECALL_RULES:
-        raise ValueError(f"Unknown gRecall rule {rule!r}; choose one of {GRECALL_RULES}.")
+        raise UserError(f"Unknown gRecall rule {rule!r}; choose one of {GRECALL_RULES}.")
     sims = cosine_matrix(gen_feats, train_feats)
     total = sims.shape[1]
     if total == 0 or sims.shape[0] == 0:
@@ -115,12 +117,12 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
     """
     a, b = as_float64(feats_a), as_float64(feats_b)
     if a.shape[0] < 2 or b.shape[0] < 2:
-        raise ValueError(
+        raise UserError(
             f"frechet_distance needs at least 2 images per set to estimate a covariance, got "
             f"{a.shape[0]} and {b.shape[0]}."
         )
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"Feature dimensions differ ({a.shape[1]} vs {b.shape[1]}).")
+        raise UserError(f"Feature dimensions differ ({a.shape[1]} vs {b.shape[1]}).")
     mean_term = float(np.sum((a.mean(axis=0) - b.mean(axis=0)) ** 2))
     centred_a, centred_b = a - a.mean(axis=0), b - b.mean(axis=0)
     if a.shape[0] + b.shape[0] < a.shape[1]:

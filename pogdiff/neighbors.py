@@ -10,25 +10,27 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .errors import UserError
+
 PSI_TERMS = ("img,txt", "txt,img", "img", "txt", "none")
 
 
 def _check_embeddings(embeddings: torch.Tensor, k: int) -> None:
     if embeddings.ndim != 2 or not embeddings.is_floating_point():
-        raise ValueError(
+        raise UserError(
             f"knn_cosine expects a 2-D floating-point tensor of embeddings (N, D), got shape "
             f"{tuple(embeddings.shape)} and dtype {embeddings.dtype}."
         )
     n = embeddings.shape[0]
     if not 1 <= k < n:
-        raise ValueError(
+        raise UserError(
             f"--num_neighbors must satisfy 1 <= k < N (the sample itself is excluded), got k={k} with "
             f"N={n} samples. Lower --num_neighbors or add training samples."
         )
     finite = torch.isfinite(embeddings).all(dim=1)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten()[:10].tolist()
-        raise ValueError(
+        raise UserError(
             f"The image embeddings contain non-finite values (NaN or inf) in rows {bad} "
             f"({int((~finite).sum())} rows in all). Check the images at these dataset indices and the "
             f"neighbour encoder's output."
@@ -36,7 +38,7 @@ def _check_embeddings(embeddings: torch.Tensor, k: int) -> None:
     zero = (embeddings == 0).all(dim=1)
     if bool(zero.any()):
         bad = torch.nonzero(zero).flatten()[:10].tolist()
-        raise ValueError(
+        raise UserError(
             f"The image embeddings of rows {bad} ({int(zero.sum())} rows in all) are all zeros, so their "
             f"cosine similarity is undefined. Check the images at these dataset indices (blank images?) "
             f"and the neighbour encoder."
@@ -203,7 +205,7 @@ def knn_cosine(
     if chunk_size is None:
         chunk_size = default_chunk_size(embeddings.device)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        raise UserError(f"chunk_size must be >= 1, got {chunk_size}.")
     x = torch.nn.functional.normalize(embeddings.float(), dim=1)
     n, dim, device = x.shape[0], x.shape[1], x.device
     num_candidates = min(k + _CANDIDATE_MARGIN, n - 1)
@@ -250,14 +252,14 @@ def sample_categorical(weights: torch.Tensor, generator: torch.Generator) -> tor
     exactly B numbers, which keeps resumed runs in step. Entries of weight 0 are never drawn.
     """
     if generator.device.type != "cpu":
-        raise ValueError(
+        raise UserError(
             f"Pass a CPU torch.Generator (got one on {generator.device}); the draws are made on the CPU so "
             f"that they do not depend on the device."
         )
     cdf = torch.cumsum(weights.detach().to("cpu", torch.float64), dim=1)
     total = cdf[:, -1:]
     if not bool(((total > 0) & torch.isfinite(total)).all()) or bool((weights < 0).any()):
-        raise ValueError("Categorical weights must be >= 0 with a positive, finite sum in every row.")
+        raise UserError("Categorical weights must be >= 0 with a positive, finite sum in every row.")
     u = torch.rand((weights.shape[0], 1), generator=generator, dtype=torch.float64)
     # Position p is drawn iff cdf[p-1] <= u * total < cdf[p], an interval empty when weight p is 0; in
     # float64, u < 1 keeps u * total < total = cdf[-1], so p < k.
@@ -284,13 +286,13 @@ def sample_neighbor_positions(sims: torch.Tensor, generator: torch.Generator) ->
         (B,) int64 positions in [0, k) on `sims.device`; index the neighbour ids with them.
     """
     if sims.ndim != 2 or sims.shape[1] < 1:
-        raise ValueError(f"sims must have shape (B, k) with k >= 1, got {tuple(sims.shape)}.")
+        raise UserError(f"sims must have shape (B, k) with k >= 1, got {tuple(sims.shape)}.")
     return sample_categorical(neighbor_weights(sims), generator)
 
 
 def _check_exponents(a1: float, a2: float) -> None:
     if a1 < 0 or a2 < 0:
-        raise ValueError(
+        raise UserError(
             f"--psi_a1 and --psi_a2 must be >= 0 (got a1={a1}, a2={a2}): a negative exponent would turn "
             f"small similarities into huge psi and zero similarity into inf."
         )
@@ -315,7 +317,7 @@ def psi_img(sim: torch.Tensor, same_identity: torch.Tensor, a1: float = 1.0, a2:
 
 def _parse_terms(terms: str) -> tuple[bool, bool]:
     if terms not in PSI_TERMS:
-        raise ValueError(
+        raise UserError(
             f"--psi_terms must be one of {', '.join(PSI_TERMS)} (got {terms!r}): 'img,txt' is PoGDiff, "
             f"'img' or 'txt' drops the other factor of psi (paper Table 6), 'none' is vanilla fine-tuning."
         )
@@ -347,7 +349,7 @@ def compute_psi(
     """
     use_img, use_txt = _parse_terms(terms)
     if not a3 > 0:
-        raise ValueError(f"--psi_a3 must be > 0 (it divides psi), got {a3}.")
+        raise UserError(f"--psi_a3 must be > 0 (it divides psi), got {a3}.")
     if terms == "none":
         return torch.zeros(sim.shape, dtype=torch.float32, device=sim.device)
     psi = torch.full(sim.shape, 1.0 / a3, dtype=torch.float32, device=sim.device)

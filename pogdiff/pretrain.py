@@ -53,6 +53,8 @@ from pogdiff.data import load_image_text_dataset, load_rgb, preprocess_image, re
 from pogdiff.objectives import vanilla_loss
 from pogdiff.testing import TINY_RESOLUTION, tiny_sd_components
 
+from .errors import UserError, report_user_errors
+
 DEFAULT_KL_WEIGHT = 1e-5
 DEFAULT_CAPTION_DROPOUT = 0.1
 # v-prediction (as in SD 2.x), not SD1.5's epsilon: the module docstring gives the measurement behind it.
@@ -62,7 +64,7 @@ DEFAULT_PREDICTION_TYPE = "v_prediction"
 def images_to_tensor(images: Sequence[Image.Image], resolution: int = TINY_RESOLUTION) -> torch.Tensor:
     """(N, 3, resolution, resolution) in [-1, 1]: the training script's transform (resize, centre crop)."""
     if not images:
-        raise ValueError("No images to pretrain on: the image list is empty.")
+        raise UserError("No images to pretrain on: the image list is empty.")
     return torch.stack([preprocess_image(image, resolution, center_crop=True) for image in images])
 
 
@@ -75,7 +77,7 @@ def batch_indices(
     from the next permutation, so every batch has exactly `batch_size` items (at most `num_items`).
     """
     if num_items < 1 or batch_size < 1:
-        raise ValueError(
+        raise UserError(
             f"Need >= 1 item and batch_size >= 1, got {num_items} items, batch_size {batch_size}."
         )
     batch_size = min(batch_size, num_items)
@@ -132,7 +134,7 @@ def pretrain_vae(
     reconstruction MSE per pixel of every step (the number to watch; the loss itself scales with image size).
     """
     if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}.")
+        raise UserError(f"steps must be >= 0, got {steps}.")
     generator = torch.Generator().manual_seed(seed)
     vae.train()
     vae.requires_grad_(True)
@@ -194,7 +196,7 @@ def latent_scaling_factor(mean: torch.Tensor, std: torch.Tensor, seed: int = 0) 
     samples = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
     spread = float(samples.double().std())
     if not math.isfinite(spread) or spread <= 0:
-        raise ValueError(f"Latents have standard deviation {spread}; the VAE did not train (check its loss).")
+        raise UserError(f"Latents have standard deviation {spread}; the VAE did not train (check its loss).")
     return 1.0 / spread
 
 
@@ -239,7 +241,7 @@ def pretrain_unet(
     guidance), predicts and takes `vanilla_loss` against epsilon (or v). Returns the loss of every step.
     """
     if not 0.0 <= caption_dropout_prob < 1.0:
-        raise ValueError(f"caption_dropout_prob must be in [0, 1), got {caption_dropout_prob}.")
+        raise UserError(f"caption_dropout_prob must be in [0, 1), got {caption_dropout_prob}.")
     generator = torch.Generator().manual_seed(seed)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -319,11 +321,11 @@ def build_base_model(
     from diffusers import StableDiffusionPipeline
 
     if len(images) != len(captions):
-        raise ValueError(
+        raise UserError(
             f"Got {len(images)} images but {len(captions)} captions; give one caption per image."
         )
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}.")
+        raise UserError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}.")
     started = time.perf_counter()
     pixel_values = images_to_tensor(images, resolution)
     with tempfile.TemporaryDirectory(prefix="pogdiff-tok-") as tok_dir:
@@ -512,4 +514,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors("python -m pogdiff.pretrain", main)

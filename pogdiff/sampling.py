@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from .errors import UserError
+
 SAMPLING_SCHEMES = ("uniform", "balanced", "sqrt", "density")
 # The identity schemes as powers of `--sampling_power`: an image of an identity with n images is drawn with
 # weight n^(p - 1), so the identity as a whole gets n^p.
@@ -41,12 +43,12 @@ def sampling_power(scheme: str, power: float | None) -> float | None:
     balanced 0); giving both a named non-uniform scheme and a power is ambiguous and refused.
     """
     if scheme not in SAMPLING_SCHEMES:
-        raise ValueError(f"--sampling must be one of {', '.join(SAMPLING_SCHEMES)}, got {scheme!r}.")
+        raise UserError(f"--sampling must be one of {', '.join(SAMPLING_SCHEMES)}, got {scheme!r}.")
     if power is not None:
         if not math.isfinite(power):
-            raise ValueError(f"--sampling_power must be a finite number, got {power}.")
+            raise UserError(f"--sampling_power must be a finite number, got {power}.")
         if scheme != "uniform":
-            raise ValueError(
+            raise UserError(
                 f"--sampling {scheme} and --sampling_power {power} both set how images are drawn: give one "
                 f"(--sampling {scheme} is --sampling_power {SAMPLING_POWERS.get(scheme, 'n/a')})."
             )
@@ -62,7 +64,7 @@ def identity_sampling_weights(identities: Sequence[str], power: float) -> torch.
     usual sqrt middle ground, p = 0 every identity equally (kohya-style repeats), p < 0 favours the rarest.
     """
     if not math.isfinite(power):
-        raise ValueError(f"--sampling_power must be a finite number, got {power}.")
+        raise UserError(f"--sampling_power must be a finite number, got {power}.")
     if power == 1.0:
         return None
     counts = Counter(identities)
@@ -79,7 +81,7 @@ def density_sampling_weights(txt_log_weights: torch.Tensor) -> torch.Tensor:
     """
     log_w = txt_log_weights.double()
     if log_w.ndim != 1 or log_w.numel() == 0 or not bool(torch.isfinite(log_w).all()):
-        raise ValueError(
+        raise UserError(
             "The index's text log-weights must be a finite, non-empty 1-D tensor; rebuild the index."
         )
     return torch.softmax(log_w, dim=0)
@@ -96,9 +98,9 @@ class EpochSampler(Sampler[int]):
 
     def __init__(self, num_samples: int, seed: int, weights: torch.Tensor | None = None):
         if num_samples < 1:
-            raise ValueError("The training dataset is empty: nothing to sample.")
+            raise UserError("The training dataset is empty: nothing to sample.")
         if weights is not None and len(weights) != num_samples:
-            raise ValueError(f"Got {len(weights)} sampling weights for {num_samples} samples.")
+            raise UserError(f"Got {len(weights)} sampling weights for {num_samples} samples.")
         self.num_samples = num_samples
         self.seed = seed
         self.weights = weights

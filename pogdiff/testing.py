@@ -265,10 +265,6 @@ def main(argv: list[str] | None = None) -> None:
         )
 
 
-if __name__ == "__main__":
-    main()
-
-
 def run_process_group(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run(command, capture_output=True, text=True, ...)` that cannot outlive `timeout`.
 
@@ -291,3 +287,7 @@ def run_process_group(command: list[str], timeout: float, **kwargs) -> subproces
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+if __name__ == "__main__":
+    main()

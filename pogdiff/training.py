@@ -17,6 +17,8 @@ import torch
 from pogdiff.neighbors import compute_psi, sample_neighbor_positions
 from pogdiff.objectives import cbdm_loss, needs_neighbor_forward, pogdiff_loss, t2h_targets, vanilla_loss
 
+from .errors import UserError
+
 OBJECTIVES = ("vanilla", "pogdiff", "cbdm", "t2h")
 NEIGHBOR_FORWARD_MODES = ("auto", "eager", "cuda_graph")
 
@@ -260,12 +262,12 @@ def make_neighbor_forward(model: Callable, device: torch.device, mode: str = "au
     mixed-precision forward (DDP adds nothing to a no-grad forward).
     """
     if mode not in NEIGHBOR_FORWARD_MODES:
-        raise ValueError(
+        raise UserError(
             f"--neighbor_forward must be one of {', '.join(NEIGHBOR_FORWARD_MODES)}, got {mode!r}."
         )
     usable = device.type == "cuda" and not sharded
     if mode == "cuda_graph" and not usable:
-        raise ValueError(
+        raise UserError(
             "--neighbor_forward cuda_graph needs a CUDA device and a model that DeepSpeed / FSDP do not shard; "
             f"got device {device} (sharded: {sharded}). Use --neighbor_forward eager or auto."
         )
@@ -390,7 +392,7 @@ def objective_loss(
             snr_weights=snr_weights,
         )
 
-    raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
+    raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
 
 
 __all__ = [

@@ -1,0 +1,58 @@
+"""The project's own error type for problems the user must fix, and how the command-line tools report it.
+
+A `UserError` says what to fix (a flag, a file, a column) in its message; the scripts print that message as
+one line and exit with status 2, without a traceback. Any other exception is a bug and stays loud. It
+subclasses ValueError, so code that already catches ValueError around these calls keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+TRACEBACK_ENV = "POGDIFF_TRACEBACK"
+
+
+class UserError(ValueError):
+    """Bad input (data, flags, paths, models) with a message that names what to fix."""
+
+
+def report_user_errors(prog: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, with a `UserError` printed as `<prog>: error: <message>` and exit status 2.
+
+    Set POGDIFF_TRACEBACK=1 to get the traceback instead (the error is re-raised).
+    """
+    try:
+        return fn(*args, **kwargs)
+    except UserError as error:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"\n{prog}: error: {error}\n(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def model_load_message(flag: str, name_or_path: str, error: Exception) -> str:
+    """What to tell a user whose model (`flag` = `name_or_path`) did not load, by the likely cause."""
+    from huggingface_hub import constants
+
+    if os.path.isdir(name_or_path):
+        found = sorted(os.listdir(name_or_path))[:8]
+        return (
+            f"{flag} {name_or_path!r} is a folder but not a diffusers Stable Diffusion model: it needs "
+            "model_index.json and the scheduler/, tokenizer/, text_encoder/, vae/ and unet/ subfolders (or, for a "
+            f"LoRA result, pytorch_lora_weights.safetensors and its model card); it holds {found or 'nothing'}. "
+            "Point it at the folder `save_pretrained` or train_pogdiff.py wrote, or at a Hub id."
+        )
+    if name_or_path.startswith((".", "/", "~")) or os.path.sep * 2 in name_or_path:
+        return f"{flag} {name_or_path!r}: no such folder."
+    if constants.HF_HUB_OFFLINE:
+        return (
+            f"{flag} {name_or_path!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE "
+            f"is set, so it cannot be downloaded: download it once online (`hf download {name_or_path}`), or "
+            "unset HF_HUB_OFFLINE."
+        )
+    return f"{flag} {name_or_path!r} could not be loaded ({error}). Check the Hub id, your token and the network."
