@@ -1368,7 +1368,9 @@ def main(args: argparse.Namespace) -> Accelerator:
         for step, batch in enumerate(active_dataloader, start=step_offset):
             # All randomness of this micro-batch comes from generators keyed by (seed, epoch, step, rank).
             step_seed = derive_seed(seed, epoch, step, accelerator.process_index)
-            cpu_generator = torch.Generator().manual_seed(step_seed)
+            # Two streams keyed apart: on the CPU two generators with the same seed would hand the neighbour /
+            # caption-dropout draws the very uniforms the noise and the VAE posterior sample are made from.
+            cpu_generator = torch.Generator().manual_seed(derive_seed(step_seed, 1))
             generator = torch.Generator(device=accelerator.device).manual_seed(step_seed)
             with accelerator.accumulate(unet):
                 # Convert images to latent space

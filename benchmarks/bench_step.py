@@ -304,7 +304,7 @@ def train_step(shared: Shared, method: Method, batch: dict, step_seed: int) -> d
     (B, 3, H, W) on the device. Returns the objective's logs plus `loss`.
     """
     device = shared.device
-    cpu_generator = torch.Generator().manual_seed(step_seed)
+    cpu_generator = torch.Generator().manual_seed(derive_seed(step_seed, 1))  # keyed apart, as in the trainer
     generator = torch.Generator(device=device).manual_seed(step_seed)
     scheduler = shared.noise_scheduler
     rows = batch["index"].cpu()

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .sampling import derive_seed
 
 # Bounds on log-variances and observation log-scales: keep exp() finite and stop the observation scale of
 # a (nearly) constant embedding dimension from collapsing to 0, where its log-likelihood would diverge.
@@ -149,7 +150,8 @@ def fit_text_density(
     device = embeddings.device
     n, dim = embeddings.shape
     cpu_generator = torch.Generator().manual_seed(seed)
-    noise_generator = torch.Generator(device=device).manual_seed(seed)
+    # Keyed apart from the initialisation stream: on the CPU the same seed would reuse its very numbers.
+    noise_generator = torch.Generator(device=device).manual_seed(derive_seed(seed, 1))
 
     model = TextDensityVAE(dim, latent_dim, hidden_dim, generator=cpu_generator).to(device)
     mean, std = _column_mean_std(embeddings.detach())
