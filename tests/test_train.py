@@ -69,6 +69,19 @@ def run_in_process(argv: list[str]) -> None:
     train_pogdiff.run(argv)
 
 
+def training_logs(folder: Path) -> dict[str, list[float]]:
+    """Every scalar the run logged to TensorBoard, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs: dict[str, list[float]] = {}
+    for path in sorted((folder / "logs").rglob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            logs[tag] = [e.value for e in sorted(events.Scalars(tag), key=lambda e: e.step)]
+    return logs
+
+
 def unet_state(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
@@ -353,9 +366,14 @@ def test_cache_latents_matches_uncached_training(tiny_sd_path, tiny_dataset_path
     run_in_process(
         train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "cached", *common, "--cache_latents")
     )
-    plain, cached = unet_state(tmp_path / "plain"), unet_state(tmp_path / "cached")
-    # Same draws, same latent distributions: only the VAE's batch composition differs (float rounding).
-    assert max((plain[k] - cached[k]).abs().max().item() for k in plain) < 1e-4
+    # Same draws, same latent distributions: only the VAE's batch composition differs (float rounding), so
+    # every logged loss agrees to float32 rounding. Not the weights entry by entry: Adam's first steps move a
+    # weight by about lr * sign(gradient), so a weight whose true gradient is ~0 moves by +-lr on rounding noise
+    # alone (seen: 3.8e-4 apart with one thread, below 1e-4 with two).
+    plain, cached = training_logs(tmp_path / "plain"), training_logs(tmp_path / "cached")
+    assert set(plain) == set(cached) and {"train_loss", "loss_main", "loss_consistency"} <= set(plain)
+    for tag in plain:
+        np.testing.assert_allclose(cached[tag], plain[tag], rtol=1e-4, atol=1e-7, err_msg=tag)
     # Random crops would be frozen into the cache: refused.
     _expect_error(
         train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "x", "--cache_latents"),
