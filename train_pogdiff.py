@@ -54,6 +54,7 @@ from diffusers.training_utils import (
 )
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
+from filelock import FileLock, Timeout
 from huggingface_hub import create_repo, upload_folder
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -121,7 +122,9 @@ from pogdiff.training import (
 logger = get_logger(__name__, log_level="INFO")
 
 # Files in output_dir that are training state, not the model: never uploaded.
-HUB_IGNORE_PATTERNS = ["step_*", "epoch_*", "checkpoint-*", ".tmp-checkpoint-*", "pogdiff-index-*", "logs/*"]
+HUB_IGNORE_PATTERNS = [
+    "step_*", "epoch_*", "checkpoint-*", ".tmp-checkpoint-*", "pogdiff-index-*", ".pogdiff-*.lock", "logs/*",
+]  # fmt: skip
 
 
 class TrainingError(UserError):
@@ -570,6 +573,26 @@ def collate_fn(examples: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+OUTPUT_LOCK = ".pogdiff-train.lock"
+
+
+def lock_output_dir(output_dir: str) -> FileLock:
+    """Takes `output_dir`'s lock for this run, or fails at once naming the lock if another run holds it.
+
+    The lock is an OS file lock: a run that dies (even by kill -9) releases it, so it never needs cleaning.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    lock = FileLock(os.path.join(output_dir, OUTPUT_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise TrainingError(
+            f"Another train_pogdiff.py run is using --output_dir {output_dir!r} (it holds "
+            f"{os.path.join(output_dir, OUTPUT_LOCK)}). Wait for it to finish, or give this run another --output_dir."
+        ) from None
+    return lock
+
+
 def base_model_reference(name_or_path: str) -> str:
     """How the model card names the base: a local folder by its absolute path (a relative one would stop
     resolving as soon as the user loads the result from another directory), a Hub id as given."""
@@ -891,6 +914,9 @@ def main(args: argparse.Namespace) -> Accelerator:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
+
+    # One run per output_dir: two writers would prune, resume from and overwrite each other's checkpoints.
+    output_lock = lock_output_dir(args.output_dir) if accelerator.is_main_process else None
 
     # The checkpoint to resume from is settled first: its recorded seed drives every draw below, and a wrong
     # path fails before any model is loaded.
@@ -1665,6 +1691,8 @@ def main(args: argparse.Namespace) -> Accelerator:
     accelerator.wait_for_everyone()
     # The process group is destroyed by `run`, once this frame (and with it every DDP wrapper) is gone.
     accelerator.free_memory()
+    if output_lock is not None:
+        output_lock.release()
     return accelerator
 
 

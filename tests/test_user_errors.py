@@ -103,3 +103,21 @@ def test_evaluate_and_builder_report_user_errors_in_one_line(tiny_dataset_path, 
         assert done.returncode == 2, done.stderr[-2000:]
         assert "Traceback" not in done.stderr
         assert expected in done.stderr.splitlines(), done.stderr[-2000:]
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused(tiny_sd_path, tiny_dataset_path, tmp_path, capsys):
+    """Two writers in one output_dir would prune and overwrite each other's checkpoints: the second refuses."""
+    from filelock import FileLock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    held = FileLock(str(out / ".pogdiff-train.lock"))
+    held.acquire()  # what a first run in progress holds
+    try:
+        line = error_line(train_args(tiny_sd_path, tiny_dataset_path, out), capsys)
+    finally:
+        held.release()
+    assert line.startswith(f"Another train_pogdiff.py run is using --output_dir {str(out)!r}")
+    # Once the first run is gone, the same command runs.
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, out))
+    assert (out / "model_index.json").is_file()
