@@ -90,7 +90,6 @@ from pogdiff.errors import UserError, model_load_message
 from pogdiff.index import (
     add_index_arguments,
     build_or_load_index,
-    first_occurrence_ids,
     format_summary,
     index_build_kwargs,
     summarize_index,
@@ -99,6 +98,7 @@ from pogdiff.sampling import (
     SAMPLING_POWERS,
     SAMPLING_SCHEMES,
     EpochSampler,
+    RowCaptions,
     SampleCounter,
     density_sampling_weights,
     derive_seed,
@@ -495,14 +495,15 @@ def first_caption(caption, row: int | None = None, column: str | None = None) ->
 class TrainDataset(torch.utils.data.Dataset):
     """Rows of the image-text dataset as (pixel_values, input_ids, index) for the UNet.
 
-    Random crop/flip and the choice among several captions draw from a generator seeded by (seed, epoch, row),
-    so a resumed run sees exactly the pixels the uninterrupted run saw, whatever the worker count.
+    Random crop/flip draw from a generator seeded by (seed, epoch, row), and the choice among several captions is
+    `RowCaptions`' (the one the neighbour lookups use too), so a resumed run sees exactly the pixels and captions
+    the uninterrupted run saw, whatever the worker count.
     """
 
-    def __init__(self, dataset, image_column, captions, tokenizer, args, seed: int):
+    def __init__(self, dataset, image_column, row_captions: RowCaptions, tokenizer, args, seed: int):
         self.images = undecoded_images(dataset, image_column)
         self.image_column = image_column
-        self.captions = captions
+        self.row_captions = row_captions
         self.tokenizer = tokenizer
         self.args = args
         self.seed = seed
@@ -512,7 +513,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.row_captions.per_row)
 
     def __getitem__(self, i: int) -> dict:
         if self.args.cache_latents:
@@ -528,12 +529,8 @@ class TrainDataset(torch.utils.data.Dataset):
             generator=generator,
             interpolation=self.args.image_interpolation_mode,
         )
-        caption = self.captions[i]
-        if not isinstance(caption, str):
-            # Several captions per image: pick one per (epoch, row), as train_text_to_image picks at random.
-            first_caption(caption)  # validates the type
-            caption = str(caption[int(torch.randint(len(caption), (1,), generator=generator))])
-        input_ids = tokenize(self.tokenizer, [caption])[0]
+        # Several captions per image: one per (epoch, row), as train_text_to_image picks one at random.
+        input_ids = tokenize(self.tokenizer, [self.row_captions.text(i, self.epoch)])[0]
         return {"pixel_values": pixel_values, "input_ids": input_ids, "index": i}
 
 
@@ -1215,7 +1212,8 @@ def main(args: argparse.Namespace) -> Accelerator:
         )
         logger.info("Expected psi per sample (majority vs minority):\n" + format_summary(index_summary))
 
-    train_dataset = TrainDataset(dataset, image_column, captions, tokenizer, args, seed)
+    row_captions = RowCaptions(captions, seed)
+    train_dataset = TrainDataset(dataset, image_column, row_captions, tokenizer, args, seed)
     if args.sampling == "density":
         sampling_weights = density_sampling_weights(index.txt_log_weights)
     else:
@@ -1289,8 +1287,9 @@ def main(args: argparse.Namespace) -> Accelerator:
 
     # Neighbours and CBDM partners are looked up by dataset row: tokens of each distinct caption, once.
     empty_ids = tokenize(tokenizer, [""])[0]
-    caption_ids, distinct_captions = first_occurrence_ids(caption_texts)
+    distinct_captions = row_captions.distinct
     distinct_input_ids = tokenize(tokenizer, distinct_captions)
+    epoch_caption_ids = row_captions.ids(0)  # updated at every epoch's start
     latent_cache = text_cache = None
     if args.cache_latents:
         if any(not isinstance(c, str) for c in captions):
@@ -1322,8 +1321,8 @@ def main(args: argparse.Namespace) -> Accelerator:
         )
 
     def caption_states(rows: torch.Tensor) -> torch.Tensor:
-        """Text-encoder hidden states of the (first) captions of dataset rows."""
-        ids = caption_ids[rows.cpu()]
+        """Text-encoder hidden states of the captions dataset rows train on in this epoch."""
+        ids = epoch_caption_ids[rows.cpu()]
         if text_cache is not None:
             return text_cache[ids.to(text_cache.device)]
         with torch.no_grad():
@@ -1382,6 +1381,7 @@ def main(args: argparse.Namespace) -> Accelerator:
 
     for epoch in range(first_epoch, args.num_train_epochs):
         train_dataset.set_epoch(epoch)
+        epoch_caption_ids = row_captions.ids(epoch)
         train_dataloader.set_epoch(epoch)
         active_dataloader = train_dataloader
         if epoch == first_epoch and resume_batches > 0:
@@ -1448,7 +1448,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                 if args.caption_dropout_prob > 0:
                     caption_dropped = torch.rand(bsz, generator=cpu_generator) < args.caption_dropout_prob
                 if text_cache is not None:
-                    ids = torch.where(caption_dropped, len(distinct_captions), caption_ids[rows])
+                    ids = torch.where(caption_dropped, len(distinct_captions), epoch_caption_ids[rows])
                     encoder_hidden_states = text_cache[ids.to(text_cache.device)]
                 else:
                     input_ids = torch.where(
@@ -1504,6 +1504,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                         a3=args.psi_a3,
                         terms=args.psi_terms,
                         caption_dropped=caption_dropped,
+                        text_ids=epoch_caption_ids,
                     )
                     if bool(draw.needs_forward.any()):
                         neighbor_hidden_states = caption_states(draw.rows[draw.needs_forward])

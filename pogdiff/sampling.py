@@ -87,6 +87,54 @@ def density_sampling_weights(txt_log_weights: torch.Tensor) -> torch.Tensor:
     return torch.softmax(log_w, dim=0)
 
 
+# Key of the caption-choice stream in `derive_seed(seed, epoch, row, key)`, apart from the crop/flip stream.
+CAPTION_STREAM = 2
+
+
+class RowCaptions:
+    """Every row's captions as ids into one list of distinct captions, and the one each epoch trains on.
+
+    A row may hold several captions (train_text_to_image picks one at random). The choice is a pure function
+    of (seed, epoch, row), so the training sample, its role as somebody's PoGDiff neighbour and the same-text
+    skip all see the *same* caption of a row in an epoch, and a resumed run sees the same choices.
+    """
+
+    def __init__(self, captions: Sequence[str | Sequence[str]], seed: int) -> None:
+        rows = [[caption] if isinstance(caption, str) else [str(c) for c in caption] for caption in captions]
+        if any(len(row) == 0 for row in rows):
+            raise UserError("A row has an empty list of captions; give every row at least one caption.")
+        self.distinct: list[str] = list(dict.fromkeys(c for row in rows for c in row))
+        position = {c: i for i, c in enumerate(self.distinct)}
+        self.per_row: list[list[int]] = [[position[c] for c in row] for row in rows]
+        self.seed = seed
+        self.first = torch.tensor([row[0] for row in self.per_row], dtype=torch.int64)
+        self.has_several = any(len(row) > 1 for row in self.per_row)
+        self._epoch: int | None = None
+        self._ids = self.first
+
+    def choice(self, row: int, epoch: int) -> int:
+        """Position, among row `row`'s captions, of the one epoch `epoch` trains on."""
+        n = len(self.per_row[row])
+        if n == 1:
+            return 0
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, row, CAPTION_STREAM))
+        return int(torch.randint(n, (1,), generator=generator))
+
+    def text(self, row: int, epoch: int) -> str:
+        return self.distinct[self.per_row[row][self.choice(row, epoch)]]
+
+    def ids(self, epoch: int) -> torch.Tensor:
+        """(N,) int64: each row's chosen caption in epoch `epoch`, as an id into `distinct`."""
+        if not self.has_several:
+            return self.first
+        if epoch != self._epoch:
+            self._ids = torch.tensor(
+                [row[self.choice(i, epoch)] for i, row in enumerate(self.per_row)], dtype=torch.int64
+            )
+            self._epoch = epoch
+        return self._ids
+
+
 class EpochSampler(Sampler[int]):
     """Sample order of one epoch as a function of (seed, epoch): a permutation, or weighted draws.
 

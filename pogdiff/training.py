@@ -46,12 +46,15 @@ def draw_pogdiff_neighbors(
     a3: float,
     terms: str,
     caption_dropped: torch.Tensor | None = None,
+    text_ids: torch.Tensor | None = None,
 ) -> NeighborDraw:
     """Draw j ~ Cat(w) among each sample's k neighbours (Eq. 8) and compute psi (Eq. 12).
 
     A sample whose caption was dropped (classifier-free guidance training) gets psi = 0: its condition is the
     empty prompt, not the identity the neighbour was chosen for. Samples whose neighbour has the very same
     caption are skipped too: there the neighbour prediction equals the sample's own, so the term is exactly 0.
+    `text_ids` are the rows' captions as trained in this epoch (`RowCaptions.ids`, for rows with several
+    captions); the index's (first) captions when None.
     """
     rows = rows.cpu()
     sims = index.neighbor_sims[rows]
@@ -62,7 +65,9 @@ def draw_pogdiff_neighbors(
     psi = compute_psi(sim, same_identity, index.txt_log_weights[rows], a1=a1, a2=a2, a3=a3, terms=terms)
     if caption_dropped is not None:
         psi = torch.where(caption_dropped.cpu(), torch.zeros_like(psi), psi)
-    same_text = index.text_ids[rows] == index.text_ids[neighbor_rows]
+    # The captions this epoch trains on (`RowCaptions.ids`); the index's first captions when not given.
+    text_ids = index.text_ids if text_ids is None else text_ids.cpu()
+    same_text = text_ids[rows] == text_ids[neighbor_rows]
     needs = needs_neighbor_forward(psi, same_text=same_text)
     return NeighborDraw(
         rows=neighbor_rows,

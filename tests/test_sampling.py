@@ -184,3 +184,24 @@ def test_sample_counter_per_identity_and_state():
     restored = SampleCounter(len(IDENTITIES))
     restored.load_state_dict(counter.state_dict())
     assert torch.equal(restored.counts, counter.counts)
+
+
+def test_row_captions_choose_one_caption_per_row_and_epoch():
+    from pogdiff.sampling import RowCaptions
+
+    captions = ["a cat.", ["a dog.", "a puppy.", "a cat."], "a dog."]
+    table = RowCaptions(captions, seed=3)
+    assert table.distinct == ["a cat.", "a dog.", "a puppy."]
+    assert table.per_row == [[0], [1, 2, 0], [1]] and table.has_several
+    for epoch in range(6):
+        ids = table.ids(epoch)
+        # The text a row trains on and the id its neighbour lookups use are the same caption.
+        assert [table.distinct[int(ids[r])] for r in range(3)] == [table.text(r, epoch) for r in range(3)]
+        assert ids[0] == 0 and ids[2] == 1  # single captions never change
+    # Seeded by (seed, epoch, row): reproducible, and it does vary over epochs.
+    assert [table.choice(1, e) for e in range(12)] == [
+        RowCaptions(captions, 3).choice(1, e) for e in range(12)
+    ]
+    assert len({table.choice(1, e) for e in range(12)}) > 1
+    single = RowCaptions(["x", "y", "x"], seed=0)
+    assert not single.has_several and single.ids(5).tolist() == [0, 1, 0]

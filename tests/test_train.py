@@ -525,3 +525,16 @@ def test_model_card_names_a_local_base_absolutely(tmp_path, monkeypatch):
     assert train_pogdiff.base_model_reference("stable-diffusion-v1-5/stable-diffusion-v1-5") == (
         "stable-diffusion-v1-5/stable-diffusion-v1-5"
     )
+
+
+def test_rows_with_several_captions_train_and_resume_exactly(tiny_sd_path, tiny_dataset_path, tmp_path):
+    """A caption list per row (train_text_to_image picks one at random): PoGDiff trains, and a resumed run
+    equals the uninterrupted one (the caption choice is a function of seed, epoch and row)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_path, data)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["text"] = [row["text"], f"{row['text'][:-1]}, picture {i % 3}."]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    straight, resumed = _resume_pair(tiny_sd_path, str(data), tmp_path, "--objective", "pogdiff")
+    assert_same_tensors(unet_state(straight), unet_state(resumed))

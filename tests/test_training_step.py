@@ -331,3 +331,19 @@ def test_pogdiff_draw_logs(unet, inputs):
     # psi_drawn = (0.5, 0, 0.9, 0.8); rows 0 and 3 are the minority; small_index: rows 1-3 share identities.
     assert logs["psi_minority"] == pytest.approx(0.65) and logs["psi_majority"] == pytest.approx(0.45)
     assert logs["frac_skipped"] == 0.5 and logs["neighbor_same_identity"] == 0.75
+
+
+def test_same_text_skip_uses_the_epochs_chosen_captions():
+    """Rows 2 and 6 share their first caption (index text ids), but this epoch row 6 trains on another one of its
+    captions: its neighbour term must run, not be skipped as 'same caption'."""
+    index = small_index()
+    draw_kwargs = dict(a1=1.0, a2=1.0, a3=1.0, terms="img,txt")
+    first = draw_pogdiff_neighbors(index, torch.arange(4), torch.Generator().manual_seed(0), **draw_kwargs)
+    assert first.needs_forward.tolist() == [True, True, False, True]
+    epoch_ids = index.text_ids.clone()
+    epoch_ids[6] = 99  # row 6's chosen caption this epoch differs from row 2's
+    chosen = draw_pogdiff_neighbors(
+        index, torch.arange(4), torch.Generator().manual_seed(0), text_ids=epoch_ids, **draw_kwargs
+    )
+    assert chosen.needs_forward.tolist() == [True, True, True, True]
+    torch.testing.assert_close(chosen.psi[2], chosen.psi_drawn[2])
