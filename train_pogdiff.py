@@ -1540,9 +1540,8 @@ def main(args: argparse.Namespace) -> Accelerator:
                     neighbor_grad=args.neighbor_grad,
                 )
                 neighbor_mse = logs.pop("neighbor_mse", None)
-                logs.pop(
-                    "frac_skipped", None
-                )  # the draw's own count below (it also knows same-caption skips)
+                logs.pop("frac_skipped", None)  # the draw's own count below also knows same-caption skips
+                # Logged values stay tensors until the optimizer step: no host sync per micro-step.
                 for k, v in logs.items():
                     step_means.add(k, v)
                 if draw is not None:
@@ -1550,17 +1549,11 @@ def main(args: argparse.Namespace) -> Accelerator:
                     if neighbor_mse is not None:
                         step_means.add("neighbor_mse", neighbor_mse, weight=int(draw.needs_forward.sum()))
                 if args.objective == "t2h":
-                    step_means.add("t2h_accept_rate", float(accepted.float().mean()))
+                    step_means.add("t2h_accept_rate", accepted.float().mean())
 
                 # Gather the losses across all processes for logging (if we use distributed training).
                 avg_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
-                if not torch.isfinite(avg_loss):
-                    raise TrainingError(
-                        f"Non-finite loss ({avg_loss.item()}) at step {global_step + 1} (epoch {epoch}, batch {step}). "
-                        "Nothing was saved for this step; the last checkpoint in output_dir is intact. Lower "
-                        "--learning_rate, try --mixed_precision bf16 instead of fp16, or check the data."
-                    )
-                train_loss += avg_loss.item() / args.gradient_accumulation_steps
+                train_loss = train_loss + avg_loss / args.gradient_accumulation_steps
 
                 # Backpropagate
                 accelerator.backward(loss)
@@ -1572,6 +1565,15 @@ def main(args: argparse.Namespace) -> Accelerator:
 
             # Checks if the accelerator has performed an optimization step behind the scenes
             if accelerator.sync_gradients:
+                # The step's one host sync: the loss is read here, checked before EMA, logs or checkpoints use
+                # the weights it produced.
+                step_loss = float(train_loss)
+                if not math.isfinite(step_loss):
+                    raise TrainingError(
+                        f"Non-finite loss ({step_loss}) at step {global_step + 1} (epoch {epoch}, batch {step}). "
+                        "Nothing was saved for this step; the last checkpoint in output_dir is intact. Lower "
+                        "--learning_rate, try --mixed_precision bf16 instead of fp16, or check the data."
+                    )
                 if args.use_ema:
                     if args.offload_ema:
                         ema_unet.to(device=accelerator.device, non_blocking=True)
@@ -1581,15 +1583,15 @@ def main(args: argparse.Namespace) -> Accelerator:
                 progress_bar.update(1)
                 global_step += 1
                 accelerator.log(
-                    {"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0], **step_means.pop()},
+                    {"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], **step_means.pop()},
                     step=global_step,
                 )
                 train_loss = 0.0
+                progress_bar.set_postfix(step_loss=step_loss, lr=lr_scheduler.get_last_lr()[0])
 
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args, global_step)
 
-            progress_bar.set_postfix(step_loss=loss.detach().item(), lr=lr_scheduler.get_last_lr()[0])
             if global_step >= args.max_train_steps:
                 break
 

@@ -131,7 +131,7 @@ def check_metadata_files(folder: str | os.PathLike) -> None:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
                     raise UserError(
-                        f"{path} line {number} is not UTF-8 text (byte {raw[err.start:err.start + 1]!r} at column "
+                        f"{path} line {number} is not UTF-8 text (byte {raw[err.start : err.start + 1]!r} at column "
                         f"{err.start + 1}); save the file as UTF-8."
                     ) from err
                 if text.strip():
@@ -140,7 +140,9 @@ def check_metadata_files(folder: str | os.PathLike) -> None:
                     except json.JSONDecodeError as err:
                         raise UserError(f"{path} line {number} is not a JSON object: {err.msg}.") from err
                     if not isinstance(row, dict):
-                        raise UserError(f"{path} line {number} is not a JSON object (got {type(row).__name__}).")
+                        raise UserError(
+                            f"{path} line {number} is not a JSON object (got {type(row).__name__})."
+                        )
 
 
 def load_image_text_dataset(
@@ -224,8 +226,8 @@ def load_image_text_dataset(
     )
 
 
-def _missing_column_error(flag: str, name: str, column_names: list[str]) -> ValueError:
-    return ValueError(
+def _missing_column_error(flag: str, name: str, column_names: list[str]) -> UserError:
+    return UserError(
         f"{flag} value {name!r} is not a column of the dataset; its columns are {list(column_names)}. "
         f"Pass one of them with {flag}."
     )
@@ -428,9 +430,7 @@ def preprocess_image(
     if resolution < 1:
         raise UserError(f"resolution must be a positive number of pixels, got {resolution}.")
     if interpolation not in INTERPOLATION_MODES:
-        raise UserError(
-            f"interpolation must be one of {sorted(INTERPOLATION_MODES)}, got {interpolation!r}."
-        )
+        raise UserError(f"interpolation must be one of {sorted(INTERPOLATION_MODES)}, got {interpolation!r}.")
     if generator is None and (random_flip or not center_crop):
         raise UserError(
             "preprocess_image draws its random crop (center_crop=False) and flip (random_flip=True) from "
@@ -552,9 +552,7 @@ def assign_pseudonyms(names: list[str], seed: int = 0) -> dict[str, str]:
             if choice is not None:
                 break
         else:
-            raise UserError(
-                f"Ran out of pseudonyms for {len(unique)} identities; extend PSEUDONYM_SURNAMES."
-            )
+            raise UserError(f"Ran out of pseudonyms for {len(unique)} identities; extend PSEUDONYM_SURNAMES.")
         used.add(choice)
         result[name] = choice
     return result

@@ -1,7 +1,8 @@
 """Training objectives: vanilla, PoGDiff (paper Eq. 6/13), CBDM and T2H baselines.
 
 Every loss takes predictions and targets (never the model) and returns `(loss, logs)`, where `loss` is a
-scalar tensor and `logs` a dict of floats. Shapes: predictions and targets (B, C, H, W); `snr_weights`
+scalar tensor and `logs` a dict of detached scalar tensors (or floats), read only when they are logged
+(reading them at every micro-step would stall an accelerator). Shapes: predictions and targets (B, C, H, W); `snr_weights`
 are optional (B,) Min-SNR weights (diffusers' `mse_loss_weights` from `compute_snr`), which multiply
 every per-sample term.
 """
@@ -29,7 +30,7 @@ def vanilla_loss(
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
         loss = loss.mean(dim=list(range(1, len(loss.shape)))) * snr_weights
         loss = loss.mean()
-    return loss, {"loss_main": loss.item()}
+    return loss, {"loss_main": loss.detach()}
 
 
 def _check_psi(psi: torch.Tensor, batch_size: int) -> None:
@@ -71,8 +72,10 @@ def pogdiff_loss(
     batch_size = model_pred.shape[0]
     _check_psi(psi, batch_size)
     main, logs = vanilla_loss(model_pred, target, snr_weights)
+    # psi lives on the CPU (the trainer's draw does): which rows have a term is known without a device sync.
+    psi = psi.cpu()
     active = torch.nonzero(psi > 0).flatten()
-    logs.update(psi_mean=psi.float().mean().item(), frac_skipped=1.0 - len(active) / batch_size)
+    logs.update(psi_mean=psi.float().mean(), frac_skipped=1.0 - len(active) / batch_size)
     if len(active) == 0:
         logs["loss_consistency"] = 0.0
         return main, logs
@@ -82,19 +85,21 @@ def pogdiff_loss(
             f"{len(active)} rows with psi > 0, got "
             f"{None if neighbor_pred is None else tuple(neighbor_pred.shape)}."
         )
+    device = model_pred.device
+    active_on_device = active.to(device, non_blocking=True)
     if neighbor_pred.shape[0] == batch_size:
-        neighbor_pred = neighbor_pred[active]
-    weight = psi[active].float()
+        neighbor_pred = neighbor_pred[active_on_device]
+    weight = psi[active].float().to(device, non_blocking=True)
     if snr_weights is not None:
-        weight = weight * snr_weights[active]
+        weight = weight * snr_weights[active_on_device]
     per_sample = _per_sample_mse(
-        model_pred[active], neighbor_pred if neighbor_grad else neighbor_pred.detach()
+        model_pred[active_on_device], neighbor_pred if neighbor_grad else neighbor_pred.detach()
     )
     # Divide by B, not len(active): skipped rows contribute 0 to the batch mean.
     consistency = (weight * per_sample).sum() / batch_size
-    logs["loss_consistency"] = consistency.item()
+    logs["loss_consistency"] = consistency.detach()
     # ||a - c||^2 per element over the rows with a term: how far the two captions' predictions are apart.
-    logs["neighbor_mse"] = per_sample.mean().item()
+    logs["neighbor_mse"] = per_sample.detach().mean()
     return main + consistency, logs
 
 
@@ -140,7 +145,7 @@ def cbdm_loss(
         scale = scale * snr_weights
     reg = (scale * _per_sample_mse(model_pred, neighbor_pred.detach())).mean()
     commit = (scale * gamma * _per_sample_mse(model_pred.detach(), neighbor_pred)).mean()
-    logs.update(loss_reg=reg.item(), loss_commit=commit.item())
+    logs.update(loss_reg=reg.detach(), loss_commit=commit.detach())
     return main + reg + commit, logs
 
 

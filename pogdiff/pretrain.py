@@ -321,9 +321,7 @@ def build_base_model(
     from diffusers import StableDiffusionPipeline
 
     if len(images) != len(captions):
-        raise UserError(
-            f"Got {len(images)} images but {len(captions)} captions; give one caption per image."
-        )
+        raise UserError(f"Got {len(images)} images but {len(captions)} captions; give one caption per image.")
     if prediction_type not in ("epsilon", "v_prediction"):
         raise UserError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}.")
     started = time.perf_counter()

@@ -83,21 +83,30 @@ class StepMeans:
 
     Each value comes with a weight (1 for a per-micro-step value such as a loss; the number of rows it averages
     for a per-row statistic such as the minority's psi), and a key absent from a micro-step does not count
-    there: a minority-only mean is not diluted by micro-steps that drew no minority image.
+    there: a minority-only mean is not diluted by micro-steps that drew no minority image. Values may be
+    tensors on the accelerator: they are summed there and read once, in `pop` (no host sync per micro-step).
     """
 
     def __init__(self) -> None:
-        self._sums: dict[str, float] = {}
+        self._sums: dict[str, torch.Tensor | float] = {}
         self._weights: dict[str, float] = {}
 
-    def add(self, key: str, value: float, weight: float = 1.0) -> None:
+    def add(self, key: str, value: torch.Tensor | float, weight: float = 1.0) -> None:
         if weight > 0:
-            self._sums[key] = self._sums.get(key, 0.0) + float(value) * weight
+            if isinstance(value, torch.Tensor):
+                value = value.detach().double()
+            self._sums[key] = self._sums.get(key, 0.0) + value * weight
             self._weights[key] = self._weights.get(key, 0.0) + weight
 
     def pop(self) -> dict[str, float]:
-        """The weighted means since the last `pop`, and a fresh start."""
-        means = {k: self._sums[k] / self._weights[k] for k in self._sums}
+        """The weighted means since the last `pop` as floats (one device-to-host copy per device), and a fresh
+        start."""
+        sums = {k: torch.as_tensor(v, dtype=torch.float64).reshape(()) for k, v in self._sums.items()}
+        values: dict[str, float] = {}
+        for device in {t.device for t in sums.values()}:
+            keys = [k for k, t in sums.items() if t.device == device]
+            values.update(zip(keys, torch.stack([sums[k] for k in keys]).tolist()))
+        means = {k: values[k] / self._weights[k] for k in self._sums}
         self._sums, self._weights = {}, {}
         return means
 
@@ -105,13 +114,13 @@ class StepMeans:
 def pogdiff_draw_logs(draw: NeighborDraw, minority: torch.Tensor, step_means: StepMeans) -> None:
     """The mechanism's diagnostics of one micro-step: psi for the minority and the majority (per row, before
     skipping), the share of rows skipped, and the share of drawn neighbours of the sample's own identity."""
-    step_means.add("frac_skipped", float(1.0 - draw.needs_forward.float().mean()))
+    step_means.add("frac_skipped", 1.0 - draw.needs_forward.float().mean())
     for key, rows in (("psi_minority", minority), ("psi_majority", ~minority)):
         count = int(rows.sum())
         if count:
-            step_means.add(key, float(draw.psi_drawn[rows].mean()), weight=count)
+            step_means.add(key, draw.psi_drawn[rows].mean(), weight=count)
     if draw.same_identity is not None:
-        step_means.add("neighbor_same_identity", float(draw.same_identity.float().mean()))
+        step_means.add("neighbor_same_identity", draw.same_identity.float().mean())
 
 
 def draw_random_partners(num_rows: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -353,9 +362,7 @@ def objective_loss(
             else encoder_hidden_states,
         )
         model_pred, neighbor_pred = both[: len(noisy_latents)], both[len(noisy_latents) :]
-        return pogdiff_loss(
-            model_pred, target, neighbor_pred, draw.psi.to(model_pred.device), snr_weights, neighbor_grad=True
-        )
+        return pogdiff_loss(model_pred, target, neighbor_pred, draw.psi, snr_weights, neighbor_grad=True)
 
     if objective == "pogdiff":
         neighbor_pred = None
@@ -376,7 +383,7 @@ def objective_loss(
                         neighbor_hidden_states,
                     )
         model_pred = unet_prediction(unet, noisy_latents, timesteps, encoder_hidden_states)
-        return pogdiff_loss(model_pred, target, neighbor_pred, draw.psi.to(model_pred.device), snr_weights)
+        return pogdiff_loss(model_pred, target, neighbor_pred, draw.psi, snr_weights)
 
     if objective == "cbdm":
         both = unet_prediction(
