@@ -48,6 +48,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -159,7 +160,16 @@ SIZES: dict[str, StudySize] = {
         base_lr=2e-3,
         finetune_batch_size=16,
         pilot_budgets=((5e-4, 200), (1e-3, 200), (5e-4, 400), (1e-3, 400)),
-        psi_grid=((1.0, 1.0), (1.0, 0.1), (1.0, 0.01), (20.0, 0.1), (20.0, 0.01), (20.0, 0.001)),
+        psi_grid=(
+            (1.0, 1.0),
+            (1.0, 0.1),
+            (1.0, 0.01),
+            (20.0, 0.1),
+            (20.0, 0.01),
+            (20.0, 0.001),
+            (20.0, 1e-4),
+            (20.0, 1e-5),
+        ),  # fmt: skip
         pilot_samplings=("balanced", "sqrt", "density"),
         pilot_shape="M",
         guidance_scales=(1.0, 2.0, 3.0, 5.0),
@@ -571,14 +581,21 @@ def output_to(path: Path) -> Iterator[None]:
             os.close(saved[1])
 
 
-def fine_tune(args: list[str], output_dir: Path) -> float:
-    """Runs train_pogdiff.py in this process (skipped when its model exists); returns the wall time in s.
+def fine_tune(args: list[str], output_dir: Path) -> tuple[float, bool]:
+    """Runs train_pogdiff.py in this process; returns (wall time in s, whether it trained now).
 
-    Its log goes to `output_dir/train.log`, so that runs side by side do not interleave on the console.
+    Skipped when `output_dir` holds the model of a run with the very same arguments; a run there with other
+    arguments (e.g. a pilot choice that changed) is removed and trained again. Its log goes to
+    `output_dir/train.log`, so that runs side by side do not interleave on the console.
     """
     info_path = output_dir / "study_run.json"
     if (output_dir / "model_index.json").is_file() and info_path.is_file():
-        return float(json.loads(info_path.read_text(encoding="utf-8"))["wall_time_s"])
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        if info["args"] == args:
+            return float(info["wall_time_s"]), False
+        logger.warning("%s was trained with other arguments; training it again.", output_dir)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
     from accelerate.state import AcceleratorState, GradientState
 
     import train_pogdiff
@@ -600,7 +617,7 @@ def fine_tune(args: list[str], output_dir: Path) -> float:
     info_path.write_text(
         json.dumps({"args": args, "wall_time_s": round(wall, 1)}, indent=1), encoding="utf-8"
     )
-    return wall
+    return wall, True
 
 
 def training_log_series(run_dir: Path) -> dict[str, list[float]]:
@@ -1022,9 +1039,13 @@ def train_and_evaluate(
     size: StudySize, guidance: float, jobs: int, threads: int, desc: str,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Fine-tunes `runs` (key, output dir, flags) and evaluates each; key -> {report, wall_time_s, diagnostics}."""
-    walls = run_tasks(
+    trained = run_tasks(
         fine_tune, [(args, out) for _, out, args in runs], jobs, threads, f"{desc}: fine-tuning"
     )
+    walls = [wall for wall, _ in trained]
+    for (key, _, _), (_, now) in zip(runs, trained):
+        if now and (eval_dir / key).exists():
+            shutil.rmtree(eval_dir / key)  # images of an older model of that name
     reports = run_tasks(
         evaluate_one,
         [
@@ -1043,6 +1064,12 @@ def train_and_evaluate(
     }
 
 
+def pilot_search_space(size: StudySize) -> dict[str, Any]:
+    """What the pilot searches (its cache is valid for exactly this), JSON-normalised."""
+    keys = ("pilot_budgets", "psi_grid", "pilot_samplings", "pilot_shape", "guidance_scales")
+    return json.loads(json.dumps({key: getattr(size, key) for key in keys}))
+
+
 def run_pilot(prepared: Prepared, work_dir: Path, size: StudySize, jobs: int, threads: int) -> dict[str, Any]:
     """Chooses, on the validation side only, the guidance scale, the budget, PoGDiff's a2/a3 and the sampling.
 
@@ -1054,8 +1081,12 @@ def run_pilot(prepared: Prepared, work_dir: Path, size: StudySize, jobs: int, th
        accuracy wins (ties: the better majority). Cached in work_dir/pilot.json.
     """
     pilot_path = work_dir / "pilot.json"
+    searched = pilot_search_space(size)
     if pilot_path.is_file():
-        return json.loads(pilot_path.read_text(encoding="utf-8"))
+        cached = json.loads(pilot_path.read_text(encoding="utf-8"))
+        if cached.get("search_space") == searched:
+            return cached
+        # Another grid: choose again (runs and images already made are reused).
     scales = guidance_check(
         prepared.base, prepared.base_summary["pseudonyms"], prepared.judge_path, size.guidance_scales, size
     )
@@ -1150,6 +1181,7 @@ def run_pilot(prepared: Prepared, work_dir: Path, size: StudySize, jobs: int, th
         "samplings": sampling_rows,
         "sampling_choice": {"sampling": sampling_choice["sampling"]},
         "rule": "budget: cheapest in the regime; a2/a3 and sampling: best few-shot accuracy, ties by majority",
+        "search_space": searched,
         "wall_time_s": {key: r["wall_time_s"] for key, r in results.items()},
     }
     pilot_path.write_text(json.dumps(pilot, indent=1), encoding="utf-8")
