@@ -52,10 +52,16 @@ from diffusers.training_utils import (
     compute_dream_and_update_latents,
     compute_snr,
 )
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft, make_image_grid
+from diffusers.utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_kohya,
+    convert_unet_state_dict_to_peft,
+    make_image_grid,
+)
 from diffusers.utils.import_utils import is_xformers_available
 from filelock import FileLock, Timeout
 from huggingface_hub import create_repo, upload_folder
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import ContextManagers
@@ -590,6 +596,29 @@ def lock_output_dir(output_dir: str) -> FileLock:
     return lock
 
 
+def save_lora(unet, output_dir: str, webui_name: str | None = None) -> None:
+    """The UNet's LoRA adapters as `pytorch_lora_weights.safetensors` (diffusers keys, with the adapter config so
+    that `lora_alpha` survives), and with `webui_name` also as one file in the kohya key format that
+    AUTOMATIC1111, ComfyUI and kohya's scripts load (diffusers' own converter; its alpha is the rank, so the
+    run's `lora_alpha` is written in its place)."""
+    from peft.utils import get_peft_model_state_dict
+
+    config = unet.peft_config["default"]
+    peft_state = get_peft_model_state_dict(unet)
+    StableDiffusionPipeline.save_lora_weights(
+        output_dir,
+        unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+        safe_serialization=True,
+        unet_lora_adapter_metadata=config.to_dict(),
+    )
+    if webui_name is not None:
+        kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_state.items()})
+        for key in kohya:
+            if key.endswith(".alpha"):
+                kohya[key] = torch.tensor(float(config.lora_alpha))
+        save_file({k: v.contiguous() for k, v in kohya.items()}, os.path.join(output_dir, webui_name))
+
+
 def base_model_reference(name_or_path: str) -> str:
     """How the model card names the base: a local folder by its absolute path (a relative one would stop
     resolving as soon as the user loads the result from another directory), a Hub id as given."""
@@ -1032,17 +1061,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                 ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
             for model in models:
                 if args.use_lora:
-                    from peft.utils import get_peft_model_state_dict
-
-                    StableDiffusionPipeline.save_lora_weights(
-                        output_dir,
-                        unet_lora_layers=convert_state_dict_to_diffusers(
-                            get_peft_model_state_dict(
-                                accelerator.unwrap_model(model, keep_torch_compile=False)
-                            )
-                        ),
-                        safe_serialization=True,
-                    )
+                    save_lora(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir)
                 else:
                     accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
                         os.path.join(output_dir, "unet")
@@ -1645,13 +1664,7 @@ def main(args: argparse.Namespace) -> Accelerator:
         if args.use_ema:
             ema_unet.copy_to(unet.parameters())
         if args.use_lora:
-            from peft.utils import get_peft_model_state_dict
-
-            StableDiffusionPipeline.save_lora_weights(
-                args.output_dir,
-                unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-                safe_serialization=True,
-            )
+            save_lora(unet, args.output_dir, webui_name=f"{Path(args.output_dir).name}.safetensors")
         else:
             # Reload the frozen parts from the base in full precision; saved as StableDiffusionPipeline so
             # plain diffusers loads it.

@@ -538,3 +538,30 @@ def test_rows_with_several_captions_train_and_resume_exactly(tiny_sd_path, tiny_
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     straight, resumed = _resume_pair(tiny_sd_path, str(data), tmp_path, "--objective", "pogdiff")
     assert_same_tensors(unet_state(straight), unet_state(resumed))
+
+
+def test_lora_alpha_survives_and_the_webui_file_gives_the_same_images(
+    tiny_sd_path, tiny_dataset_path, tmp_path
+):
+    """--lora_alpha other than the rank: the diffusers file keeps it (adapter metadata), and the kohya-format
+    file for AUTOMATIC1111 / ComfyUI loads back into diffusers to the very same images (alpha 8 / rank 4 = 2 is a
+    power of two, so folding it into the weights is exact)."""
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    out = tmp_path / "lora-a8"
+    run_in_process(
+        train_args(tiny_sd_path, tiny_dataset_path, out, "--use_lora", "--rank", "4", "--lora_alpha", "8")
+    )
+    webui = out / "lora-a8.safetensors"
+    kohya = load_file(webui)
+    assert kohya and all(k.startswith("lora_unet_") for k in kohya)
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+    diffusers_keys = load_file(out / "pytorch_lora_weights.safetensors")
+    assert len(kohya) == len(diffusers_keys) * 3 // 2  # down, up and alpha per adapted layer
+
+    pipe = PoGDiffPipeline.from_pretrained(out)
+    assert pipe.unet.peft_config["default_0"].lora_alpha == 8
+    from_webui = PoGDiffPipeline.from_pretrained(tiny_sd_path)  # the same (DDIM) sampler, then the kohya file
+    from_webui.load_lora_weights(str(out), weight_name=webui.name)
+    assert np.array_equal(sample(pipe), sample(from_webui))
+    assert np.abs(sample(pipe) - sample(PoGDiffPipeline.from_pretrained(tiny_sd_path))).max() > 1e-3
