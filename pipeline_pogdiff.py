@@ -28,11 +28,13 @@ from __future__ import annotations
 import json
 import os
 
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import ModelCard, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# What train_pogdiff.py writes into every checkpoint-N (its settings name the base model).
+RUN_RECORD = "pogdiff_run.json"
 
 
 def _find_file(pretrained_model_name_or_path: str | os.PathLike, filename: str, **hub_kwargs) -> str | None:
@@ -56,6 +58,8 @@ class PoGDiffPipeline(StableDiffusionPipeline):
       `num_inference_steps` defaults to 50, the paper's evaluation setting;
     - `from_pretrained` also accepts a LoRA result: a folder or Hub repo holding `pytorch_lora_weights.safetensors`
       and a model card whose metadata names the `base_model`; the base is loaded and the LoRA weights applied;
+    - and any `checkpoint-N` folder of a run (full, EMA or LoRA), on the base its run record names
+      (`use_ema=False` takes the checkpoint's raw UNet instead of its EMA one);
     - `save_pretrained` records `StableDiffusionPipeline` as the class, so plain diffusers can load what it saves.
 
     To sample with another scheduler, swap it after loading, e.g.
@@ -111,6 +115,9 @@ class PoGDiffPipeline(StableDiffusionPipeline):
         hub_kwargs = {
             k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs
         }
+        use_ema = kwargs.pop("use_ema", True)
+        if os.path.isfile(os.path.join(str(pretrained_model_name_or_path), RUN_RECORD)):
+            return cls._from_checkpoint(str(pretrained_model_name_or_path), use_ema, **kwargs)
         if _find_file(pretrained_model_name_or_path, "model_index.json", **hub_kwargs) is not None:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -143,6 +150,29 @@ class PoGDiffPipeline(StableDiffusionPipeline):
             ) from error
         pipe.load_lora_weights(os.path.dirname(lora_file), weight_name=LORA_WEIGHT_NAME)
         return pipe
+
+    @classmethod
+    def _from_checkpoint(cls, checkpoint: str, use_ema: bool, **kwargs) -> PoGDiffPipeline:
+        """A `checkpoint-N` folder of train_pogdiff.py: its UNet (the EMA one when saved and `use_ema`) or its LoRA
+        adapters, on the base model its run record names."""
+        with open(os.path.join(checkpoint, RUN_RECORD), encoding="utf-8") as f:
+            base = json.load(f)["settings"]["--pretrained_model_name_or_path"]
+        try:
+            if os.path.isfile(os.path.join(checkpoint, LORA_WEIGHT_NAME)):
+                pipe = super().from_pretrained(base, **kwargs)
+                pipe.load_lora_weights(checkpoint, weight_name=LORA_WEIGHT_NAME)
+                return pipe
+            ema = os.path.join(checkpoint, "unet_ema")
+            subfolder = "unet_ema" if use_ema and os.path.isdir(ema) else "unet"
+            dtype_kwargs = {k: kwargs[k] for k in ("dtype", "torch_dtype") if k in kwargs}
+            unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder=subfolder, **dtype_kwargs)
+            return super().from_pretrained(base, unet=unet, **kwargs)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Cannot open checkpoint {checkpoint!r} on its base model {base!r} (named by its {RUN_RECORD}): "
+                f"{error}. Make the base available at that path or Hub id, or load the base yourself and put the "
+                "checkpoint's unet/ (or LoRA weights) into it."
+            ) from error
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Save like `StableDiffusionPipeline.save_pretrained`, recorded as a `StableDiffusionPipeline`.

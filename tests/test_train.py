@@ -565,3 +565,38 @@ def test_lora_alpha_survives_and_the_webui_file_gives_the_same_images(
     from_webui.load_lora_weights(str(out), weight_name=webui.name)
     assert np.array_equal(sample(pipe), sample(from_webui))
     assert np.abs(sample(pipe) - sample(PoGDiffPipeline.from_pretrained(tiny_sd_path))).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["ema", "lora"])
+def test_any_checkpoint_opens_for_inference(kind, tiny_sd_path, tiny_dataset_path, tmp_path):
+    """PoGDiffPipeline.from_pretrained("out/checkpoint-N"): the last checkpoint gives the final model's images
+    (full + EMA: the EMA UNet, which the final save copies in; LoRA: its adapters on the recorded base)."""
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    out = tmp_path / kind
+    extra = ("--use_ema",) if kind == "ema" else ("--use_lora", "--rank", "4")
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, out, "--checkpointing_steps", "1", *extra))
+    final = sample(PoGDiffPipeline.from_pretrained(out))
+    assert np.array_equal(sample(PoGDiffPipeline.from_pretrained(out / "checkpoint-2")), final)
+    first = sample(PoGDiffPipeline.from_pretrained(out / "checkpoint-1"))
+    assert np.abs(first - final).max() > 0
+    if kind == "ema":
+        raw = sample(PoGDiffPipeline.from_pretrained(out / "checkpoint-2", use_ema=False))
+        assert np.abs(raw - final).max() > 0  # the raw UNet is not the EMA one
+
+
+def test_a_checkpoint_whose_base_is_gone_says_where_the_name_came_from(
+    tiny_sd_path, tiny_dataset_path, tmp_path
+):
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    out = tmp_path / "run"
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, out, "--checkpointing_steps", "2"))
+    record = out / "checkpoint-2" / "pogdiff_run.json"
+    data = json.loads(record.read_text())
+    data["settings"]["--pretrained_model_name_or_path"] = str(tmp_path / "moved-base")
+    record.write_text(json.dumps(data))
+    with pytest.raises(
+        ValueError, match=r"on its base model .*moved-base.* \(named by its pogdiff_run.json\)"
+    ):
+        PoGDiffPipeline.from_pretrained(out / "checkpoint-2")
