@@ -628,11 +628,29 @@ def base_model_reference(name_or_path: str) -> str:
 def save_model_card(
     args, repo_id: str, images: list | None, repo_folder: str, index_summary: dict | None
 ) -> None:
-    """README.md with the metadata PoGDiffPipeline needs (`base_model`) and every PoGDiff hyperparameter."""
-    img_str = ""
+    """README.md from diffusers' model-card helpers: `base_model` (which PoGDiffPipeline reads for a LoRA result),
+    tags, license, a widget of the validation images, how to load the result, and every PoGDiff setting."""
+    from diffusers.utils.hub_utils import (
+        MODEL_CARD_TEMPLATE_PATH,
+        load_or_create_model_card,
+        populate_model_card,
+    )
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = base_model_reference(args.pretrained_model_name_or_path)
+    prompt = args.validation_prompts[0] if args.validation_prompts else "An image of <name>."
+    widget, grid = [], ""
+    for i, image in enumerate(images or []):
+        image.save(os.path.join(repo_folder, f"image_{i}.png"))
+        widget.append(
+            {
+                "text": args.validation_prompts[i % len(args.validation_prompts)],
+                "output": {"url": f"image_{i}.png"},
+            }
+        )
     if images:
         make_image_grid(images, 1, len(images)).save(os.path.join(repo_folder, "val_imgs_grid.png"))
-        img_str = "![val_imgs_grid](./val_imgs_grid.png)\n"
+        grid = "![val_imgs_grid](./val_imgs_grid.png)\n"
     dataset = args.dataset_name or args.train_data_dir
     hyper = {
         "objective": args.objective,
@@ -672,38 +690,38 @@ def save_model_card(
             + format_summary(index_summary)
             + "\n```\n"
         )
-    prompt = args.validation_prompts[0] if args.validation_prompts else "An image of <name>."
-    kind = "LoRA adapters for" if args.use_lora else "A full fine-tune of"
-    yaml = f"""---
-license: creativeml-openrail-m
-base_model: {base_model_reference(args.pretrained_model_name_or_path)}
-library_name: diffusers
-datasets:
-- {dataset}
-tags:
-- stable-diffusion
-- text-to-image
-- diffusers
-- pogdiff
-{"- lora" + chr(10) if args.use_lora else ""}inference: true
----
-"""
-    body = f"""
+    if args.use_lora:
+        kind = "LoRA adapters for"
+        usage = f"""from diffusers import DiffusionPipeline
+
+# The base in PoGDiffPipeline (DDIM, 50 steps), which ships with this repo as pipeline.py, then the adapters.
+pipe = DiffusionPipeline.from_pretrained("{base}", custom_pipeline="{repo_id}", trust_remote_code=True)
+pipe.load_lora_weights("{repo_id}")
+image = pipe("{prompt}").images[0]
+```
+
+AUTOMATIC1111 / ComfyUI: `{Path(repo_folder).name}.safetensors` holds the same adapters in the kohya key format."""
+    else:
+        kind = "A full fine-tune of"
+        usage = f"""from diffusers import DiffusionPipeline
+
+# PoGDiffPipeline (DDIM, 50 steps) ships with this repo as pipeline.py:
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="{repo_id}", trust_remote_code=True)
+# or as a plain Stable Diffusion pipeline:
+pipe = DiffusionPipeline.from_pretrained("{repo_id}")
+image = pipe("{prompt}").images[0]
+```"""
+    description = f"""
 # PoGDiff fine-tune - {repo_id}
 
 {kind} **{args.pretrained_model_name_or_path}** on **{dataset}**, trained with `train_pogdiff.py`
 (objective `{args.objective}`).
 
-{img_str}
+{grid}
 ## Usage
 
 ```python
-import torch
-from pipeline_pogdiff import PoGDiffPipeline  # github: the PoGDiff repository's pipeline_pogdiff.py
-
-pipe = PoGDiffPipeline.from_pretrained("{repo_id}")  # DDIM, 50 steps by default
-image = pipe("{prompt}", generator=torch.Generator().manual_seed(0)).images[0]
-```
+{usage}
 
 ## Training hyperparameters
 
@@ -711,8 +729,43 @@ image = pipe("{prompt}", generator=torch.Generator().manual_seed(0)).images[0]
 |---|---|
 {rows}
 {psi_lines}"""
-    with open(os.path.join(repo_folder, "README.md"), "w", encoding="utf-8") as f:
-        f.write(yaml + body)
+    card_kwargs = {
+        "license": "creativeml-openrail-m",
+        "base_model": base,
+        "model_description": description,
+        "inference": True,
+        "widget": widget or None,
+    }
+    if args.push_to_hub:
+        # The diffusers way: a card already on the user's repo is kept and completed.
+        card = load_or_create_model_card(repo_id_or_path=repo_id, from_training=True, **card_kwargs)
+    else:
+        # Nothing to look up for a local result (and a bare folder name could match someone else's Hub repo):
+        # the same training template, directly.
+        card = ModelCard.from_template(
+            card_data=ModelCardData(
+                **{k: card_kwargs[k] for k in ("license", "base_model", "inference", "widget")},
+                library_name="diffusers",
+            ),
+            template_path=MODEL_CARD_TEMPLATE_PATH,
+            model_description=description,
+        )
+    card.data.library_name = "diffusers"
+    card.data.datasets = [str(dataset)]
+    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "pogdiff"]
+    card = populate_model_card(card, tags=[*tags, "lora"] if args.use_lora else tags)
+    card.save(os.path.join(repo_folder, "README.md"))
+
+
+def save_pipeline_code(output_dir: str) -> None:
+    """PoGDiffPipeline's code as `pipeline.py`, the file name diffusers loads a Hub repo's `custom_pipeline` from,
+    so that `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)` needs nothing
+    else."""
+    source = Path(__file__).with_name("pipeline_pogdiff.py")
+    if not source.is_file():
+        logger.warning(f"{source} not found: the output has no pipeline.py for `custom_pipeline=`.")
+        return
+    shutil.copyfile(source, os.path.join(output_dir, "pipeline.py"))
 
 
 def log_validation(
@@ -1691,6 +1744,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                 weight_dtype,
                 args.num_train_epochs,
             )
+        save_pipeline_code(args.output_dir)
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(
             args, repo_id if args.push_to_hub else repo_name, images, args.output_dir, index_summary

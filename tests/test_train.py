@@ -500,7 +500,28 @@ def test_push_to_hub_uploads_the_model_not_the_checkpoints(
     ]
     assert "model_index.json" in uploaded and "README.md" in uploaded
     assert not [p for p in uploaded if p.startswith(("checkpoint-", "pogdiff-index-", "logs/"))], uploaded
-    assert "me/pogdiff-test" in (out / "README.md").read_text()
+    # Exactly the model, its card, the pipeline code and the draw counts: no training state, lock, index or log.
+    assert sorted({p.split("/")[0] for p in uploaded}) == [
+        "README.md", "model_index.json", "pipeline.py", "sample_counts.json",
+        "scheduler", "text_encoder", "tokenizer", "unet", "vae",
+    ]  # fmt: skip
+    card = (out / "README.md").read_text()
+    assert "me/pogdiff-test" in card and 'custom_pipeline="me/pogdiff-test"' in card
+
+    # The repo as pushed (only the uploaded files) loads both ways, to the same images as the output folder.
+    from diffusers import DiffusionPipeline
+
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    repo = tmp_path / "pushed-repo"
+    for name in uploaded:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / name, repo / name)
+    custom = DiffusionPipeline.from_pretrained(repo, custom_pipeline=str(repo), trust_remote_code=True)
+    assert type(custom).__name__ == "PoGDiffPipeline" and type(custom.scheduler).__name__ == "DDIMScheduler"
+    plain = DiffusionPipeline.from_pretrained(repo)
+    assert type(plain).__name__ == "StableDiffusionPipeline"
+    assert np.array_equal(sample(custom), sample(PoGDiffPipeline.from_pretrained(out)))
 
 
 def test_lora_bf16_mixed_precision_runs(tiny_sd_path, tiny_dataset_path, tmp_path):
