@@ -588,14 +588,14 @@ def test_lora_alpha_survives_and_the_webui_file_gives_the_same_images(
     assert np.abs(sample(pipe) - sample(PoGDiffPipeline.from_pretrained(tiny_sd_path))).max() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["ema", "lora"])
+@pytest.mark.parametrize("kind", ["full", "ema", "lora"])
 def test_any_checkpoint_opens_for_inference(kind, tiny_sd_path, tiny_dataset_path, tmp_path):
     """PoGDiffPipeline.from_pretrained("out/checkpoint-N"): the last checkpoint gives the final model's images
     (full + EMA: the EMA UNet, which the final save copies in; LoRA: its adapters on the recorded base)."""
     from pipeline_pogdiff import PoGDiffPipeline
 
     out = tmp_path / kind
-    extra = ("--use_ema",) if kind == "ema" else ("--use_lora", "--rank", "4")
+    extra = {"full": (), "ema": ("--use_ema",), "lora": ("--use_lora", "--rank", "4")}[kind]
     run_in_process(train_args(tiny_sd_path, tiny_dataset_path, out, "--checkpointing_steps", "1", *extra))
     final = sample(PoGDiffPipeline.from_pretrained(out))
     assert np.array_equal(sample(PoGDiffPipeline.from_pretrained(out / "checkpoint-2")), final)
