@@ -110,6 +110,7 @@ from pogdiff.sampling import (
     derive_seed,
     identity_sampling_weights,
     sampling_power,
+    with_row_weights,
 )
 from pogdiff.training import (
     NEIGHBOR_FORWARD_MODES,
@@ -403,6 +404,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     pog.add_argument(
+        "--sampling_weight_column",
+        type=str,
+        default=None,
+        help=(
+            "A dataset column of per-image draw weights (kohya's repeats, SimpleTuner's probability, as data), "
+            "multiplied into --sampling's weights. Default: none."
+        ),
+    )
+    pog.add_argument(
         "--sampling_power",
         type=float,
         default=None,
@@ -476,9 +486,13 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 def sampling_label(args: argparse.Namespace) -> str:
     """How images are drawn, as the flags say it (for logs and the model card)."""
     if args.sampling == "density":
-        return "--sampling density"
-    named = {p: name for name, p in SAMPLING_POWERS.items()}.get(args.sampling_power)
-    return f"--sampling {named}" if named else f"--sampling_power {args.sampling_power:g}"
+        label = "--sampling density"
+    else:
+        named = {p: name for name, p in SAMPLING_POWERS.items()}.get(args.sampling_power)
+        label = f"--sampling {named}" if named else f"--sampling_power {args.sampling_power:g}"
+    if getattr(args, "sampling_weight_column", None):
+        label += f" x --sampling_weight_column {args.sampling_weight_column}"
+    return label
 
 
 def first_caption(caption, row: int | None = None, column: str | None = None) -> str:
@@ -1290,6 +1304,15 @@ def main(args: argparse.Namespace) -> Accelerator:
         sampling_weights = density_sampling_weights(index.txt_log_weights)
     else:
         sampling_weights = identity_sampling_weights(identities, args.sampling_power)
+    if args.sampling_weight_column is not None:
+        if args.sampling_weight_column not in dataset.column_names:
+            raise TrainingError(
+                f"--sampling_weight_column {args.sampling_weight_column!r} is not a column of the dataset; its "
+                f"columns are {dataset.column_names}."
+            )
+        sampling_weights = with_row_weights(
+            sampling_weights, dataset[args.sampling_weight_column], args.sampling_weight_column
+        )
     sampler = EpochSampler(len(train_dataset), seed, weights=sampling_weights)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,

@@ -80,6 +80,7 @@ EXACTNESS_FLAGS: tuple[str, ...] = (
     "caption_dropout_prob",
     "sampling",
     "sampling_power",
+    "sampling_weight_column",
     "cbdm_tau",
     "cbdm_gamma",
 )

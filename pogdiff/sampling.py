@@ -72,6 +72,28 @@ def identity_sampling_weights(identities: Sequence[str], power: float) -> torch.
     return weights / weights.sum()
 
 
+def with_row_weights(weights: torch.Tensor | None, row_weights: Sequence[float], column: str) -> torch.Tensor:
+    """Per-sample draw probabilities (sum 1): the scheme's `weights` (None = uniform) times a per-row weight
+    from the data (`--sampling_weight_column`: kohya's repeats or SimpleTuner's probability, as a column).
+
+    Raises UserError, naming `column` and the row, for a weight that is negative, NaN or inf, or when every
+    weight is 0.
+    """
+    values = torch.tensor([float(w) for w in row_weights], dtype=torch.float64)
+    bad = (~torch.isfinite(values) | (values < 0)).nonzero().flatten()
+    if len(bad):
+        row = int(bad[0])
+        raise UserError(
+            f"--sampling_weight_column {column!r}: row {row} has weight {row_weights[row]!r}; weights must be "
+            f"finite and >= 0 ({len(bad)} rows are not)."
+        )
+    if not bool((values > 0).any()):
+        raise UserError(f"--sampling_weight_column {column!r}: every weight is 0, so nothing can be drawn.")
+    base = torch.ones_like(values) if weights is None else weights.double()
+    combined = base * values
+    return combined / combined.sum()
+
+
 def density_sampling_weights(txt_log_weights: torch.Tensor) -> torch.Tensor:
     """`--sampling density`: per-sample draw probabilities proportional to the index's inverse text density.
 

@@ -205,3 +205,20 @@ def test_row_captions_choose_one_caption_per_row_and_epoch():
     assert len({table.choice(1, e) for e in range(12)}) > 1
     single = RowCaptions(["x", "y", "x"], seed=0)
     assert not single.has_several and single.ids(5).tolist() == [0, 1, 0]
+
+
+def test_row_weights_multiply_the_scheme_and_are_checked():
+    from pogdiff.errors import UserError
+    from pogdiff.sampling import with_row_weights
+
+    # Uniform scheme x repeats (1, 3, 0, 4): probabilities 1/8, 3/8, 0, 4/8.
+    assert with_row_weights(None, [1, 3, 0, 4], "repeats").tolist() == [0.125, 0.375, 0.0, 0.5]
+    # Balanced over identities a, a, b, b (each image 1/4) x weights (1, 3, 2, 2): 1/8, 3/8, 2/8, 2/8.
+    balanced = identity_sampling_weights(["a", "a", "b", "b"], 0.0)
+    assert with_row_weights(balanced, [1, 3, 2, 2], "w").tolist() == [0.125, 0.375, 0.25, 0.25]
+    with pytest.raises(UserError, match=r"'w': row 1 has weight -1.0"):
+        with_row_weights(None, [1, -1.0, 2], "w")
+    with pytest.raises(UserError, match="row 0 has weight nan"):
+        with_row_weights(None, [float("nan"), 1], "w")
+    with pytest.raises(UserError, match="every weight is 0"):
+        with_row_weights(None, [0, 0], "w")

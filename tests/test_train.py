@@ -621,3 +621,26 @@ def test_a_checkpoint_whose_base_is_gone_says_where_the_name_came_from(
         ValueError, match=r"on its base model .*moved-base.* \(named by its pogdiff_run.json\)"
     ):
         PoGDiffPipeline.from_pretrained(out / "checkpoint-2")
+
+
+def test_sampling_weight_column_drives_the_draws(tiny_sd_path, tiny_dataset_path, tmp_path, capsys):
+    """kohya-style repeats as a column: weight 0 on every image of alice and bruno leaves only chen and dara."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset_path, data)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["repeats"] = 0 if row["identity"] in ("alice", "bruno") else 2
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o"
+    run_in_process(
+        train_args(
+            tiny_sd_path, str(data), out, "--objective", "vanilla", "--sampling_weight_column", "repeats"
+        )
+    )
+    counts = json.loads((out / "sample_counts.json").read_text())["samples_per_identity"]
+    assert counts["alice"] == counts["bruno"] == 0 and counts["chen"] + counts["dara"] == 2 * 4
+    _expect_error(
+        train_args(tiny_sd_path, str(data), tmp_path / "x", "--sampling_weight_column", "nope"),
+        capsys,
+        "--sampling_weight_column 'nope' is not a column",
+    )
