@@ -177,7 +177,7 @@ SIZES: dict[str, StudySize] = {
         inference_steps=20,
         judge_max_iter=300,
         shapes=("M",),
-        methods={"attr": ALL_METHODS, "template": ("vanilla", "pogdiff")},
+        methods={"attr": ALL_METHODS, "template": ALL_METHODS},
     ),
     # Runs end to end in a few minutes on 2 cores (tests/test_study.py); numbers mean nothing.
     "ci": StudySize(
