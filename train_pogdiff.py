@@ -69,6 +69,7 @@ from transformers.utils import ContextManagers
 from pogdiff.checkpointing import (
     RESTORED_FROM_CHECKPOINT,
     TEMP_PREFIX,
+    base_model_reference,
     checkpoint_dirs,
     checkpoint_problem,
     checkpoint_step,
@@ -631,12 +632,6 @@ def save_lora(unet, output_dir: str, webui_name: str | None = None) -> None:
             if key.endswith(".alpha"):
                 kohya[key] = torch.tensor(float(config.lora_alpha))
         save_file({k: v.contiguous() for k, v in kohya.items()}, os.path.join(output_dir, webui_name))
-
-
-def base_model_reference(name_or_path: str) -> str:
-    """How the model card names the base: a local folder by its absolute path (a relative one would stop
-    resolving as soon as the user loads the result from another directory), a Hub id as given."""
-    return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
 
 
 def save_model_card(

@@ -93,6 +93,12 @@ DATA_KEY = "data_fingerprint"
 PROCESSES_KEY = "num_processes"
 
 
+def base_model_reference(name_or_path: str) -> str:
+    """How a run names its base (model card, run record): a local folder by its absolute path (a relative one
+    stops resolving as soon as the result is used from another directory), a Hub id as given."""
+    return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+
+
 def checkpoint_step(name: str) -> int | None:
     """N of a `checkpoint-N` folder name, or None for any other name."""
     if not name.startswith(CHECKPOINT_PREFIX):
@@ -136,9 +142,9 @@ def run_settings(
         settings[f"--{dest}"] = getattr(args, dest)
     settings["--seed"] = seed
     model = settings["--pretrained_model_name_or_path"]
-    if isinstance(model, str) and os.path.isdir(model):
+    if isinstance(model, str):
         # The same local model reached from another working directory is the same model.
-        settings["--pretrained_model_name_or_path"] = os.path.abspath(model)
+        settings["--pretrained_model_name_or_path"] = base_model_reference(model)
     settings[DATA_KEY] = data_fingerprint
     settings[PROCESSES_KEY] = num_processes
     return json.loads(json.dumps(settings))
