@@ -62,7 +62,7 @@ from PIL import Image  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pogdiff.data import PSEUDONYM_FIRST_NAMES, build_longtail_dataset, format_summary  # noqa: E402
+from pogdiff.longtail import PSEUDONYM_FIRST_NAMES, build_longtail_dataset, format_summary  # noqa: E402
 from pogdiff.pretrain import finetune_arguments  # noqa: E402
 
 RESOLUTION = 32

@@ -1,4 +1,4 @@
-"""pogdiff.data: loading/validation, the torchvision-free transform, and the long-tail builder."""
+"""pogdiff.data (loading/validation, the torchvision-free transform) and pogdiff.longtail (the long-tail builder)."""
 
 import json
 import re
@@ -10,23 +10,27 @@ import torch
 from PIL import Image
 
 from pogdiff.data import (
+    check_identities,
+    dataset_fingerprint,
+    identity_labels,
+    load_image_text_dataset,
+    load_rgb,
+    preprocess_image,
+    resolve_columns,
+    row_image_loader,
+)
+from pogdiff.errors import UserError
+from pogdiff.longtail import (
     PAPER_TOTALS,
     PRESETS,
     PSEUDONYM_FIRST_NAMES,
     NameMasker,
     assign_pseudonyms,
     build_longtail_dataset,
-    check_identities,
-    dataset_fingerprint,
-    identity_labels,
-    load_image_text_dataset,
-    load_rgb,
     longtail_targets,
     main,
     name_parts,
     parse_agedb_filename,
-    preprocess_image,
-    resolve_columns,
 )
 
 # AgeDB-style identities and how many images each has.
@@ -349,6 +353,29 @@ def test_load_rgb_accepts_dataset_values_and_names_corrupt_files(tmp_path):
     truncated.write_bytes((tmp_path / "noise.png").read_bytes()[:4000])
     with pytest.raises(ValueError, match="truncated.png"):
         load_rgb(Image.open(truncated))
+
+
+def test_row_image_loader_names_the_broken_file_and_returns_the_pixels(tmp_path):
+    import datasets
+
+    good, broken = tmp_path / "good.png", tmp_path / "broken.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 4, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(good)
+    broken.write_bytes(b"\x89PNG not really")
+    dataset = datasets.Dataset.from_dict(
+        {"image": [str(good), str(broken)], "text": ["a", "b"]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    )
+    load = row_image_loader(dataset, "image", where="the reference set")
+    image = load(0)
+    assert image.mode == "RGB" and np.array_equal(np.asarray(image), pixels)
+    with pytest.raises(UserError, match=re.escape(f"{broken} (row 1 of the reference set)")):
+        load(1)
+    # A column of plain path strings works the same; the default says "the training set".
+    paths = datasets.Dataset.from_dict({"image": [str(good), str(broken)]})
+    assert np.array_equal(np.asarray(row_image_loader(paths, "image")(0)), pixels)
+    with pytest.raises(UserError, match=re.escape(f"{broken} (row 1 of the training set)")):
+        row_image_loader(paths, "image")(1)
 
 
 # ---------------------------------------------------------------------------------------------- transforms

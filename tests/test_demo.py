@@ -220,7 +220,7 @@ def test_shot_means_and_verdict_numbers():
 
 def test_pretraining_names_skip_fine_tuning_pseudonyms():
     demo = load_demo()
-    from pogdiff.data import PSEUDONYM_FIRST_NAMES
+    from pogdiff.longtail import PSEUDONYM_FIRST_NAMES
 
     first = list(PSEUDONYM_FIRST_NAMES[:6])
     assert demo.pretraining_names({first[1], first[3]}, 4) == [first[0], first[2], first[4], first[5]]

@@ -74,7 +74,7 @@ def test_attribute_thresholds_and_describe():
 def test_captions_fit_the_text_encoder_for_every_pseudonym_and_description():
     # The tiny CLIP tokenizer spends one token per non-space character and holds 77 with start/end tokens:
     # a longer caption would silently lose its last attributes.
-    from pogdiff.data import PSEUDONYM_FIRST_NAMES
+    from pogdiff.longtail import PSEUDONYM_FIRST_NAMES
 
     longest_name = max(PSEUDONYM_FIRST_NAMES, key=len)
     longest = max(

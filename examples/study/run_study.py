@@ -344,7 +344,7 @@ def build_shape(output_dir: Path, class_dir: Path, shape: str, style: str, seed:
 
     `seed` picks which classes are majority and minority and their pseudonyms (the pilot uses another one).
     """
-    from pogdiff.data import build_longtail_dataset
+    from pogdiff.longtail import build_longtail_dataset
 
     summary_path = output_dir / "summary.json"
     if summary_path.is_file():
@@ -948,7 +948,7 @@ class Prepared:
 
 def prepare(work_dir: Path, size: StudySize) -> Prepared:
     """Digits splits, captions, class folders, the judge and the base model (each cached in work_dir)."""
-    from pogdiff.data import assign_pseudonyms
+    from pogdiff.longtail import assign_pseudonyms
 
     images, labels = load_digit_images()
     split = split_classes(labels, size.judge_per_class, size.validation_per_class)
