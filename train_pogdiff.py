@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import accelerate
@@ -44,13 +45,11 @@ from accelerate.utils import (
     set_seed,
 )
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import (
     EMAModel,
     cast_training_params,
     compute_dream_and_update_latents,
-    compute_snr,
 )
 from diffusers.utils import (
     convert_state_dict_to_diffusers,
@@ -61,11 +60,14 @@ from diffusers.utils import (
 from diffusers.utils.import_utils import is_xformers_available
 from filelock import FileLock, Timeout
 from huggingface_hub import create_repo, upload_folder
+from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import ContextManagers
 
+from pipeline_pogdiff import PoGDiffPipeline
+from pogdiff.arguments import add_pogdiff_arguments, check_pogdiff_args, index_build_kwargs
 from pogdiff.checkpointing import (
     RESTORED_FROM_CHECKPOINT,
     TEMP_PREFIX,
@@ -84,50 +86,53 @@ from pogdiff.checkpointing import (
     write_run_record,
 )
 from pogdiff.data import (
+    INTERPOLATION_MODES,
+    REPEATS_COLUMN,
     check_identities,
     dataset_fingerprint,
     empty_caption_rows,
     identity_labels,
     load_image_text_dataset,
-    load_rgb,
     preprocess_image,
     resolve_columns,
+    row_image_loader,
 )
 from pogdiff.errors import UserError, model_load_message
-from pogdiff.index import (
-    add_index_arguments,
-    build_or_load_index,
-    format_summary,
-    index_build_kwargs,
-    summarize_index,
-)
+from pogdiff.index import build_or_load_index, format_summary, summarize_index
+from pogdiff.psi import PsiParams
 from pogdiff.sampling import (
     SAMPLING_POWERS,
-    SAMPLING_SCHEMES,
     EpochSampler,
     RowCaptions,
     SampleCounter,
     density_sampling_weights,
     derive_seed,
     identity_sampling_weights,
-    sampling_power,
     with_row_weights,
 )
 from pogdiff.training import (
-    NEIGHBOR_FORWARD_MODES,
-    OBJECTIVES,
+    CaptionStates,
+    ObjectiveSettings,
     StepMeans,
-    draw_pogdiff_neighbors,
-    draw_random_partners,
     encode_latent_parameters,
     fused_adamw_kwargs,
     make_neighbor_forward,
-    objective_loss,
-    pogdiff_draw_logs,
-    t2h_targets,
+    noised_batch,
+    objective_step,
+)
+from pogdiff.validation import (
+    ValidationPrompt,
+    auto_validation_prompts,
+    prompts_from_user,
+    save_validation_grid,
+    validation_grid,
+    validation_seed,
 )
 
 logger = get_logger(__name__, log_level="INFO")
+
+# Training images shown beside the samples of an identity's validation row.
+MAX_VALIDATION_TRAIN_IMAGES = 3
 
 # Files in output_dir that are training state, not the model: never uploaded.
 HUB_IGNORE_PATTERNS = [
@@ -147,296 +152,278 @@ class TrainingError(UserError):
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
-            "Fine-tune Stable Diffusion with PoGDiff on imbalanced image-text data. Flags and defaults mirror "
-            "diffusers' train_text_to_image.py; the PoGDiff flags are at the end."
+            "Fine-tune Stable Diffusion on imbalanced image-text data with PoGDiff. The flags are those of "
+            "diffusers' train_text_to_image.py, in its order and with its defaults; PoGDiff's own come last."
         )
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
+    parser.add_argument(
+        "--input_perturbation", type=float, default=0, help="Input perturbation scale (0.1 works)."
+    )
+    parser.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
         default=None,
         required=True,
         help="Path to pretrained model or model identifier from huggingface.co/models.",
     )
-    model.add_argument(
-        "--revision", type=str, default=None, help="Revision of the pretrained model on the Hub."
-    )
-    model.add_argument("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
-    model.add_argument(
-        "--non_ema_revision",
+    parser.add_argument(
+        "--revision",
         type=str,
         default=None,
-        help="Revision of the non-EMA UNet (deprecated in diffusers; prefer --variant=non_ema).",
+        required=False,
+        help="Revision of the pretrained model on the Hub.",
     )
-    model.add_argument(
-        "--prediction_type",
+    parser.add_argument(
+        "--variant",
         type=str,
         default=None,
-        help="'epsilon' or 'v_prediction'; None keeps the scheduler's prediction_type.",
+        help="Variant of the model files, e.g. fp16.",
     )
-
-    data = parser.add_argument_group("data")
-    data.add_argument(
+    parser.add_argument(
         "--dataset_name",
         type=str,
         default=None,
         help="A Hub dataset name or a local dataset path (columns image, text and optionally identity).",
     )
-    data.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Dataset.")
-    data.add_argument(
+    parser.add_argument(
+        "--dataset_config_name",
+        type=str,
+        default=None,
+        help="The config of the Dataset.",
+    )
+    parser.add_argument(
         "--train_data_dir",
         type=str,
         default=None,
-        help="A local imagefolder with metadata.jsonl (file_name, text, identity). Ignored with --dataset_name.",
+        help="A local imagefolder with metadata.jsonl (file_name, text, identity), or a kohya-style folder "
+        "with --caption_extension. Ignored with --dataset_name.",
     )
-    data.add_argument("--image_column", type=str, default="image", help="The column holding the image.")
-    data.add_argument("--caption_column", type=str, default="text", help="The column holding the caption(s).")
-    data.add_argument(
-        "--max_train_samples", type=int, default=None, help="Truncate the training set to this many samples."
-    )
-    data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets go.")
-    data.add_argument("--resolution", type=int, default=512, help="Training image resolution.")
-    data.add_argument(
-        "--center_crop", default=False, action="store_true", help="Center crop instead of a random crop."
-    )
-    data.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
-    data.add_argument(
-        "--image_interpolation_mode",
+    parser.add_argument("--image_column", type=str, default="image", help="The column holding the image.")
+    parser.add_argument(
+        "--caption_column",
         type=str,
-        default="lanczos",
-        choices=["bilinear", "bicubic", "lanczos", "nearest", "box", "hamming"],
-        help="Resampling filter used to resize images to --resolution.",
+        default="text",
+        help="The column holding the caption(s).",
     )
-    data.add_argument(
-        "--dataloader_num_workers",
+    parser.add_argument(
+        "--max_train_samples",
         type=int,
-        default=0,
-        help="Subprocesses for data loading (0 = main process).",
+        default=None,
+        help="Truncate the training set to this many samples.",
     )
-    data.add_argument(
-        "--cache_latents",
+    parser.add_argument(
+        "--validation_prompts",
+        type=str,
+        default=None,
+        nargs="+",
+        help="Prompts sampled every --validation_epochs (and --validation_steps).",
+    )
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="sd-model-finetuned",
+        help="Where the model, checkpoints, logs and validation grids are written.",
+    )
+    parser.add_argument(
+        "--cache_dir",
+        type=str,
+        default=None,
+        help="Where downloaded models and datasets go.",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=512,
+        help="Training image resolution.",
+    )
+    parser.add_argument(
+        "--center_crop",
+        default=False,
         action="store_true",
-        help="Encode every image (VAE latent distribution) and caption (text encoder) once before training; "
-        "needs deterministic transforms (--center_crop, no --random_flip) and one caption per image.",
+        help="Center crop instead of a random crop.",
     )
-
-    train = parser.add_argument_group("training")
-    train.add_argument(
-        "--output_dir", type=str, default="sd-model-finetuned", help="Where outputs are written."
+    parser.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Randomly flip images horizontally.",
     )
-    train.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
-    train.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
-    train.add_argument("--num_train_epochs", type=int, default=100)
-    train.add_argument(
+    parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    parser.add_argument("--num_train_epochs", type=int, default=100)
+    parser.add_argument(
         "--max_train_steps",
         type=int,
         default=None,
         help="Total optimisation steps; overrides --num_train_epochs.",
     )
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per update.")
-    train.add_argument(
-        "--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet backward."
+    parser.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Micro-batches per update.",
     )
-    train.add_argument(
-        "--input_perturbation", type=float, default=0, help="Input perturbation scale (0.1 works)."
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Trade compute for memory in the UNet backward.",
     )
-    train.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
-    train.add_argument(
-        "--snr_gamma",
+    parser.add_argument(
+        "--learning_rate",
         type=float,
-        default=None,
-        help="Min-SNR weighting gamma (5.0 recommended). With PoGDiff it multiplies both loss terms.",
+        default=1e-4,
+        help="Initial learning rate (after warmup).",
     )
-    train.add_argument("--dream_training", action="store_true", help="Use DREAM (arXiv 2312.00210).")
-    train.add_argument("--dream_detail_preservation", type=float, default=1.0, help="DREAM's p (> 0).")
-    train.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
-
-    optim = parser.add_argument_group("optimiser")
-    optim.add_argument(
-        "--learning_rate", type=float, default=1e-4, help="Initial learning rate (after warmup)."
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        default=False,
+        help="Scale lr by GPUs x accumulation x batch size.",
     )
-    optim.add_argument(
-        "--scale_lr", action="store_true", default=False, help="Scale lr by GPUs x accumulation x batch size."
-    )
-    optim.add_argument(
+    parser.add_argument(
         "--lr_scheduler",
         type=str,
         default="constant",
         help='"linear", "cosine", "cosine_with_restarts", "polynomial", "constant" or "constant_with_warmup".',
     )
-    optim.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the lr scheduler.")
-    optim.add_argument("--use_8bit_adam", action="store_true", help="Use 8-bit AdamW from bitsandbytes.")
-    optim.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for Adam.")
-    optim.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for Adam.")
-    optim.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
-    optim.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for Adam.")
-    optim.add_argument("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
-
-    memory = parser.add_argument_group("precision and memory")
-    memory.add_argument(
+    parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps of the lr scheduler.")
+    parser.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR weighting gamma (5.0 recommended). With PoGDiff it multiplies both loss terms.",
+    )
+    parser.add_argument(
+        "--dream_training",
+        action="store_true",
+        help="Use DREAM (arXiv 2312.00210).",
+    )
+    parser.add_argument(
+        "--dream_detail_preservation",
+        type=float,
+        default=1.0,
+        help="DREAM's p (> 0).",
+    )
+    parser.add_argument("--use_8bit_adam", action="store_true", help="Use 8-bit AdamW from bitsandbytes.")
+    parser.add_argument(
+        "--allow_tf32",
+        action="store_true",
+        help="Allow TF32 matmuls on Ampere+ GPUs.",
+    )
+    parser.add_argument(
+        "--use_ema", action="store_true", help="Keep an EMA copy of the UNet (saved as the model)."
+    )
+    parser.add_argument("--offload_ema", action="store_true", help="Keep the EMA copy on CPU between steps.")
+    parser.add_argument("--foreach_ema", action="store_true", help="Faster foreach EMA update (more memory).")
+    parser.add_argument(
+        "--non_ema_revision",
+        type=str,
+        default=None,
+        required=False,
+        help="Revision of the non-EMA UNet (deprecated in diffusers; prefer --variant=non_ema).",
+    )
+    parser.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Subprocesses for data loading (0 = main process).",
+    )
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for Adam.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for Adam.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for Adam.")
+    parser.add_argument("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
+    parser.add_argument(
+        "--push_to_hub", action="store_true", help="Push the model (not checkpoints) to the Hub."
+    )
+    parser.add_argument("--hub_token", type=str, default=None, help="The token to use to push to the Hub.")
+    parser.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        help="'epsilon' or 'v_prediction'; None keeps the scheduler's prediction_type.",
+    )
+    parser.add_argument(
+        "--hub_model_id",
+        type=str,
+        default=None,
+        help="The Hub repository to push to.",
+    )
+    parser.add_argument(
+        "--logging_dir",
+        type=str,
+        default="logs",
+        help="TensorBoard log directory (in output_dir).",
+    )
+    parser.add_argument(
         "--mixed_precision",
         type=str,
         default=None,
         choices=["no", "fp16", "bf16"],
         help="Overrides the accelerate config's mixed precision.",
     )
-    memory.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    memory.add_argument(
-        "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
+    parser.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        help='"tensorboard", "wandb", "comet_ml" or "all".',
     )
-    memory.add_argument(
-        "--neighbor_forward",
-        choices=NEIGHBOR_FORWARD_MODES,
-        default="auto",
-        help="PoGDiff's no-grad neighbour forward: 'cuda_graph' replays a CUDA graph of it (removes its kernel "
-        "launch time, which dominates at SD1.5 size on fast GPUs), 'eager' runs it as plain PyTorch, 'auto' "
-        "picks cuda_graph on CUDA unless DeepSpeed / FSDP shard the UNet or torch.compile is on.",
+    parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
+    parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save the training state every X updates.",
     )
-
-    ema = parser.add_argument_group("EMA")
-    ema.add_argument(
-        "--use_ema", action="store_true", help="Keep an EMA copy of the UNet (saved as the model)."
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Max number of checkpoints kept.",
     )
-    ema.add_argument("--offload_ema", action="store_true", help="Keep the EMA copy on CPU between steps.")
-    ema.add_argument("--foreach_ema", action="store_true", help="Faster foreach EMA update (more memory).")
-
-    ckpt = parser.add_argument_group("checkpointing")
-    ckpt.add_argument(
-        "--checkpointing_steps", type=int, default=500, help="Save the training state every X updates."
-    )
-    ckpt.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints kept."
-    )
-    ckpt.add_argument(
+    parser.add_argument(
         "--resume_from_checkpoint",
         type=str,
         default=None,
         help='A checkpoint-N folder (a path, or a name inside --output_dir), or "latest": the newest readable '
         "checkpoint in --output_dir (a fresh start when there is none).",
     )
-    ckpt.add_argument(
-        "--allow_changed_settings",
-        action="store_true",
-        help="Resume even when the checkpoint was written with settings that change the result (they are listed "
-        "in a warning); the run then no longer equals an uninterrupted one.",
+    parser.add_argument(
+        "--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention."
     )
-
-    val = parser.add_argument_group("validation")
-    val.add_argument(
-        "--validation_prompts",
+    parser.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
+    parser.add_argument(
+        "--validation_epochs",
+        type=int,
+        default=5,
+        help="Run validation every X epochs.",
+    )
+    parser.add_argument(
+        "--tracker_project_name",
         type=str,
-        default=None,
-        nargs="+",
-        help="Prompts sampled every --validation_epochs.",
+        default="text2image-fine-tune",
+        help="Project name passed to accelerate's init_trackers.",
     )
-    val.add_argument("--validation_epochs", type=int, default=5, help="Run validation every X epochs.")
-    val.add_argument(
-        "--num_validation_inference_steps", type=int, default=50, help="DDIM steps of the validation images."
-    )
-
-    hub = parser.add_argument_group("logging and hub")
-    hub.add_argument(
-        "--logging_dir", type=str, default="logs", help="TensorBoard log directory (in output_dir)."
-    )
-    hub.add_argument(
-        "--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "comet_ml" or "all".'
-    )
-    hub.add_argument(
-        "--tracker_project_name", type=str, default="text2image-fine-tune", help="Tracker project."
-    )
-    hub.add_argument(
-        "--push_to_hub", action="store_true", help="Push the model (not checkpoints) to the Hub."
-    )
-    hub.add_argument("--hub_token", type=str, default=None, help="The token to use to push to the Hub.")
-    hub.add_argument("--hub_model_id", type=str, default=None, help="The Hub repository to push to.")
-
-    lora = parser.add_argument_group("LoRA (peft)")
-    lora.add_argument(
-        "--use_lora", action="store_true", help="Train LoRA adapters on the UNet instead of all weights."
-    )
-    lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
-    lora.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
-    lora.add_argument(
-        "--lora_target_modules",
+    parser.add_argument(
+        "--image_interpolation_mode",
         type=str,
-        default="to_k,to_q,to_v,to_out.0",
-        help="Comma-separated UNet module names that get LoRA adapters.",
+        default="lanczos",
+        choices=list(INTERPOLATION_MODES),
+        help="Resampling filter used to resize images to --resolution.",
     )
-
-    pog = parser.add_argument_group("PoGDiff")
-    pog.add_argument(
-        "--objective",
-        type=str,
-        default="pogdiff",
-        choices=list(OBJECTIVES),
-        help="pogdiff (paper Eq. 13); vanilla (plain fine-tuning); cbdm (Qin et al. 2023); t2h (Zhang et al. 2024).",
-    )
-    pog.add_argument(
-        "--neighbor_grad",
-        action="store_true",
-        help=(
-            "PoGDiff: let the gradient flow through the neighbour's prediction eps(x_t, y') as well (the paper's "
-            "literal Algorithm 1; one forward with grad on the batch plus its neighbour rows). Default: that "
-            "prediction is a fixed target (no_grad), about 1.25x a vanilla step instead of 1.55x."
-        ),
-    )
-    pog.add_argument(
-        "--identity_column",
-        type=str,
-        default="identity",
-        help="Column naming who/what each image shows; if absent, the caption is the identity.",
-    )
-    add_index_arguments(pog)
-    pog.add_argument(
-        "--caption_dropout_prob",
-        type=float,
-        default=0.0,
-        help="Replace captions by '' with this probability (classifier-free guidance); such samples get psi = 0.",
-    )
-    pog.add_argument(
-        "--sampling",
-        type=str,
-        default="uniform",
-        choices=list(SAMPLING_SCHEMES),
-        help=(
-            "Sample order: uniform; balanced (every identity equally, kohya-style repeats); sqrt (identities by "
-            "sqrt(count)); density (images by the index's inverse text density: balancing without identity labels)."
-        ),
-    )
-    pog.add_argument(
-        "--sampling_weight_column",
-        type=str,
-        default=None,
-        help=(
-            "A dataset column of per-image draw weights (kohya's repeats, SimpleTuner's probability, as data), "
-            "multiplied into --sampling's weights. Default: none."
-        ),
-    )
-    pog.add_argument(
-        "--sampling_power",
-        type=float,
-        default=None,
-        help=(
-            "Balancing as a dial: an image of an identity with n images is drawn with weight n^(p-1), so 1 = "
-            "uniform, 0.5 = sqrt, 0 = balanced (those --sampling names are its aliases). Default: --sampling."
-        ),
-    )
-    pog.add_argument(
-        "--cbdm_tau", type=float, default=1.0, help="CBDM's tau (regulariser weight, times t/T)."
-    )
-    pog.add_argument("--cbdm_gamma", type=float, default=0.25, help="CBDM's gamma (commitment term weight).")
-    pog.add_argument(
-        "--index_cache_dir",
-        type=str,
-        default=None,
-        help="Where the neighbour/density index is cached (default: output_dir), keyed by data and parameters.",
-    )
+    add_pogdiff_arguments(parser)
 
     args = parser.parse_args(input_args)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
+
+    # Sanity checks
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("Need either --dataset_name or --train_data_dir.")
+
+    # default to using the same revision for the non-ema model if not specified
+    if args.non_ema_revision is None:
+        args.non_ema_revision = args.revision
 
     # argparse's float() accepts "nan" and "inf", which would flow silently into psi, the learning rate or the
     # loss; one check covers every float flag, present and future.
@@ -449,33 +436,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"{'/'.join(action.option_strings) or action.dest} must be a finite number, got {value}."
             )
-    if args.dataset_name is None and args.train_data_dir is None:
-        parser.error("Need either --dataset_name or --train_data_dir.")
     for flag in ("checkpointing_steps", "checkpoints_total_limit"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag} must be >= 1, got {value}.")
-    if args.non_ema_revision is None:
-        args.non_ema_revision = args.revision
-    if not 0.0 <= args.caption_dropout_prob < 1.0:
-        parser.error(f"--caption_dropout_prob must be in [0, 1), got {args.caption_dropout_prob}.")
-    if args.num_neighbors < 1:
-        parser.error(f"--num_neighbors must be >= 1, got {args.num_neighbors}.")
-    if args.psi_a3 <= 0:
-        parser.error(f"--psi_a3 must be > 0 (it divides psi), got {args.psi_a3}.")
-    try:
-        args.sampling_power = sampling_power(args.sampling, args.sampling_power)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.lora_alpha is None:
-        args.lora_alpha = args.rank
-    if args.cache_latents and (not args.center_crop or args.random_flip):
-        parser.error(
-            "--cache_latents encodes each image once, so its transforms must be deterministic: add --center_crop "
-            "and drop --random_flip (a random crop or flip would be frozen into the cache)."
-        )
-    if args.use_lora and args.use_ema:
-        parser.error("--use_ema is for full fine-tuning; with --use_lora leave it off.")
+    check_pogdiff_args(parser, args)
     return args
 
 
@@ -522,8 +487,7 @@ class TrainDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, image_column, row_captions: RowCaptions, tokenizer, args, seed: int):
-        self.images = undecoded_images(dataset, image_column)
-        self.image_column = image_column
+        self.image = row_image_loader(dataset, image_column)
         self.row_captions = row_captions
         self.tokenizer = tokenizer
         self.args = args
@@ -541,9 +505,8 @@ class TrainDataset(torch.utils.data.Dataset):
             # Latents and text embeddings come from the caches: no image decoding at all.
             return {"index": i}
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
-        image = load_rgb(self.images[i][self.image_column], path_hint=f"row {i} of the training set")
         pixel_values = preprocess_image(
-            image,
+            self.image(i),
             self.args.resolution,
             center_crop=self.args.center_crop,
             random_flip=self.args.random_flip,
@@ -553,14 +516,6 @@ class TrainDataset(torch.utils.data.Dataset):
         # Several captions per image: one per (epoch, row), as train_text_to_image picks one at random.
         input_ids = tokenize(self.tokenizer, [self.row_captions.text(i, self.epoch)])[0]
         return {"pixel_values": pixel_values, "input_ids": input_ids, "index": i}
-
-
-def undecoded_images(dataset, image_column: str):
-    """The image column with decoding left to `load_rgb`, so an unreadable file is reported by its path."""
-    images = dataset.select_columns([image_column])
-    if isinstance(images.features[image_column], datasets.Image):
-        images = images.cast_column(image_column, datasets.Image(decode=False))
-    return images
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -635,7 +590,7 @@ def save_lora(unet, output_dir: str, webui_name: str | None = None) -> None:
 
 
 def save_model_card(
-    args, repo_id: str, images: list | None, repo_folder: str, index_summary: dict | None
+    args, repo_id: str, examples: list[tuple[str, Image.Image]], repo_folder: str, index_summary: dict | None
 ) -> None:
     """README.md from diffusers' model-card helpers: `base_model` (which PoGDiffPipeline reads for a LoRA result),
     tags, license, a widget of the validation images, how to load the result, and every PoGDiff setting."""
@@ -647,17 +602,13 @@ def save_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     base = base_model_reference(args.pretrained_model_name_or_path)
-    prompt = args.validation_prompts[0] if args.validation_prompts else "An image of <name>."
+    prompt = examples[0][0] if examples else "An image of <name>."
     widget, grid = [], ""
-    for i, image in enumerate(images or []):
+    for i, (text, image) in enumerate(examples):
         image.save(os.path.join(repo_folder, f"image_{i}.png"))
-        widget.append(
-            {
-                "text": args.validation_prompts[i % len(args.validation_prompts)],
-                "output": {"url": f"image_{i}.png"},
-            }
-        )
-    if images:
+        widget.append({"text": text, "output": {"url": f"image_{i}.png"}})
+    if examples:
+        images = [image for _, image in examples]
         make_image_grid(images, 1, len(images)).save(os.path.join(repo_folder, "val_imgs_grid.png"))
         grid = "![val_imgs_grid](./val_imgs_grid.png)\n"
     dataset = args.dataset_name or args.train_data_dir
@@ -778,12 +729,24 @@ def save_pipeline_code(output_dir: str) -> None:
 
 
 def log_validation(
-    vae, text_encoder, tokenizer, unet, noise_scheduler, args, accelerator, weight_dtype, epoch
-):
-    """Sample the validation prompts through PoGDiffPipeline; log them and save a PNG grid in output_dir."""
-    from pipeline_pogdiff import PoGDiffPipeline
-
-    logger.info(f"Running validation on {len(args.validation_prompts)} prompts...")
+    vae,
+    text_encoder,
+    tokenizer,
+    unet,
+    noise_scheduler,
+    args,
+    accelerator,
+    weight_dtype,
+    global_step: int,
+    prompts: list[ValidationPrompt],
+    seed: int,
+    train_image: Callable[[int], Image.Image] | None = None,
+) -> list[list[Image.Image]]:
+    """Sample every validation prompt `--num_validation_images` times through PoGDiffPipeline, with the same seeds
+    at every validation, and save and log one labelled grid (`output_dir/validation/step-N.png`): a row per
+    prompt with its identity, its number of training images and (`train_image`) some of them beside the
+    samples. Returns the samples, per prompt."""
+    logger.info(f"Running validation on {len(prompts)} prompts...")
     pipeline = PoGDiffPipeline(
         vae=accelerator.unwrap_model(vae),
         text_encoder=accelerator.unwrap_model(text_encoder),
@@ -792,43 +755,48 @@ def log_validation(
         scheduler=noise_scheduler,
     )
     pipeline.set_progress_bar_config(disable=True)
-    seed = args.seed if args.seed is not None else 0
-    images = []
     autocast = (
         torch.autocast(accelerator.device.type, dtype=weight_dtype)
         if weight_dtype != torch.float32
         else contextlib.nullcontext()
     )
-    for i, prompt in enumerate(args.validation_prompts):
-        generator = torch.Generator(device=accelerator.device).manual_seed(seed + i)
+    samples = []
+    for i, prompt in enumerate(prompts):
+        generators = [
+            torch.Generator(device=accelerator.device).manual_seed(validation_seed(seed, i, j))
+            for j in range(args.num_validation_images)
+        ]
         with autocast:
-            images.append(
-                pipeline(
-                    prompt, num_inference_steps=args.num_validation_inference_steps, generator=generator
-                ).images[0]
-            )
+            images = pipeline(
+                [prompt.prompt] * len(generators),
+                num_inference_steps=args.num_validation_inference_steps,
+                generator=generators,
+            ).images
+        samples.append(images)
+    del pipeline
 
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    make_image_grid(images, 1, len(images)).save(
-        os.path.join(args.output_dir, "validation", f"epoch-{epoch:04d}.png")
-    )
+    rows = [
+        (
+            prompt,
+            [train_image(r) for r in prompt.train_rows[:MAX_VALIDATION_TRAIN_IMAGES]] if train_image else [],
+            images,
+        )
+        for prompt, images in zip(prompts, samples)
+    ]
+    grid = validation_grid(rows, max_train_images=MAX_VALIDATION_TRAIN_IMAGES, title=f"step {global_step}")
+    path = save_validation_grid(grid, args.output_dir, global_step)
+    logger.info(f"Validation grid: {path}")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            np_images = np.stack([np.asarray(img) for img in images])
-            tracker.writer.add_images("validation", np_images, epoch, dataformats="NHWC")
+            tracker.writer.add_image("validation", np.asarray(grid), global_step, dataformats="HWC")
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log(
-                {
-                    "validation": [
-                        wandb.Image(im, caption=f"{i}: {p}")
-                        for i, (im, p) in enumerate(zip(images, args.validation_prompts))
-                    ]
-                }
-            )
-    del pipeline
-    return images
+            caption = "; ".join(prompt.label for prompt in prompts)
+            tracker.log({"validation": wandb.Image(grid, caption=caption)}, step=global_step)
+        else:
+            logger.warning(f"image logging not implemented for {tracker.name}")
+    return samples
 
 
 # Test-only: the process SIGKILLs itself once checkpoint N is written under its temporary name, before the
@@ -1214,6 +1182,14 @@ def main(args: argparse.Namespace) -> Accelerator:
             dataset_config_name=args.dataset_config_name,
             train_data_dir=args.train_data_dir,
             cache_dir=args.cache_dir,
+            caption_extension=args.caption_extension,
+        )
+    if args.caption_extension is not None and args.sampling_weight_column is None:
+        # A kohya folder's N_name repeats are its draw weights (as in kohya's scripts); the flag overrides.
+        args.sampling_weight_column = REPEATS_COLUMN
+        logger.info(
+            f"Kohya-style folder: images are drawn with their folder's repeats (column {REPEATS_COLUMN!r}); "
+            "pass --sampling_weight_column to use another column."
         )
     image_column, caption_column, identity_column = resolve_columns(
         dataset.column_names,
@@ -1229,6 +1205,7 @@ def main(args: argparse.Namespace) -> Accelerator:
     caption_texts = [first_caption(c, row=i, column=caption_column) for i, c in enumerate(captions)]
     identities = identity_labels(dataset, identity_column, caption_column)
     identity_counts = check_identities(identities)
+    train_image = row_image_loader(dataset, image_column)
 
     data_fingerprint = dataset_fingerprint(dataset)
     args.run_settings = run_settings(
@@ -1266,15 +1243,10 @@ def main(args: argparse.Namespace) -> Accelerator:
                 f"--num_neighbors {args.num_neighbors} must be smaller than the dataset size ({len(dataset)} images): "
                 "each image needs k other images as neighbours. Lower --num_neighbors."
             )
-        image_rows = undecoded_images(dataset, image_column)
-
-        def get_image(i: int):
-            return load_rgb(image_rows[i][image_column], path_hint=f"row {i} of the training set")
-
         # The main process builds (or loads) the cached index first; the others then find it in the cache.
         with accelerator.main_process_first():
             index = build_or_load_index(
-                get_image,
+                train_image,
                 caption_texts,
                 identities,
                 **index_build_kwargs(args),
@@ -1285,10 +1257,7 @@ def main(args: argparse.Namespace) -> Accelerator:
             )
         index_summary = summarize_index(
             index,
-            a1=args.psi_a1,
-            a2=args.psi_a2,
-            a3=args.psi_a3,
-            terms=args.psi_terms,
+            PsiParams.from_args(args),
             few_shot_max=args.few_shot_max,
         )
         logger.info("Expected psi per sample (majority vs minority):\n" + format_summary(index_summary))
@@ -1377,21 +1346,17 @@ def main(args: argparse.Namespace) -> Accelerator:
 
     # Neighbours and CBDM partners are looked up by dataset row: tokens of each distinct caption, once.
     empty_ids = tokenize(tokenizer, [""])[0]
-    distinct_captions = row_captions.distinct
-    distinct_input_ids = tokenize(tokenizer, distinct_captions)
-    epoch_caption_ids = row_captions.ids(0)  # updated at every epoch's start
+    distinct_input_ids = tokenize(tokenizer, row_captions.distinct)
     latent_cache = text_cache = None
     if args.cache_latents:
         if any(not isinstance(c, str) for c in captions):
             raise TrainingError(
                 "--cache_latents needs one caption per image (some rows hold several); drop the flag."
             )
-        cache_rows = undecoded_images(dataset, image_column)
 
         def cache_pixels(i: int) -> torch.Tensor:
-            image = load_rgb(cache_rows[i][image_column], path_hint=f"row {i} of the training set")
             return preprocess_image(
-                image, args.resolution, center_crop=True, interpolation=args.image_interpolation_mode
+                train_image(i), args.resolution, center_crop=True, interpolation=args.image_interpolation_mode
             )
 
         latent_cache = encode_latent_parameters(
@@ -1410,13 +1375,15 @@ def main(args: argparse.Namespace) -> Accelerator:
             f"({(latent_cache.numel() * latent_cache.element_size() + text_cache.numel() * text_cache.element_size()) / 2**20:.1f} MiB)."
         )
 
-    def caption_states(rows: torch.Tensor) -> torch.Tensor:
-        """Text-encoder hidden states of the captions dataset rows train on in this epoch."""
-        ids = epoch_caption_ids[rows.cpu()]
-        if text_cache is not None:
-            return text_cache[ids.to(text_cache.device)]
-        with torch.no_grad():
-            return text_encoder(distinct_input_ids[ids].to(accelerator.device), return_dict=False)[0]
+    caption_states = CaptionStates(
+        text_encoder,
+        distinct_input_ids,
+        row_captions.ids(0),  # replaced at every epoch's start
+        empty_ids,
+        accelerator.device,
+        text_cache=text_cache,
+    )
+    objective = ObjectiveSettings.from_args(args)
 
     sample_counter = SampleCounter(len(train_dataset))
     accelerator.register_for_checkpointing(sample_counter)
@@ -1464,14 +1431,48 @@ def main(args: argparse.Namespace) -> Accelerator:
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
     if args.prediction_type is not None:
         # set prediction_type of scheduler if defined
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
 
+    # What validation samples: the user's prompts or, with --validation_steps alone, the first captions of a few
+    # majority and few-shot identities, so that the grids show whether the minority is being learned.
+    if args.validation_prompts:
+        validation_prompts = prompts_from_user(args.validation_prompts)
+    elif args.validation_steps is not None:
+        validation_prompts = auto_validation_prompts(identities, caption_texts, args.few_shot_max)
+    else:
+        validation_prompts = []
+    last_validation = None
+
+    def run_validation() -> None:
+        """One validation of the current weights (the EMA ones with --use_ema)."""
+        nonlocal last_validation
+        if args.use_ema:
+            # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
+            ema_unet.store(unet.parameters())
+            ema_unet.copy_to(unet.parameters())
+        samples = log_validation(
+            vae,
+            text_encoder,
+            tokenizer,
+            unet,
+            noise_scheduler,
+            args,
+            accelerator,
+            weight_dtype,
+            global_step,
+            validation_prompts,
+            seed,
+            train_image,
+        )
+        if args.use_ema:
+            ema_unet.restore(unet.parameters())
+        last_validation = (global_step, samples)
+
     for epoch in range(first_epoch, args.num_train_epochs):
         train_dataset.set_epoch(epoch)
-        epoch_caption_ids = row_captions.ids(epoch)
+        caption_states.row_text_ids = row_captions.ids(epoch)
         train_dataloader.set_epoch(epoch)
         active_dataloader = train_dataloader
         if epoch == first_epoch and resume_batches > 0:
@@ -1489,157 +1490,49 @@ def main(args: argparse.Namespace) -> Accelerator:
             cpu_generator = torch.Generator().manual_seed(derive_seed(step_seed, 1))
             generator = torch.Generator(device=accelerator.device).manual_seed(step_seed)
             with accelerator.accumulate(unet):
-                # Convert images to latent space
-                if latent_cache is not None:
-                    latent_dist = DiagonalGaussianDistribution(
-                        latent_cache[batch["index"].cpu()].to(accelerator.device, weight_dtype)
-                    )
-                else:
-                    latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
-                latents = latent_dist.sample(generator=generator)
-                latents = latents * vae.config.scaling_factor
-                bsz = latents.shape[0]
-
-                # Sample noise that we'll add to the latents
-                noise = torch.randn(
-                    latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
-                )
-                if args.noise_offset:
-                    # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-                    noise += args.noise_offset * torch.randn(
-                        (bsz, latents.shape[1], 1, 1),
-                        generator=generator,
-                        device=latents.device,
-                        dtype=latents.dtype,
-                    )
-                if args.input_perturbation:
-                    new_noise = noise + args.input_perturbation * torch.randn(
-                        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
-                    )
-                # Sample a random timestep for each image
-                timesteps = torch.randint(
-                    0,
-                    noise_scheduler.config.num_train_timesteps,
-                    (bsz,),
+                # Latents, noise, timesteps, x_t, text states and target, as upstream does them, from this
+                # step's generators (and from the latent cache / with caption dropout when asked).
+                inputs = noised_batch(
+                    batch,
+                    vae=vae,
+                    noise_scheduler=noise_scheduler,
+                    captions=caption_states,
                     generator=generator,
-                    device=latents.device,
-                ).long()
-
-                # Add noise to the latents according to the noise magnitude at each timestep
-                if args.input_perturbation:
-                    noisy_latents = noise_scheduler.add_noise(latents, new_noise, timesteps)
-                else:
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-
-                # Get the text embedding for conditioning (captions dropped for classifier-free guidance)
-                rows = batch["index"].cpu()
-                sample_counter.update(rows)
-                caption_dropped = torch.zeros(bsz, dtype=torch.bool)
-                if args.caption_dropout_prob > 0:
-                    caption_dropped = torch.rand(bsz, generator=cpu_generator) < args.caption_dropout_prob
-                if text_cache is not None:
-                    ids = torch.where(caption_dropped, len(distinct_captions), epoch_caption_ids[rows])
-                    encoder_hidden_states = text_cache[ids.to(text_cache.device)]
-                else:
-                    input_ids = torch.where(
-                        caption_dropped[:, None], empty_ids[None], batch["input_ids"].cpu()
-                    )
-                    encoder_hidden_states = text_encoder(input_ids.to(accelerator.device), return_dict=False)[
-                        0
-                    ]
-
-                # Get the target for loss depending on the prediction type
-                if noise_scheduler.config.prediction_type == "epsilon":
-                    target = noise
-                elif noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    raise TrainingError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+                    cpu_generator=cpu_generator,
+                    weight_dtype=weight_dtype,
+                    latent_cache=latent_cache,
+                    noise_offset=args.noise_offset,
+                    input_perturbation=args.input_perturbation,
+                    caption_dropout_prob=args.caption_dropout_prob,
+                )
+                sample_counter.update(inputs.rows)
 
                 if args.dream_training:
-                    noisy_latents, target = compute_dream_and_update_latents(
+                    inputs.noisy_latents, inputs.target = compute_dream_and_update_latents(
                         unet,
                         noise_scheduler,
-                        timesteps,
-                        noise,
-                        noisy_latents,
-                        target,
-                        encoder_hidden_states,
+                        inputs.timesteps,
+                        inputs.noise,
+                        inputs.noisy_latents,
+                        inputs.target,
+                        inputs.encoder_hidden_states,
                         args.dream_detail_preservation,
                     )
 
-                snr_weights = None
-                if args.snr_gamma is not None:
-                    # Min-SNR weighting (arXiv 2303.09556), as in train_text_to_image.py; with PoGDiff it
-                    # multiplies both terms of each sample's loss.
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    snr_weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(
-                        dim=1
-                    )[0]
-                    if noise_scheduler.config.prediction_type == "epsilon":
-                        snr_weights = snr_weights / snr
-                    elif noise_scheduler.config.prediction_type == "v_prediction":
-                        snr_weights = snr_weights / (snr + 1)
-
-                # What each objective adds: neighbours (pogdiff), random partners (cbdm), target transfer (t2h).
-                draw = None
-                neighbor_hidden_states = None
-                if args.objective == "pogdiff":
-                    draw = draw_pogdiff_neighbors(
-                        index,
-                        rows,
-                        cpu_generator,
-                        a1=args.psi_a1,
-                        a2=args.psi_a2,
-                        a3=args.psi_a3,
-                        terms=args.psi_terms,
-                        caption_dropped=caption_dropped,
-                        text_ids=epoch_caption_ids,
-                    )
-                    if bool(draw.needs_forward.any()):
-                        neighbor_hidden_states = caption_states(draw.rows[draw.needs_forward])
-                elif args.objective == "cbdm":
-                    partners = draw_random_partners(len(train_dataset), bsz, cpu_generator)
-                    neighbor_hidden_states = caption_states(partners)
-                elif args.objective == "t2h":
-                    target, accepted = t2h_targets(
-                        latents,
-                        noisy_latents,
-                        timesteps,
-                        alphas_cumprod,
-                        index.elbo[rows].to(accelerator.device),
-                        cpu_generator,
-                        noise=noise,
-                        prediction_type=noise_scheduler.config.prediction_type,
-                    )
-
-                loss, logs = objective_loss(
-                    args.objective,
+                # PoGDiff: the objective's forward(s) and loss, where upstream has `unet(...)` and the MSE.
+                loss, logs = objective_step(
+                    objective,
                     unet,
-                    noisy_latents,
-                    timesteps,
-                    target,
-                    encoder_hidden_states,
-                    neighbor_hidden_states=neighbor_hidden_states,
-                    draw=draw,
-                    snr_weights=snr_weights,
-                    num_train_timesteps=noise_scheduler.config.num_train_timesteps,
-                    cbdm_tau=args.cbdm_tau,
-                    cbdm_gamma=args.cbdm_gamma,
+                    inputs,
+                    noise_scheduler=noise_scheduler,
+                    captions=caption_states,
+                    generator=cpu_generator,
+                    index=index,
+                    num_rows=len(train_dataset),
+                    minority=is_minority,
                     neighbor_forward=neighbor_forward,
-                    neighbor_grad=args.neighbor_grad,
                 )
-                neighbor_mse = logs.pop("neighbor_mse", None)
-                logs.pop("frac_skipped", None)  # the draw's own count below also knows same-caption skips
-                # Logged values stay tensors until the optimizer step: no host sync per micro-step.
-                for k, v in logs.items():
-                    step_means.add(k, v)
-                if draw is not None:
-                    pogdiff_draw_logs(draw, is_minority[rows.cpu()], step_means)
-                    if neighbor_mse is not None:
-                        step_means.add("neighbor_mse", neighbor_mse, weight=int(draw.needs_forward.sum()))
-                if args.objective == "t2h":
-                    step_means.add("t2h_accept_rate", accepted.float().mean())
+                step_means.update(logs)
 
                 # Gather the losses across all processes for logging (if we use distributed training).
                 avg_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean()
@@ -1682,6 +1575,13 @@ def main(args: argparse.Namespace) -> Accelerator:
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args, global_step)
 
+                if (
+                    accelerator.is_main_process
+                    and args.validation_steps is not None
+                    and global_step % args.validation_steps == 0
+                ):
+                    run_validation()
+
             if global_step >= args.max_train_steps:
                 break
 
@@ -1690,15 +1590,7 @@ def main(args: argparse.Namespace) -> Accelerator:
             and args.validation_prompts
             and (epoch + 1) % args.validation_epochs == 0
         ):
-            if args.use_ema:
-                # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
-                ema_unet.store(unet.parameters())
-                ema_unet.copy_to(unet.parameters())
-            log_validation(
-                vae, text_encoder, tokenizer, unet, noise_scheduler, args, accelerator, weight_dtype, epoch
-            )
-            if args.use_ema:
-                ema_unet.restore(unet.parameters())
+            run_validation()
 
     # Data parallelism must leave every rank with the same weights; a cheap check catches silent divergence.
     accelerator.wait_for_everyone()
@@ -1749,23 +1641,34 @@ def main(args: argparse.Namespace) -> Accelerator:
             )
             pipeline.save_pretrained(args.output_dir)
 
-        images = []
-        if args.validation_prompts:
-            images = log_validation(
-                vae,
-                text_encoder,
-                tokenizer,
-                unet,
-                noise_scheduler,
-                args,
-                accelerator,
-                weight_dtype,
-                args.num_train_epochs,
-            )
+        samples = []
+        if validation_prompts:
+            # The model as saved (EMA weights copied in): reuse a validation of this very step, else sample.
+            if last_validation is not None and last_validation[0] == global_step:
+                samples = last_validation[1]
+            else:
+                samples = log_validation(
+                    vae,
+                    text_encoder,
+                    tokenizer,
+                    unet,
+                    noise_scheduler,
+                    args,
+                    accelerator,
+                    weight_dtype,
+                    global_step,
+                    validation_prompts,
+                    seed,
+                    train_image,
+                )
         save_pipeline_code(args.output_dir)
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(
-            args, repo_id if args.push_to_hub else repo_name, images, args.output_dir, index_summary
+            args,
+            repo_id if args.push_to_hub else repo_name,
+            [(prompt.prompt, images[0]) for prompt, images in zip(validation_prompts, samples)],
+            args.output_dir,
+            index_summary,
         )
         if args.push_to_hub:
             upload_folder(

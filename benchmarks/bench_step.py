@@ -1,8 +1,8 @@
 """Training-step time and memory of vanilla, PoGDiff, CBDM and T2H, through the trainer's own code path.
 
-`train_step` below is the loop body of `train_pogdiff.py` (VAE encode -> noise -> timesteps -> add_noise -> text
-encode -> target -> objective-specific work -> `objective_loss` -> backward -> clip -> AdamW step), calling the
-same functions from `pogdiff/training.py`. Only accelerate's thin wrappers are written out: the mixed-precision
+`train_step` below is the loop body of `train_pogdiff.py`: the trainer's own `noised_batch` (VAE encode -> noise
+-> timesteps -> add_noise -> text encode -> target) and `objective_step` (the objective's draws, forwards and
+loss) from `pogdiff/training.py`, then backward -> clip -> AdamW step. Only accelerate's thin wrappers are written out: the mixed-precision
 forward (autocast + fp32 outputs, what `accelerator.prepare` does to the UNet), `loss.backward()` and
 `torch.nn.utils.clip_grad_norm_`. The methods run interleaved in one process (A B C D A B C D ...) after a
 warm-up, each on its own copy of the UNet with its own optimizer, so that slow drift of a shared machine (other
@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 # Run as `python benchmarks/bench_step.py`, Python puts benchmarks/ (not the repository root) on sys.path.
@@ -46,18 +45,19 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from pogdiff.index import PoGDiffIndex  # noqa: E402
+from pogdiff.psi import PsiParams  # noqa: E402
 from pogdiff.sampling import derive_seed  # noqa: E402
 from pogdiff.testing import sd15_noise_scheduler  # noqa: E402
 from pogdiff.training import (  # noqa: E402
     NEIGHBOR_FORWARD_MODES,
     OBJECTIVES,
-    draw_pogdiff_neighbors,
-    draw_random_partners,
+    CaptionStates,
+    ObjectiveSettings,
     encode_latent_parameters,
     fused_adamw_kwargs,
     make_neighbor_forward,
-    objective_loss,
-    t2h_targets,
+    noised_batch,
+    objective_step,
 )
 
 GIB = 2**30
@@ -251,7 +251,6 @@ class Shared:
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     noise_scheduler: object
-    alphas_cumprod: torch.Tensor
     index: PoGDiffIndex
     all_input_ids: torch.Tensor  # (N, 77) token ids of every row's caption
     weight_dtype: torch.dtype
@@ -259,10 +258,8 @@ class Shared:
     latent_cache: torch.Tensor | None = None  # --cache_latents: (N, 2C, h, w) VAE distribution parameters
     text_cache: torch.Tensor | None = None  # --cache_latents: (num captions, 77, width) hidden states
     max_grad_norm: float = 1.0
-    psi_a1: float = 1.0
-    psi_a2: float = 1.0
-    psi_a3: float = 1.0
-    psi_terms: str = "img,txt"
+    captions: CaptionStates | None = None  # the rows' caption states, as the trainer builds them
+    psi: PsiParams = PsiParams()
     noise_offset: float = 0.0
 
 
@@ -280,14 +277,6 @@ class Method:
     neighbor_forward: object = None  # PoGDiff: `make_neighbor_forward`'s callable (None: eager)
 
 
-def caption_states(shared: Shared, rows: torch.Tensor) -> torch.Tensor:
-    """Text-encoder hidden states of the captions of dataset rows (from the cache with --cache_latents)."""
-    if shared.text_cache is not None:
-        return shared.text_cache[shared.index.text_ids[rows.cpu()].to(shared.device)]
-    with torch.no_grad():
-        return shared.text_encoder(shared.all_input_ids[rows.cpu()].to(shared.device), return_dict=False)[0]
-
-
 def optimizer_step(shared: Shared, method: Method, loss: torch.Tensor) -> None:
     """backward -> clip -> AdamW step -> LR scheduler step -> zero_grad, as both training loops end."""
     loss.backward()
@@ -298,88 +287,38 @@ def optimizer_step(shared: Shared, method: Method, loss: torch.Tensor) -> None:
 
 
 def train_step(shared: Shared, method: Method, batch: dict, step_seed: int) -> dict[str, float]:
-    """The loop body of `train_pogdiff.py` for one batch (no gradient accumulation, EMA or logging).
+    """The loop body of `train_pogdiff.py` for one batch (no gradient accumulation, EMA or logging): the trainer's
+    own `noised_batch` and `objective_step`, then the optimizer step.
 
     `batch` holds `index` (B,) dataset rows, `input_ids` (B, 77) and, without caches, `pixel_values`
     (B, 3, H, W) on the device. Returns the objective's logs plus `loss`.
     """
-    device = shared.device
     cpu_generator = torch.Generator().manual_seed(derive_seed(step_seed, 1))  # keyed apart, as in the trainer
-    generator = torch.Generator(device=device).manual_seed(step_seed)
-    scheduler = shared.noise_scheduler
-    rows = batch["index"].cpu()
-
-    if shared.latent_cache is not None:
-        latent_dist = DiagonalGaussianDistribution(shared.latent_cache[rows].to(device, shared.weight_dtype))
-    else:
-        latent_dist = shared.vae.encode(batch["pixel_values"].to(shared.weight_dtype)).latent_dist
-    latents = latent_dist.sample(generator=generator)
-    latents = latents * shared.vae.config.scaling_factor
-    bsz = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    if shared.noise_offset:
-        noise += shared.noise_offset * torch.randn(
-            (bsz, latents.shape[1], 1, 1), generator=generator, device=device, dtype=latents.dtype
-        )
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=device
-    ).long()
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    if shared.text_cache is not None:
-        encoder_hidden_states = caption_states(shared, rows)
-    else:
-        encoder_hidden_states = shared.text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = scheduler.get_velocity(latents, noise, timesteps)
-
-    draw = None
-    neighbor_hidden_states = None
-    if method.objective == "pogdiff":
-        draw = draw_pogdiff_neighbors(
-            shared.index,
-            rows,
-            cpu_generator,
-            a1=shared.psi_a1,
-            a2=shared.psi_a2,
-            a3=shared.psi_a3,
-            terms=shared.psi_terms,
-            caption_dropped=torch.zeros(bsz, dtype=torch.bool),
-        )
-        if bool(draw.needs_forward.any()):
-            neighbor_hidden_states = caption_states(shared, draw.rows[draw.needs_forward])
-    elif method.objective == "cbdm":
-        partners = draw_random_partners(len(shared.index), bsz, cpu_generator)
-        neighbor_hidden_states = caption_states(shared, partners)
-    elif method.objective == "t2h":
-        target, _ = t2h_targets(
-            latents,
-            noisy_latents,
-            timesteps,
-            shared.alphas_cumprod,
-            shared.index.elbo[rows].to(device),
-            cpu_generator,
-            noise=noise,
-            prediction_type=scheduler.config.prediction_type,
-        )
-
-    loss, logs = objective_loss(
-        method.objective,
+    generator = torch.Generator(device=shared.device).manual_seed(step_seed)
+    inputs = noised_batch(
+        batch,
+        vae=shared.vae,
+        noise_scheduler=shared.noise_scheduler,
+        captions=shared.captions,
+        generator=generator,
+        cpu_generator=cpu_generator,
+        weight_dtype=shared.weight_dtype,
+        latent_cache=shared.latent_cache,
+        noise_offset=shared.noise_offset,
+    )
+    loss, means = objective_step(
+        ObjectiveSettings(method.objective, shared.psi),
         method.forward,
-        noisy_latents,
-        timesteps,
-        target,
-        encoder_hidden_states,
-        neighbor_hidden_states=neighbor_hidden_states,
-        draw=draw,
-        num_train_timesteps=scheduler.config.num_train_timesteps,
+        inputs,
+        noise_scheduler=shared.noise_scheduler,
+        captions=shared.captions,
+        generator=cpu_generator,
+        index=shared.index,
+        num_rows=len(shared.index),
         neighbor_forward=method.neighbor_forward,
     )
-    if draw is not None:
-        logs["frac_skipped"] = 1.0 - float(draw.needs_forward.float().mean())
     # The trainer reads the loss every step (logging and its finiteness check): the same host sync here.
-    logs["loss"] = loss.detach().item()
+    logs = {**means.pop(), "loss": loss.detach().item()}
     if not math.isfinite(logs["loss"]):
         raise RuntimeError(f"Non-finite loss {logs['loss']} for {method.objective}.")
 
@@ -628,7 +567,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         vae=vae,
         text_encoder=text_encoder,
         noise_scheduler=scheduler,
-        alphas_cumprod=scheduler.alphas_cumprod.to(device),
         index=index,
         all_input_ids=token_table[index.text_ids],
         weight_dtype=dtype,
@@ -642,6 +580,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             shared.text_cache = torch.cat(
                 [text_encoder(ids.to(device), return_dict=False)[0] for ids in token_table.split(64)]
             )
+    # The trainer's caption lookup: distinct captions' tokens, each row's caption id, optionally the cache.
+    shared.captions = CaptionStates(
+        text_encoder, token_table, index.text_ids, None, device, shared.text_cache
+    )
     methods = [build_method(m, components["unet"], args, device, dtype) for m in args.methods]
     del components
     shared_bytes = _tensor_bytes(list(vae.parameters()) + list(text_encoder.parameters()))

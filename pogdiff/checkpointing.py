@@ -23,7 +23,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from pogdiff.index import add_index_arguments
+from pogdiff.arguments import add_index_arguments
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Everything under this prefix is unfinished (a save in progress, or a removal): never resumed from.

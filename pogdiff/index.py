@@ -21,6 +21,7 @@ Command line (build or load the index, print its summary, plot identity counts a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,7 +40,9 @@ from PIL import Image
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from .arguments import add_index_arguments, index_build_kwargs
 from .errors import UserError, report_user_errors
+from .psi import PsiParams, expected_psi
 
 logger = logging.getLogger(__name__)
 
@@ -564,14 +567,10 @@ def _minority_mask(index: PoGDiffIndex, few_shot_max: int) -> torch.Tensor:
     return counts[index.identity_ids] <= few_shot_max
 
 
-def expected_psi_per_sample(
-    index: PoGDiffIndex, a1: float = 1.0, a2: float = 1.0, a3: float = 1.0, terms: str = "img,txt"
-) -> torch.Tensor:
-    """(N,) psi of every sample in expectation over its Cat(w) neighbour draw (`neighbors.expected_psi`)."""
-    from .neighbors import expected_psi
-
+def expected_psi_per_sample(index: PoGDiffIndex, psi: PsiParams = PsiParams()) -> torch.Tensor:
+    """(N,) psi of every sample in expectation over its Cat(w) neighbour draw (`psi.expected_psi`)."""
     same_identity = index.identity_ids[index.neighbor_ids] == index.identity_ids[:, None]
-    return expected_psi(index.neighbor_sims, same_identity, index.txt_log_weights, a1, a2, a3, terms)
+    return expected_psi(index.neighbor_sims, same_identity, index.txt_log_weights, psi)
 
 
 def _stats(values: torch.Tensor) -> dict[str, float] | None:
@@ -581,12 +580,7 @@ def _stats(values: torch.Tensor) -> dict[str, float] | None:
 
 
 def summarize_index(
-    index: PoGDiffIndex,
-    a1: float = 1.0,
-    a2: float = 1.0,
-    a3: float = 1.0,
-    terms: str = "img,txt",
-    few_shot_max: int = 2,
+    index: PoGDiffIndex, psi: PsiParams = PsiParams(), few_shot_max: int = 2
 ) -> dict[str, Any]:
     """Numbers worth logging before training, as a JSON-serialisable dict.
 
@@ -600,7 +594,7 @@ def summarize_index(
     minority = sorted(name for name, count in counts.items() if count <= few_shot_max)
     majority = sorted(name for name, count in counts.items() if count > few_shot_max)
     is_minority = _minority_mask(index, few_shot_max)
-    psi = expected_psi_per_sample(index, a1, a2, a3, terms)
+    expected = expected_psi_per_sample(index, psi)
     other_identity = index.identity_ids[index.neighbor_ids] != index.identity_ids[:, None]
     weights = index.txt_log_weights.exp()
 
@@ -613,7 +607,7 @@ def summarize_index(
         size = int(mask.sum())
         groups[group] = {
             "num_samples": size,
-            "expected_psi": _stats(psi[mask]),
+            "expected_psi": _stats(expected[mask]),
             "mean_txt_weight": float(weights[mask].mean()) if size else None,
             "mean_neighbor_sim": float(index.neighbor_sims[mask].mean()) if size else None,
             "other_identity_neighbor_fraction": float(other_identity[mask].float().mean()) if size else None,
@@ -627,7 +621,7 @@ def summarize_index(
         "few_shot_max": few_shot_max,
         "majority_identities": majority,
         "minority_identities": minority,
-        "psi_params": {"a1": a1, "a2": a2, "a3": a3, "terms": terms},
+        "psi_params": dataclasses.asdict(psi),
         # Expected psi (mean/min/max) per group, the headline numbers to log before training.
         "psi": {group: row["expected_psi"] for group, row in groups.items()},
         "groups": groups,
@@ -709,7 +703,7 @@ def plot_index(index: PoGDiffIndex, summary: dict[str, Any], output_dir: str | o
     fig.savefig(counts_path, dpi=120)
 
     psi = summary["psi_params"]
-    values = expected_psi_per_sample(index, psi["a1"], psi["a2"], psi["a3"], psi["terms"])
+    values = expected_psi_per_sample(index, PsiParams(**psi))
     is_minority = _minority_mask(index, summary["few_shot_max"])
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.add_subplot()
@@ -740,110 +734,6 @@ def plot_index(index: PoGDiffIndex, summary: dict[str, Any], output_dir: str | o
 # Command line
 
 
-def _float_or_none(value: str) -> float | None:
-    return None if value.lower() == "none" else float(value)
-
-
-def add_index_arguments(parser) -> None:
-    """The neighbour, psi and text-density flags, shared by `train_pogdiff.py` and `python -m pogdiff.index`.
-
-    `parser` is an `argparse.ArgumentParser` or argument group.
-    """
-    parser.add_argument(
-        "--neighbor_encoder",
-        type=str,
-        default="facebook/dinov2-base",
-        help="Image encoder that decides neighbours: an HF id, 'vae' (the base model's VAE, no download), "
-        "'face' (dlib), 'pixels' (tests) or 'module:function'.",
-    )
-    parser.add_argument(
-        "--num_neighbors",
-        type=int,
-        default=5,
-        help="k: neighbours per image, by image-embedding cosine (Eq. 8).",
-    )
-    parser.add_argument(
-        "--psi_a1", type=float, default=1.0, help="a1 of Eq. 9: exponent of s for the same identity."
-    )
-    parser.add_argument(
-        "--psi_a2", type=float, default=1.0, help="a2 of Eq. 9: extra exponent of s when identities differ."
-    )
-    parser.add_argument(
-        "--psi_a3", type=float, default=1.0, help="a3 of Eq. 11-12: divides psi (overall scale)."
-    )
-    parser.add_argument(
-        "--psi_terms",
-        type=str,
-        default="img,txt",
-        choices=["img,txt", "img", "txt", "none"],
-        help="Factors of psi (paper Table 6 ablation): image similarity, inverse text density; none = vanilla.",
-    )
-    parser.add_argument(
-        "--density_latent_dim", type=int, default=16, help="Latent size of the text-density VAE."
-    )
-    parser.add_argument(
-        "--density_hidden_dim", type=int, default=256, help="Hidden size of the text-density VAE."
-    )
-    parser.add_argument(
-        "--density_epochs", type=int, default=200, help="Training epochs of the text-density VAE."
-    )
-    parser.add_argument(
-        "--density_lr", type=float, default=1e-3, help="Learning rate of the text-density VAE."
-    )
-    parser.add_argument(
-        "--density_num_samples",
-        type=int,
-        default=16,
-        help="Posterior draws per ELBO estimate (>= 16 advised).",
-    )
-    parser.add_argument(
-        "--density_temperature", type=float, default=1.0, help="T in log w = -ELBO/T - logmeanexp(-ELBO/T)."
-    )
-    parser.add_argument(
-        "--density_w_min",
-        type=_float_or_none,
-        default=0.1,
-        help="Lower clip of the inverse-density weights ('none': no clipping).",
-    )
-    parser.add_argument(
-        "--density_w_max",
-        type=_float_or_none,
-        default=10.0,
-        help="Upper clip of the inverse-density weights ('none': no clipping).",
-    )
-    parser.add_argument(
-        "--few_shot_max",
-        type=int,
-        default=2,
-        help="Identities with at most this many images count as minority.",
-    )
-
-
-def index_build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The `build_or_load_index` keywords that come straight from the flags of `add_index_arguments`."""
-    return {
-        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
-        "revision": args.revision,
-        "variant": args.variant,
-        "neighbor_encoder": args.neighbor_encoder,
-        "num_neighbors": args.num_neighbors,
-        "resolution": args.resolution,
-        **{name: getattr(args, name) for name in DENSITY_FLAGS},
-    }
-
-
-DENSITY_FLAGS = (
-    "density_latent_dim",
-    "density_hidden_dim",
-    "density_epochs",
-    "density_lr",
-    "density_num_samples",
-    "density_temperature",
-    "density_w_min",
-    "density_w_max",
-)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Build (or load) PoGDiff's neighbour / text-density index, print its summary, plot it."
@@ -857,6 +747,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--dataset_name", default=None, help="A Hugging Face dataset (Hub name).")
     data.add_argument("--train_data_dir", default=None, help="A local imagefolder with metadata.jsonl.")
     parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument(
+        "--caption_extension",
+        default=None,
+        help="Read --train_data_dir as a kohya-style folder (captions in sidecar files), as train_pogdiff.py does.",
+    )
     parser.add_argument("--cache_dir", default=None, help="Where datasets and models are cached.")
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--caption_column", default="text")
@@ -875,24 +770,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import datasets
-
     from .data import (
         check_identities,
         dataset_fingerprint,
         identity_labels,
         load_image_text_dataset,
-        load_rgb,
         resolve_columns,
+        row_image_loader,
     )
 
     args = parse_args(argv)
+    psi = PsiParams.from_args(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     dataset = load_image_text_dataset(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
         train_data_dir=args.train_data_dir,
         cache_dir=args.cache_dir,
+        caption_extension=args.caption_extension,
     )
     image_column, caption_column, identity_column = resolve_columns(
         dataset.column_names, args.image_column, args.caption_column, args.identity_column
@@ -912,15 +807,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "Pass --caption_column with a column of strings."
         )
     fingerprint = dataset_fingerprint(dataset)
-    # Undecoded image values carry their file path, so an unreadable image is named in the error.
-    if isinstance(dataset.features[image_column], datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-
-    def get_image(i: int) -> Image.Image:
-        return load_rgb(dataset[i][image_column])
 
     index = build_or_load_index(
-        get_image,
+        row_image_loader(dataset, image_column),
         texts,
         identities,
         **index_build_kwargs(args),
@@ -930,7 +819,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device=args.device,
         batch_size=args.batch_size,
     )
-    summary = summarize_index(index, args.psi_a1, args.psi_a2, args.psi_a3, args.psi_terms, args.few_shot_max)
+    summary = summarize_index(index, psi, args.few_shot_max)
     summary_path = Path(args.output_dir) / "index_summary.json"
     summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     paths = plot_index(index, summary, args.output_dir)

@@ -1,8 +1,8 @@
-"""Image-similarity part of PoGDiff's psi (paper Sec. 3.2.3, Eq. 8-9).
+"""PoGDiff's neighbours (paper Sec. 3.2.3, Eq. 8).
 
-Pipeline, once before training: image embeddings -> `knn_cosine` (top-k neighbours by cosine, self excluded).
-Each training step: `sample_neighbor_positions` draws one neighbour per sample from Cat(w) (Eq. 8), then
-`compute_psi` turns the drawn similarity, the identity match and the inverse text density into psi (Eq. 12).
+Once before training: image embeddings -> `knn_cosine` (top-k neighbours by cosine, self excluded). Each training
+step: `sample_neighbor_positions` draws one neighbour per sample from Cat(w) (Eq. 8); `pogdiff.psi` then turns
+the drawn similarity, the identity match and the inverse text density into psi (Eq. 12).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
-
-PSI_TERMS = ("img,txt", "txt,img", "img", "txt", "none")
 
 
 def _check_embeddings(embeddings: torch.Tensor, k: int) -> None:
@@ -288,108 +286,3 @@ def sample_neighbor_positions(sims: torch.Tensor, generator: torch.Generator) ->
     if sims.ndim != 2 or sims.shape[1] < 1:
         raise UserError(f"sims must have shape (B, k) with k >= 1, got {tuple(sims.shape)}.")
     return sample_categorical(neighbor_weights(sims), generator)
-
-
-def _check_exponents(a1: float, a2: float) -> None:
-    if a1 < 0 or a2 < 0:
-        raise UserError(
-            f"--psi_a1 and --psi_a2 must be >= 0 (got a1={a1}, a2={a2}): a negative exponent would turn "
-            f"small similarities into huge psi and zero similarity into inf."
-        )
-
-
-def psi_img(sim: torch.Tensor, same_identity: torch.Tensor, a1: float = 1.0, a2: float = 1.0) -> torch.Tensor:
-    """Image-similarity factor of psi (Eq. 9): clamp(s, 0, 1) ** (a1 + a2 * [identities differ]).
-
-    The paper writes max(0, s ** e); here s is clamped *before* the power, so a negative similarity gives 0
-    for every exponent (the paper's form would give NaN for a fractional exponent, and a positive value
-    s**2 for a dissimilar pair of different identities). Values never exceed 1. Edge case: torch defines
-    0 ** 0 = 1, so with a1 = 0 a same-identity pair gets psi_img = 1 whatever its similarity (the paper's
-    s ** 0 = 1 agrees); with a1 = a2 = 0 the image term is switched off (always 1).
-
-    Example (paper Sec. 3.2.4): s = 0.4, a1 = a2 = 1 -> 0.4 for the same identity, 0.16 otherwise.
-    """
-    _check_exponents(a1, a2)
-    s = sim.float().clamp(0.0, 1.0)
-    exponent = a1 + a2 * (~same_identity.to(torch.bool)).float()
-    return s.pow(exponent)
-
-
-def _parse_terms(terms: str) -> tuple[bool, bool]:
-    if terms not in PSI_TERMS:
-        raise UserError(
-            f"--psi_terms must be one of {', '.join(PSI_TERMS)} (got {terms!r}): 'img,txt' is PoGDiff, "
-            f"'img' or 'txt' drops the other factor of psi (paper Table 6), 'none' is vanilla fine-tuning."
-        )
-    return "img" in terms, "txt" in terms
-
-
-def compute_psi(
-    sim: torch.Tensor,
-    same_identity: torch.Tensor,
-    txt_log_weight: torch.Tensor,
-    a1: float,
-    a2: float,
-    a3: float,
-    terms: str = "img,txt",
-) -> torch.Tensor:
-    """psi of Eq. 12: psi_img(s, same identity) * exp(log inverse text density) / a3.
-
-    Args:
-        sim: (B,) similarity of each sample to its drawn neighbour.
-        same_identity: (B,) bool, whether the neighbour has the sample's identity.
-        txt_log_weight: (B,) log inverse text density of the *sample* (`density.inverse_density_log_weights`).
-        a1, a2: exponents of `psi_img`; a3: divides psi (> 0).
-        terms: which factors to use ("img,txt", "img", "txt"); a dropped factor counts as 1. "none" returns
-            zeros, i.e. vanilla fine-tuning.
-
-    Returns:
-        (B,) float32 psi >= 0. Samples whose caption was dropped for classifier-free guidance must get
-        psi = 0; that is the caller's job (it knows which captions were dropped).
-    """
-    use_img, use_txt = _parse_terms(terms)
-    if not a3 > 0:
-        raise UserError(f"--psi_a3 must be > 0 (it divides psi), got {a3}.")
-    if terms == "none":
-        return torch.zeros(sim.shape, dtype=torch.float32, device=sim.device)
-    psi = torch.full(sim.shape, 1.0 / a3, dtype=torch.float32, device=sim.device)
-    if use_img:
-        psi = psi * psi_img(sim, same_identity, a1, a2)
-    if use_txt:
-        psi = psi * torch.exp(txt_log_weight.float())
-    return psi
-
-
-def expected_psi(
-    sims: torch.Tensor,
-    same_identity: torch.Tensor,
-    txt_log_weight: torch.Tensor,
-    a1: float,
-    a2: float,
-    a3: float,
-    terms: str = "img,txt",
-) -> torch.Tensor:
-    """Per-sample expectation of psi over the Cat(w) neighbour draw: sum_j w_j * psi(s_j, identity_j).
-
-    For logging (e.g. mean psi of majority vs minority identities) without sampling noise.
-
-    Args:
-        sims: (N, k) neighbour similarities (`knn_cosine`).
-        same_identity: (N, k) bool, whether neighbour j has the sample's identity.
-        txt_log_weight: (N,) log inverse text densities of the samples.
-        a1, a2, a3, terms: as in `compute_psi`.
-
-    Returns:
-        (N,) float32 expected psi.
-    """
-    k = sims.shape[1]
-    psi = compute_psi(
-        sims.reshape(-1),
-        same_identity.reshape(-1),
-        txt_log_weight.float().repeat_interleave(k),
-        a1,
-        a2,
-        a3,
-        terms,
-    ).reshape(sims.shape)
-    return (neighbor_weights(sims) * psi).sum(dim=1)

@@ -13,9 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.training_utils import compute_snr
 
-from pogdiff.neighbors import compute_psi, sample_neighbor_positions
+from pogdiff.neighbors import sample_neighbor_positions
 from pogdiff.objectives import cbdm_loss, needs_neighbor_forward, pogdiff_loss, t2h_targets, vanilla_loss
+from pogdiff.psi import PsiParams, compute_psi
 
 from .errors import UserError
 
@@ -40,15 +43,12 @@ def draw_pogdiff_neighbors(
     index,
     rows: torch.Tensor,
     generator: torch.Generator,
+    psi: PsiParams,
     *,
-    a1: float,
-    a2: float,
-    a3: float,
-    terms: str,
     caption_dropped: torch.Tensor | None = None,
     text_ids: torch.Tensor | None = None,
 ) -> NeighborDraw:
-    """Draw j ~ Cat(w) among each sample's k neighbours (Eq. 8) and compute psi (Eq. 12).
+    """Draw j ~ Cat(w) among each sample's k neighbours (Eq. 8) and compute their psi (Eq. 12) with `psi`.
 
     A sample whose caption was dropped (classifier-free guidance training) gets psi = 0: its condition is the
     empty prompt, not the identity the neighbour was chosen for. Samples whose neighbour has the very same
@@ -62,17 +62,17 @@ def draw_pogdiff_neighbors(
     neighbor_rows = index.neighbor_ids[rows, positions]
     sim = sims[torch.arange(len(rows)), positions]
     same_identity = index.identity_ids[rows] == index.identity_ids[neighbor_rows]
-    psi = compute_psi(sim, same_identity, index.txt_log_weights[rows], a1=a1, a2=a2, a3=a3, terms=terms)
+    weights = compute_psi(sim, same_identity, index.txt_log_weights[rows], psi)
     if caption_dropped is not None:
-        psi = torch.where(caption_dropped.cpu(), torch.zeros_like(psi), psi)
+        weights = torch.where(caption_dropped.cpu(), torch.zeros_like(weights), weights)
     # The captions this epoch trains on (`RowCaptions.ids`); the index's first captions when not given.
     text_ids = index.text_ids if text_ids is None else text_ids.cpu()
     same_text = text_ids[rows] == text_ids[neighbor_rows]
-    needs = needs_neighbor_forward(psi, same_text=same_text)
+    needs = needs_neighbor_forward(weights, same_text=same_text)
     return NeighborDraw(
         rows=neighbor_rows,
-        psi=torch.where(needs, psi, torch.zeros_like(psi)),
-        psi_drawn=psi,
+        psi=torch.where(needs, weights, torch.zeros_like(weights)),
+        psi_drawn=weights,
         needs_forward=needs,
         same_identity=same_identity,
     )
@@ -109,6 +109,12 @@ class StepMeans:
         means = {k: values[k] / self._weights[k] for k in self._sums}
         self._sums, self._weights = {}, {}
         return means
+
+    def update(self, other: StepMeans) -> None:
+        """Adds another micro-step's sums and weights (e.g. the logs `objective_step` returns)."""
+        for key, value in other._sums.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+            self._weights[key] = self._weights.get(key, 0.0) + other._weights[key]
 
 
 def pogdiff_draw_logs(draw: NeighborDraw, minority: torch.Tensor, step_means: StepMeans) -> None:
@@ -407,6 +413,258 @@ def objective_loss(
     raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
 
 
+class CaptionStates:
+    """Text-encoder hidden states of the captions dataset rows train on: for the batch and for drawn neighbours
+    or partners, from the text encoder or (--cache_latents) from precomputed states.
+
+    Args:
+        text_encoder: the frozen text encoder (on `device`).
+        distinct_input_ids: (U, L) tokens of each distinct caption.
+        row_text_ids: (N,) which distinct caption each row trains on this epoch (`RowCaptions.ids`); replace it
+            at every epoch's start.
+        empty_input_ids: (L,) tokens of the empty prompt (caption dropout).
+        device: where the states are needed.
+        text_cache: (U + 1, L, D) precomputed states; row U is the empty prompt.
+    """
+
+    def __init__(
+        self,
+        text_encoder: Callable,
+        distinct_input_ids: torch.Tensor,
+        row_text_ids: torch.Tensor,
+        empty_input_ids: torch.Tensor | None,
+        device: torch.device,
+        text_cache: torch.Tensor | None = None,
+    ) -> None:
+        self.text_encoder = text_encoder
+        self.distinct_input_ids = distinct_input_ids
+        self.row_text_ids = row_text_ids
+        self.empty_input_ids = empty_input_ids
+        self.device = device
+        self.text_cache = text_cache
+
+    def of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """States of the captions `rows` train on (for neighbours and partners; no gradient)."""
+        ids = self.row_text_ids[rows.cpu()]
+        if self.text_cache is not None:
+            return self.text_cache[ids.to(self.text_cache.device)]
+        with torch.no_grad():
+            return self.text_encoder(self.distinct_input_ids[ids].to(self.device), return_dict=False)[0]
+
+    def of_batch(
+        self, rows: torch.Tensor, input_ids: torch.Tensor | None, dropped: torch.Tensor
+    ) -> torch.Tensor:
+        """States that condition the batch: its tokens, or the empty prompt where the caption was dropped."""
+        if self.text_cache is not None:
+            ids = torch.where(dropped, len(self.distinct_input_ids), self.row_text_ids[rows.cpu()])
+            return self.text_cache[ids.to(self.text_cache.device)]
+        if bool(dropped.any()):
+            input_ids = torch.where(dropped[:, None], self.empty_input_ids[None], input_ids.cpu())
+        return self.text_encoder(input_ids.to(self.device), return_dict=False)[0]
+
+
+@dataclass
+class NoisedBatch:
+    """One micro-batch made ready for the UNet, as train_text_to_image.py's loop makes it."""
+
+    rows: torch.Tensor  # (B,) dataset rows, on the CPU
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy_latents: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    target: torch.Tensor
+    caption_dropped: torch.Tensor  # (B,) bool, on the CPU
+
+
+def noised_batch(
+    batch: dict,
+    *,
+    vae,
+    noise_scheduler,
+    captions: CaptionStates,
+    generator: torch.Generator,
+    cpu_generator: torch.Generator,
+    weight_dtype: torch.dtype,
+    latent_cache: torch.Tensor | None = None,
+    noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
+    caption_dropout_prob: float = 0.0,
+) -> NoisedBatch:
+    """Latents -> noise -> timesteps -> x_t -> text states -> target, the steps of train_text_to_image.py.
+
+    Every draw comes from the given generators (device draws from `generator`, caption dropout from
+    `cpu_generator`), never from the global RNG, so that a resumed run repeats the uninterrupted one exactly.
+    `batch` holds `index` (dataset rows), `input_ids` and `pixel_values` (not needed with `latent_cache`, the
+    VAE's latent distribution parameters of every row).
+    """
+    rows = batch["index"].cpu()
+    device = generator.device
+    if latent_cache is not None:
+        latent_dist = DiagonalGaussianDistribution(latent_cache[rows].to(device, weight_dtype))
+    else:
+        latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
+    latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    bsz = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+        noise += noise_offset * torch.randn(
+            (bsz, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
+    noised = noise
+    if input_perturbation:
+        noised = noise + input_perturbation * torch.randn(
+            latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+        )
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device
+    ).long()
+    noisy_latents = noise_scheduler.add_noise(latents, noised, timesteps)
+
+    caption_dropped = torch.zeros(bsz, dtype=torch.bool)
+    if caption_dropout_prob > 0:
+        caption_dropped = torch.rand(bsz, generator=cpu_generator) < caption_dropout_prob
+    encoder_hidden_states = captions.of_batch(rows, batch.get("input_ids"), caption_dropped)
+
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise UserError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+    return NoisedBatch(
+        rows, latents, noise, timesteps, noisy_latents, encoder_hidden_states, target, caption_dropped
+    )
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """What decides the loss of a batch: the objective and its parameters (from the trainer's flags)."""
+
+    objective: str = "pogdiff"
+    psi: PsiParams = PsiParams()
+    neighbor_grad: bool = False
+    cbdm_tau: float = 1.0
+    cbdm_gamma: float = 0.25
+    snr_gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}.")
+
+    @classmethod
+    def from_args(cls, args) -> ObjectiveSettings:
+        return cls(
+            objective=args.objective,
+            psi=PsiParams.from_args(args),
+            neighbor_grad=args.neighbor_grad,
+            cbdm_tau=args.cbdm_tau,
+            cbdm_gamma=args.cbdm_gamma,
+            snr_gamma=args.snr_gamma,
+        )
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR loss weights (arXiv 2303.09556), as train_text_to_image.py computes them: min(SNR, gamma) / SNR,
+    over SNR + 1 for v-prediction."""
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return weights / (snr + 1)
+    return weights / snr
+
+
+def objective_step(
+    settings: ObjectiveSettings,
+    unet: Callable,
+    inputs: NoisedBatch,
+    *,
+    noise_scheduler,
+    captions: CaptionStates,
+    generator: torch.Generator,
+    index=None,
+    num_rows: int | None = None,
+    minority: torch.Tensor | None = None,
+    neighbor_forward: Callable | None = None,
+) -> tuple[torch.Tensor, StepMeans]:
+    """The objective's part of a training step: what replaces `model_pred = unet(...)` and the MSE upstream.
+
+    Draws what the objective needs from `generator` (PoGDiff's neighbours and psi from `index`, CBDM's random
+    partners among `num_rows` rows, T2H's transferred targets), runs the UNet forward(s) (`objective_loss`)
+    and returns the loss with the step's logs. `minority` (N,) bool marks the rows of few-shot identities for
+    PoGDiff's psi logs. The trainer's loop and `benchmarks/bench_step.py` both call this.
+    """
+    objective = settings.objective
+    snr_weights = None
+    if settings.snr_gamma is not None:
+        # With PoGDiff the weights multiply both terms of each sample's loss.
+        snr_weights = min_snr_weights(noise_scheduler, inputs.timesteps, settings.snr_gamma)
+
+    rows = inputs.rows
+    target = inputs.target
+    draw = None
+    neighbor_hidden_states = None
+    accepted = None
+    if objective == "pogdiff":
+        draw = draw_pogdiff_neighbors(
+            index,
+            rows,
+            generator,
+            settings.psi,
+            caption_dropped=inputs.caption_dropped,
+            text_ids=captions.row_text_ids,
+        )
+        if bool(draw.needs_forward.any()):
+            neighbor_hidden_states = captions.of_rows(draw.rows[draw.needs_forward])
+    elif objective == "cbdm":
+        partners = draw_random_partners(num_rows, len(rows), generator)
+        neighbor_hidden_states = captions.of_rows(partners)
+    elif objective == "t2h":
+        device = inputs.latents.device
+        target, accepted = t2h_targets(
+            inputs.latents,
+            inputs.noisy_latents,
+            inputs.timesteps,
+            noise_scheduler.alphas_cumprod.to(device),
+            index.elbo[rows].to(device),
+            generator,
+            noise=inputs.noise,
+            prediction_type=noise_scheduler.config.prediction_type,
+        )
+
+    loss, logs = objective_loss(
+        objective,
+        unet,
+        inputs.noisy_latents,
+        inputs.timesteps,
+        target,
+        inputs.encoder_hidden_states,
+        neighbor_hidden_states=neighbor_hidden_states,
+        draw=draw,
+        snr_weights=snr_weights,
+        num_train_timesteps=noise_scheduler.config.num_train_timesteps,
+        cbdm_tau=settings.cbdm_tau,
+        cbdm_gamma=settings.cbdm_gamma,
+        neighbor_forward=neighbor_forward,
+        neighbor_grad=settings.neighbor_grad,
+    )
+    means = StepMeans()
+    neighbor_mse = logs.pop("neighbor_mse", None)
+    logs.pop("frac_skipped", None)  # the draw's own count below also knows same-caption skips
+    # Logged values stay tensors until the optimizer step: no host sync per micro-step.
+    for key, value in logs.items():
+        means.add(key, value)
+    if draw is not None:
+        is_minority = minority[rows] if minority is not None else torch.zeros(len(rows), dtype=torch.bool)
+        pogdiff_draw_logs(draw, is_minority, means)
+        if neighbor_mse is not None:
+            means.add("neighbor_mse", neighbor_mse, weight=int(draw.needs_forward.sum()))
+    if accepted is not None:
+        means.add("t2h_accept_rate", accepted.float().mean())
+    return loss, means
+
+
 __all__ = [
     "OBJECTIVES",
     "NeighborDraw",
@@ -420,6 +678,12 @@ __all__ = [
     "make_neighbor_forward",
     "NEIGHBOR_FORWARD_MODES",
     "objective_loss",
+    "CaptionStates",
+    "NoisedBatch",
+    "noised_batch",
+    "ObjectiveSettings",
+    "min_snr_weights",
+    "objective_step",
     "t2h_targets",
     "unet_prediction",
 ]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks import bench_index, bench_step
+from pogdiff.psi import PsiParams
 from pogdiff.training import draw_pogdiff_neighbors
 
 
@@ -16,7 +17,7 @@ def test_synthetic_index_skips_exactly_the_requested_fraction():
     rows = bench_step.batch_rows(skippable, active, 8, 0.25, torch.Generator().manual_seed(1))
     assert len(set(rows.tolist())) == 8 and int(torch.isin(rows, skippable).sum()) == 2
     draw = draw_pogdiff_neighbors(
-        index, rows, torch.Generator().manual_seed(2), a1=1.0, a2=1.0, a3=1.0, terms="img,txt"
+        index, rows, torch.Generator().manual_seed(2), PsiParams(a1=1.0, a2=1.0, a3=1.0, terms="img,txt")
     )
     assert draw.needs_forward.tolist() == (~torch.isin(rows, skippable)).tolist()
     assert bool((draw.psi_drawn > 0).all())

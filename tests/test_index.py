@@ -22,6 +22,7 @@ from pogdiff.index import (
     summarize_index,
     vae_image_encoder,
 )
+from pogdiff.psi import PsiParams
 
 TINY_COUNTS = {"alice": 6, "bruno": 6, "chen": 2, "dara": 2}
 FAST_DENSITY = {
@@ -259,13 +260,13 @@ def test_summary_expected_psi_by_hand():
     assert groups["minority"]["other_identity_neighbor_fraction"] == pytest.approx(1.0)
 
     # Image term only, a2 = 0, a3 = 2: row 0 -> (0.8*0.8 + 0.2*0.2) / 2 = 0.34; row 3 -> 0.6 / 2 = 0.3.
-    img_only = summarize_index(_hand_index(), a2=0.0, a3=2.0, terms="img", few_shot_max=1)
+    img_only = summarize_index(_hand_index(), PsiParams(a2=0.0, a3=2.0, terms="img"), few_shot_max=1)
     assert img_only["groups"]["majority"]["expected_psi"]["min"] == pytest.approx(0.34)
     assert img_only["groups"]["minority"]["expected_psi"]["max"] == pytest.approx(0.3)
     # Default split (few-shot <= 2 images): every identity is a minority one; majority stats are empty.
     default = summarize_index(_hand_index())
     assert default["majority_identities"] == [] and default["groups"]["majority"]["expected_psi"] is None
-    none = summarize_index(_hand_index(), terms="none")
+    none = summarize_index(_hand_index(), PsiParams(terms="none"))
     assert none["groups"]["all"]["expected_psi"] == {"mean": 0.0, "min": 0.0, "max": 0.0}
 
     table = format_summary(summary)

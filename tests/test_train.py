@@ -107,6 +107,28 @@ def base_unet(tiny_sd_path) -> dict[str, torch.Tensor]:
     return unet_state(Path(tiny_sd_path))
 
 
+def train_pogdiff_parser_actions() -> list:
+    """The trainer's argparse actions in declaration order (read from the parser parse_args builds)."""
+    import argparse
+
+    import train_pogdiff
+
+    captured = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        captured["actions"] = list(self._actions)
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        with pytest.raises(SystemExit):
+            train_pogdiff.parse_args([])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return captured["actions"]
+
+
 def test_help_lists_every_train_text_to_image_flag(capsys):
     import train_pogdiff
 
@@ -118,8 +140,20 @@ def test_help_lists_every_train_text_to_image_flag(capsys):
     assert not missing, f"--help lacks {missing}"
     for flag in ("--objective", "--num_neighbors", "--psi_a1", "--psi_terms", "--use_lora", "--sampling"):
         assert flag in help_text
-    # Grouped, with the PoGDiff group present.
-    assert "PoGDiff:" in help_text and "LoRA (peft):" in help_text
+
+    # Upstream's flags in upstream's order (the list above is upstream's order), then one PoGDiff group with
+    # every other flag: a side-by-side read of the two parse_args lines up.
+    parser_flags = [
+        a.option_strings[-1] for a in train_pogdiff_parser_actions() if a.option_strings and a.dest != "help"
+    ]
+    assert parser_flags[: len(TRAIN_TEXT_TO_IMAGE_FLAGS)] == TRAIN_TEXT_TO_IMAGE_FLAGS
+    group = "PoGDiff (flags that train_text_to_image.py does not have):"
+    assert help_text.count(group) == 1
+    after_group = help_text.split(group, 1)[1]
+    for flag in parser_flags[len(TRAIN_TEXT_TO_IMAGE_FLAGS) :]:
+        assert f"  {flag} " in after_group or f"  {flag}\n" in after_group, flag
+    for flag in TRAIN_TEXT_TO_IMAGE_FLAGS:
+        assert f"  {flag} " not in after_group and f"  {flag}\n" not in after_group, flag
 
 
 def test_defaults_match_train_text_to_image():

@@ -13,6 +13,7 @@ import torch
 
 from pogdiff.index import PoGDiffIndex
 from pogdiff.objectives import cbdm_loss
+from pogdiff.psi import PsiParams
 from pogdiff.testing import tiny_sd_components
 from pogdiff.training import (
     GraphedNeighborForward,
@@ -106,10 +107,7 @@ def drawn_rows_0_and_3() -> NeighborDraw:
         small_index(),
         torch.arange(4),
         torch.Generator().manual_seed(0),
-        a1=1.0,
-        a2=1.0,
-        a3=1.0,
-        terms="img,txt",
+        PsiParams(a1=1.0, a2=1.0, a3=1.0, terms="img,txt"),
         caption_dropped=torch.tensor([False, True, False, False]),
     )
 
@@ -337,13 +335,13 @@ def test_same_text_skip_uses_the_epochs_chosen_captions():
     """Rows 2 and 6 share their first caption (index text ids), but this epoch row 6 trains on another one of its
     captions: its neighbour term must run, not be skipped as 'same caption'."""
     index = small_index()
-    draw_kwargs = dict(a1=1.0, a2=1.0, a3=1.0, terms="img,txt")
-    first = draw_pogdiff_neighbors(index, torch.arange(4), torch.Generator().manual_seed(0), **draw_kwargs)
+    psi = PsiParams(a1=1.0, a2=1.0, a3=1.0, terms="img,txt")
+    first = draw_pogdiff_neighbors(index, torch.arange(4), torch.Generator().manual_seed(0), psi)
     assert first.needs_forward.tolist() == [True, True, False, True]
     epoch_ids = index.text_ids.clone()
     epoch_ids[6] = 99  # row 6's chosen caption this epoch differs from row 2's
     chosen = draw_pogdiff_neighbors(
-        index, torch.arange(4), torch.Generator().manual_seed(0), text_ids=epoch_ids, **draw_kwargs
+        index, torch.arange(4), torch.Generator().manual_seed(0), psi, text_ids=epoch_ids
     )
     assert chosen.needs_forward.tolist() == [True, True, True, True]
     torch.testing.assert_close(chosen.psi[2], chosen.psi_drawn[2])

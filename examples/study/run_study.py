@@ -1208,7 +1208,8 @@ def psi_statistics(index_dir: Path, base: Path, few_shot_max: int = 2) -> list[d
     import torch
 
     from pogdiff.index import PoGDiffIndex
-    from pogdiff.neighbors import compute_psi, neighbor_weights
+    from pogdiff.neighbors import neighbor_weights
+    from pogdiff.psi import PsiParams, compute_psi
 
     stats, seeds = [], set()
     for folder in sorted(index_dir.glob("pogdiff-index-*")):
@@ -1228,9 +1229,7 @@ def psi_statistics(index_dir: Path, base: Path, few_shot_max: int = 2) -> list[d
             index.neighbor_sims.reshape(-1),
             same_id.reshape(-1),
             index.txt_log_weights.repeat_interleave(k),
-            1.0,
-            1.0,
-            1.0,
+            PsiParams(),
         ).reshape(index.neighbor_sims.shape)
         w = neighbor_weights(index.neighbor_sims)
         same_text = index.text_ids[index.neighbor_ids] == index.text_ids[:, None]

@@ -1,0 +1,283 @@
+"""The command-line flags PoGDiff adds to diffusers' `train_text_to_image.py`, declared once.
+
+`train_pogdiff.py` declares upstream's flags in upstream's order and then calls `add_pogdiff_arguments`: every
+flag that is not upstream's sits in that one group at the end of `--help`, and `check_pogdiff_args` validates
+them. `python -m pogdiff.index` reuses the index part (`add_index_arguments`: neighbours, psi, text density),
+and `checkpointing.run_settings` reads the same declarations to know which flags change a run's result.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .errors import UserError
+from .psi import PSI_TERMS, PsiParams
+from .sampling import SAMPLING_SCHEMES, sampling_power
+from .training import NEIGHBOR_FORWARD_MODES, OBJECTIVES
+
+# The text-density VAE's flags, passed to `index.build_or_load_index` under the same names.
+DENSITY_FLAGS = (
+    "density_latent_dim",
+    "density_hidden_dim",
+    "density_epochs",
+    "density_lr",
+    "density_num_samples",
+    "density_temperature",
+    "density_w_min",
+    "density_w_max",
+)
+
+
+def _float_or_none(value: str) -> float | None:
+    return None if value.lower() == "none" else float(value)
+
+
+def add_index_arguments(parser) -> None:
+    """The neighbour, psi and text-density flags, shared by `train_pogdiff.py` and `python -m pogdiff.index`.
+
+    `parser` is an `argparse.ArgumentParser` or argument group.
+    """
+    parser.add_argument(
+        "--neighbor_encoder",
+        type=str,
+        default="facebook/dinov2-base",
+        help="Image encoder that decides neighbours: an HF id, 'vae' (the base model's VAE, no download), "
+        "'face' (dlib), 'pixels' (tests) or 'module:function'.",
+    )
+    parser.add_argument(
+        "--num_neighbors",
+        type=int,
+        default=5,
+        help="k: neighbours per image, by image-embedding cosine (Eq. 8).",
+    )
+    parser.add_argument(
+        "--psi_a1", type=float, default=1.0, help="a1 of Eq. 9: exponent of s for the same identity."
+    )
+    parser.add_argument(
+        "--psi_a2", type=float, default=1.0, help="a2 of Eq. 9: extra exponent of s when identities differ."
+    )
+    parser.add_argument(
+        "--psi_a3", type=float, default=1.0, help="a3 of Eq. 11-12: divides psi (overall scale)."
+    )
+    parser.add_argument(
+        "--psi_terms",
+        type=str,
+        default="img,txt",
+        choices=PSI_TERMS,
+        help="Factors of psi (paper Table 6 ablation): image similarity, inverse text density; none = vanilla.",
+    )
+    parser.add_argument(
+        "--density_latent_dim", type=int, default=16, help="Latent size of the text-density VAE."
+    )
+    parser.add_argument(
+        "--density_hidden_dim", type=int, default=256, help="Hidden size of the text-density VAE."
+    )
+    parser.add_argument(
+        "--density_epochs", type=int, default=200, help="Training epochs of the text-density VAE."
+    )
+    parser.add_argument(
+        "--density_lr", type=float, default=1e-3, help="Learning rate of the text-density VAE."
+    )
+    parser.add_argument(
+        "--density_num_samples",
+        type=int,
+        default=16,
+        help="Posterior draws per ELBO estimate (>= 16 advised).",
+    )
+    parser.add_argument(
+        "--density_temperature", type=float, default=1.0, help="T in log w = -ELBO/T - logmeanexp(-ELBO/T)."
+    )
+    parser.add_argument(
+        "--density_w_min",
+        type=_float_or_none,
+        default=0.1,
+        help="Lower clip of the inverse-density weights ('none': no clipping).",
+    )
+    parser.add_argument(
+        "--density_w_max",
+        type=_float_or_none,
+        default=10.0,
+        help="Upper clip of the inverse-density weights ('none': no clipping).",
+    )
+    parser.add_argument(
+        "--few_shot_max",
+        type=int,
+        default=2,
+        help="Identities with at most this many images count as minority (few-shot).",
+    )
+
+
+def index_build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `build_or_load_index` keywords that come straight from the flags of `add_index_arguments`."""
+    return {
+        "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "variant": args.variant,
+        "neighbor_encoder": args.neighbor_encoder,
+        "num_neighbors": args.num_neighbors,
+        "resolution": args.resolution,
+        **{name: getattr(args, name) for name in DENSITY_FLAGS},
+    }
+
+
+def add_pogdiff_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag `train_pogdiff.py` has beyond upstream's, as one group (the last one of `--help`)."""
+    pog = parser.add_argument_group("PoGDiff (flags that train_text_to_image.py does not have)")
+    pog.add_argument(
+        "--objective",
+        type=str,
+        default="pogdiff",
+        choices=list(OBJECTIVES),
+        help="pogdiff (paper Eq. 13); vanilla (plain fine-tuning); cbdm (Qin et al. 2023); t2h (Zhang et al. 2024).",
+    )
+    pog.add_argument(
+        "--neighbor_grad",
+        action="store_true",
+        help=(
+            "PoGDiff: let the gradient flow through the neighbour's prediction eps(x_t, y') as well (the paper's "
+            "literal Algorithm 1; one forward with grad on the batch plus its neighbour rows). Default: that "
+            "prediction is a fixed target (no_grad), about 1.25x a vanilla step instead of 1.55x."
+        ),
+    )
+    pog.add_argument(
+        "--neighbor_forward",
+        choices=NEIGHBOR_FORWARD_MODES,
+        default="auto",
+        help="PoGDiff's no-grad neighbour forward: 'cuda_graph' replays a CUDA graph of it (removes its kernel "
+        "launch time, which dominates at SD1.5 size on fast GPUs), 'eager' runs it as plain PyTorch, 'auto' "
+        "picks cuda_graph on CUDA unless DeepSpeed / FSDP shard the UNet or torch.compile is on.",
+    )
+    pog.add_argument(
+        "--identity_column",
+        type=str,
+        default="identity",
+        help="Column naming who/what each image shows; if absent, the caption is the identity.",
+    )
+    add_index_arguments(pog)
+    pog.add_argument(
+        "--index_cache_dir",
+        type=str,
+        default=None,
+        help="Where the neighbour/density index is cached (default: output_dir), keyed by data and parameters.",
+    )
+    pog.add_argument(
+        "--caption_dropout_prob",
+        type=float,
+        default=0.0,
+        help="Replace captions by '' with this probability (classifier-free guidance); such samples get psi = 0.",
+    )
+    pog.add_argument(
+        "--sampling",
+        type=str,
+        default="uniform",
+        choices=list(SAMPLING_SCHEMES),
+        help=(
+            "Sample order: uniform; balanced (every identity equally, kohya-style repeats); sqrt (identities by "
+            "sqrt(count)); density (images by the index's inverse text density: balancing without identity labels)."
+        ),
+    )
+    pog.add_argument(
+        "--sampling_power",
+        type=float,
+        default=None,
+        help=(
+            "Balancing as a dial: an image of an identity with n images is drawn with weight n^(p-1), so 1 = "
+            "uniform, 0.5 = sqrt, 0 = balanced (those --sampling names are its aliases). Default: --sampling."
+        ),
+    )
+    pog.add_argument(
+        "--sampling_weight_column",
+        type=str,
+        default=None,
+        help=(
+            "A dataset column of per-image draw weights (kohya's repeats, SimpleTuner's probability, as data), "
+            "multiplied into --sampling's weights. Default: none (a kohya folder's N_name repeats when read with "
+            "--caption_extension)."
+        ),
+    )
+    pog.add_argument(
+        "--cbdm_tau", type=float, default=1.0, help="CBDM's tau (regulariser weight, times t/T)."
+    )
+    pog.add_argument("--cbdm_gamma", type=float, default=0.25, help="CBDM's gamma (commitment term weight).")
+    pog.add_argument(
+        "--caption_extension",
+        type=str,
+        default=None,
+        help="Read --train_data_dir as a kohya-style folder: captions in sidecar files with this extension "
+        "(e.g. .txt) beside each image, identities from sub-folder names (N_name: N repeats). Default: the "
+        "imagefolder layout with metadata.jsonl, as upstream.",
+    )
+    pog.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image (VAE latent distribution) and caption (text encoder) once before training; "
+        "needs deterministic transforms (--center_crop, no --random_flip) and one caption per image.",
+    )
+    pog.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help="Also validate every X optimisation steps (with small data sets an epoch is a few steps). Without "
+        "--validation_prompts, prompts of a few majority and few-shot identities are chosen from the data.",
+    )
+    pog.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=1,
+        help="Images per validation prompt (each with its own fixed seed, the same at every validation).",
+    )
+    pog.add_argument(
+        "--num_validation_inference_steps", type=int, default=50, help="DDIM steps of the validation images."
+    )
+    pog.add_argument(
+        "--allow_changed_settings",
+        action="store_true",
+        help="Resume even when the checkpoint was written with settings that change the result (they are listed "
+        "in a warning); the run then no longer equals an uninterrupted one.",
+    )
+    pog.add_argument(
+        "--use_lora",
+        action="store_true",
+        help="Train LoRA adapters on the UNet (peft) instead of all weights.",
+    )
+    pog.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    pog.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    pog.add_argument(
+        "--lora_target_modules",
+        type=str,
+        default="to_k,to_q,to_v,to_out.0",
+        help="Comma-separated UNet module names that get LoRA adapters.",
+    )
+
+
+def check_pogdiff_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validates the flags of `add_pogdiff_arguments` (fills `--sampling_power` and `--lora_alpha`); a bad value
+    ends the program through `parser.error`, naming the flag."""
+    try:
+        PsiParams.from_args(args)
+        args.sampling_power = sampling_power(args.sampling, args.sampling_power)
+    except UserError as error:
+        parser.error(str(error))
+    if not 0.0 <= args.caption_dropout_prob < 1.0:
+        parser.error(f"--caption_dropout_prob must be in [0, 1), got {args.caption_dropout_prob}.")
+    for flag in (
+        "num_neighbors",
+        "validation_steps",
+        "num_validation_images",
+        "num_validation_inference_steps",
+    ):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be >= 1, got {value}.")
+    if args.lora_alpha is None:
+        args.lora_alpha = args.rank
+    if args.cache_latents and (not args.center_crop or args.random_flip):
+        parser.error(
+            "--cache_latents encodes each image once, so its transforms must be deterministic: add --center_crop "
+            "and drop --random_flip (a random crop or flip would be frozen into the cache)."
+        )
+    if args.use_lora and args.use_ema:
+        parser.error("--use_ema is for full fine-tuning; with --use_lora leave it off.")
+    if args.caption_extension is not None and args.train_data_dir is None:
+        parser.error("--caption_extension reads a --train_data_dir folder; give --train_data_dir.")
