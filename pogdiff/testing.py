@@ -9,7 +9,9 @@ The weights are random: images decoded by this VAE mean nothing and the text enc
 is fine for tests of code paths. A demo that judges images must first pretrain the tiny model (see
 `examples/`), and should say so.
 
-Command line (builds the model and, with ``--prompt``, samples one image through `PoGDiffPipeline`)::
+Command line (builds the model and, with ``--prompt``, samples one image with diffusers'
+`StableDiffusionPipeline` and a `DDIMScheduler` made from the model's scheduler config, 50 steps by default:
+the sampler `PoGDiffPipeline` uses)::
 
     python -m pogdiff.testing --output_dir outputs/tiny-sd --prompt "An image of Lukas."
 """
@@ -235,9 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset_dir", default=None, help="Also write the tiny imbalanced dataset here.")
     parser.add_argument(
-        "--prompt", default=None, help="Sample one image with PoGDiffPipeline from the built model."
+        "--prompt",
+        default=None,
+        help="Also sample one image from the built model (DDIM, as PoGDiffPipeline samples); saved as sample.png.",
     )
-    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps for --prompt.")
     args = parser.parse_args(argv)
 
     path = build_tiny_sd(args.output_dir, seed=args.seed)
@@ -245,24 +249,30 @@ def main(argv: list[str] | None = None) -> None:
     if args.dataset_dir:
         print(f"Tiny imbalanced dataset written to {write_tiny_dataset(args.dataset_dir, seed=args.seed)}")
     if args.prompt:
-        import sys
+        image_path = sample_image(path, args.prompt, args.num_inference_steps, seed=args.seed)
+        print(f"StableDiffusionPipeline (DDIMScheduler, {args.num_inference_steps} steps) -> {image_path}")
 
-        # pipeline_pogdiff.py sits at the repository root (a single file, so `custom_pipeline=` can load it).
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from pipeline_pogdiff import PoGDiffPipeline
 
-        pipe = PoGDiffPipeline.from_pretrained(path)
-        pipe.set_progress_bar_config(disable=False)
-        image = pipe(
-            args.prompt,
-            num_inference_steps=args.num_inference_steps,
-            generator=torch.Generator().manual_seed(args.seed),
-        ).images[0]
-        out = Path(path) / "sample.png"
-        image.save(out)
-        print(
-            f"{type(pipe).__name__} ({type(pipe.scheduler).__name__}, {args.num_inference_steps} steps) -> {out}"
-        )
+def sample_image(
+    model_dir: str | os.PathLike, prompt: str, num_inference_steps: int = 50, seed: int = 0
+) -> Path:
+    """Sample one image from the diffusers folder `model_dir` and save it there as `sample.png`.
+
+    Plain diffusers: `StableDiffusionPipeline` with its scheduler swapped for a `DDIMScheduler` built from the
+    shipped config, which is what `PoGDiffPipeline` (pipeline_pogdiff.py, a root-level script that this package
+    does not import) does for a full model.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=False)
+    image = pipe(
+        prompt, num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed)
+    ).images[0]
+    out = Path(model_dir) / "sample.png"
+    image.save(out)
+    return out
 
 
 def run_process_group(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
