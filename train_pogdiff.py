@@ -22,8 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,16 +50,11 @@ from diffusers.training_utils import (
     compute_dream_and_update_latents,
 )
 from diffusers.utils import (
-    convert_state_dict_to_diffusers,
-    convert_state_dict_to_kohya,
     convert_unet_state_dict_to_peft,
-    make_image_grid,
 )
 from diffusers.utils.import_utils import is_xformers_available
-from filelock import FileLock, Timeout
 from huggingface_hub import create_repo, upload_folder
 from PIL import Image
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import ContextManagers
@@ -69,45 +62,42 @@ from transformers.utils import ContextManagers
 from pipeline_pogdiff import PoGDiffPipeline
 from pogdiff.arguments import add_pogdiff_arguments, check_pogdiff_args, index_build_kwargs
 from pogdiff.checkpointing import (
-    RESTORED_FROM_CHECKPOINT,
-    TEMP_PREFIX,
-    base_model_reference,
-    checkpoint_dirs,
-    checkpoint_problem,
+    check_resume_settings,
     checkpoint_step,
-    describe_differences,
-    fsync_dir,
-    fsync_tree,
-    prune_checkpoints,
+    lock_output_dir,
     read_run_record,
     run_settings,
-    settings_differences,
-    temp_checkpoint_dirs,
-    write_run_record,
+    save_checkpoint,
+    select_resume_checkpoint,
 )
 from pogdiff.data import (
     INTERPOLATION_MODES,
     REPEATS_COLUMN,
+    TrainDataset,
     check_identities,
+    collate_fn,
     dataset_fingerprint,
     empty_caption_rows,
+    first_caption,
     identity_labels,
     load_image_text_dataset,
     preprocess_image,
     resolve_columns,
     row_image_loader,
+    tokenize,
 )
 from pogdiff.errors import UserError, model_load_message
+from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
 from pogdiff.psi import PsiParams
 from pogdiff.sampling import (
-    SAMPLING_POWERS,
     EpochSampler,
     RowCaptions,
     SampleCounter,
     density_sampling_weights,
     derive_seed,
     identity_sampling_weights,
+    sampling_label,
     with_row_weights,
 )
 from pogdiff.training import (
@@ -133,11 +123,6 @@ logger = get_logger(__name__, log_level="INFO")
 
 # Training images shown beside the samples of an identity's validation row.
 MAX_VALIDATION_TRAIN_IMAGES = 3
-
-# Files in output_dir that are training state, not the model: never uploaded.
-HUB_IGNORE_PATTERNS = [
-    "step_*", "epoch_*", "checkpoint-*", ".tmp-checkpoint-*", "pogdiff-index-*", ".pogdiff-*.lock", "logs/*",
-]  # fmt: skip
 
 
 class TrainingError(UserError):
@@ -449,283 +434,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sampling_label(args: argparse.Namespace) -> str:
-    """How images are drawn, as the flags say it (for logs and the model card)."""
-    if args.sampling == "density":
-        label = "--sampling density"
-    else:
-        named = {p: name for name, p in SAMPLING_POWERS.items()}.get(args.sampling_power)
-        label = f"--sampling {named}" if named else f"--sampling_power {args.sampling_power:g}"
-    if getattr(args, "sampling_weight_column", None):
-        label += f" x --sampling_weight_column {args.sampling_weight_column}"
-    return label
-
-
-def first_caption(caption, row: int | None = None, column: str | None = None) -> str:
-    """The caption of a row (the first one when a row has several); `row` and `column` name it in errors."""
-    if isinstance(caption, str):
-        return caption
-    if isinstance(caption, (list, tuple, np.ndarray)) and len(caption) > 0:
-        return str(caption[0])
-    where = f"Row {row} of the training set" if row is not None else "A row"
-    if caption is None:
-        raise TrainingError(
-            f"{where} has no caption: its {column or 'caption'!r} value is missing or null. Give every row "
-            "a caption (an empty string trains it unconditionally) or drop the row."
-        )
-    raise TrainingError(
-        f"{where}: captions must be strings or lists of strings, got {type(caption).__name__}: {caption!r}."
-    )
-
-
-class TrainDataset(torch.utils.data.Dataset):
-    """Rows of the image-text dataset as (pixel_values, input_ids, index) for the UNet.
-
-    Random crop/flip draw from a generator seeded by (seed, epoch, row), and the choice among several captions is
-    `RowCaptions`' (the one the neighbour lookups use too), so a resumed run sees exactly the pixels and captions
-    the uninterrupted run saw, whatever the worker count.
-    """
-
-    def __init__(self, dataset, image_column, row_captions: RowCaptions, tokenizer, args, seed: int):
-        self.image = row_image_loader(dataset, image_column)
-        self.row_captions = row_captions
-        self.tokenizer = tokenizer
-        self.args = args
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.row_captions.per_row)
-
-    def __getitem__(self, i: int) -> dict:
-        if self.args.cache_latents:
-            # Latents and text embeddings come from the caches: no image decoding at all.
-            return {"index": i}
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
-        pixel_values = preprocess_image(
-            self.image(i),
-            self.args.resolution,
-            center_crop=self.args.center_crop,
-            random_flip=self.args.random_flip,
-            generator=generator,
-            interpolation=self.args.image_interpolation_mode,
-        )
-        # Several captions per image: one per (epoch, row), as train_text_to_image picks one at random.
-        input_ids = tokenize(self.tokenizer, [self.row_captions.text(i, self.epoch)])[0]
-        return {"pixel_values": pixel_values, "input_ids": input_ids, "index": i}
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions,
-        max_length=tokenizer.model_max_length,
-        padding="max_length",
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
-def collate_fn(examples: list[dict]) -> dict:
-    if "pixel_values" not in examples[0]:
-        return {"index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
-    pixel_values = torch.stack([e["pixel_values"] for e in examples]).to(
-        memory_format=torch.contiguous_format
-    )
-    return {
-        "pixel_values": pixel_values.float(),
-        "input_ids": torch.stack([e["input_ids"] for e in examples]),
-        "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
-    }
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Model card, validation, checkpoints
 # ----------------------------------------------------------------------------------------------------------------
-
-
-OUTPUT_LOCK = ".pogdiff-train.lock"
-
-
-def lock_output_dir(output_dir: str) -> FileLock:
-    """Takes `output_dir`'s lock for this run, or fails at once naming the lock if another run holds it.
-
-    The lock is an OS file lock: a run that dies (even by kill -9) releases it, so it never needs cleaning.
-    """
-    os.makedirs(output_dir, exist_ok=True)
-    lock = FileLock(os.path.join(output_dir, OUTPUT_LOCK))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise TrainingError(
-            f"Another train_pogdiff.py run is using --output_dir {output_dir!r} (it holds "
-            f"{os.path.join(output_dir, OUTPUT_LOCK)}). Wait for it to finish, or give this run another --output_dir."
-        ) from None
-    return lock
-
-
-def save_lora(unet, output_dir: str, webui_name: str | None = None) -> None:
-    """The UNet's LoRA adapters as `pytorch_lora_weights.safetensors` (diffusers keys, with the adapter config so
-    that `lora_alpha` survives), and with `webui_name` also as one file in the kohya key format that
-    AUTOMATIC1111, ComfyUI and kohya's scripts load (diffusers' own converter; its alpha is the rank, so the
-    run's `lora_alpha` is written in its place)."""
-    from peft.utils import get_peft_model_state_dict
-
-    config = unet.peft_config["default"]
-    peft_state = get_peft_model_state_dict(unet)
-    StableDiffusionPipeline.save_lora_weights(
-        output_dir,
-        unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
-        safe_serialization=True,
-        unet_lora_adapter_metadata=config.to_dict(),
-    )
-    if webui_name is not None:
-        kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_state.items()})
-        for key in kohya:
-            if key.endswith(".alpha"):
-                kohya[key] = torch.tensor(float(config.lora_alpha))
-        save_file({k: v.contiguous() for k, v in kohya.items()}, os.path.join(output_dir, webui_name))
-
-
-def save_model_card(
-    args, repo_id: str, examples: list[tuple[str, Image.Image]], repo_folder: str, index_summary: dict | None
-) -> None:
-    """README.md from diffusers' model-card helpers: `base_model` (which PoGDiffPipeline reads for a LoRA result),
-    tags, license, a widget of the validation images, how to load the result, and every PoGDiff setting."""
-    from diffusers.utils.hub_utils import (
-        MODEL_CARD_TEMPLATE_PATH,
-        load_or_create_model_card,
-        populate_model_card,
-    )
-    from huggingface_hub import ModelCard, ModelCardData
-
-    base = base_model_reference(args.pretrained_model_name_or_path)
-    prompt = examples[0][0] if examples else "An image of <name>."
-    widget, grid = [], ""
-    for i, (text, image) in enumerate(examples):
-        image.save(os.path.join(repo_folder, f"image_{i}.png"))
-        widget.append({"text": text, "output": {"url": f"image_{i}.png"}})
-    if examples:
-        images = [image for _, image in examples]
-        make_image_grid(images, 1, len(images)).save(os.path.join(repo_folder, "val_imgs_grid.png"))
-        grid = "![val_imgs_grid](./val_imgs_grid.png)\n"
-    dataset = args.dataset_name or args.train_data_dir
-    hyper = {
-        "objective": args.objective,
-        "neighbor_grad": args.neighbor_grad,
-        "num_neighbors (k)": args.num_neighbors,
-        "neighbor_encoder": args.neighbor_encoder,
-        "psi_a1": args.psi_a1,
-        "psi_a2": args.psi_a2,
-        "psi_a3": args.psi_a3,
-        "psi_terms": args.psi_terms,
-        "density_temperature": args.density_temperature,
-        "density_w_min / w_max": f"{args.density_w_min} / {args.density_w_max}",
-        "density VAE (latent, hidden, epochs, lr, samples)": (
-            f"{args.density_latent_dim}, {args.density_hidden_dim}, {args.density_epochs}, "
-            f"{args.density_lr}, {args.density_num_samples}"
-        ),
-        "caption_dropout_prob": args.caption_dropout_prob,
-        "sampling": sampling_label(args),
-        "cbdm_tau / gamma": f"{args.cbdm_tau} / {args.cbdm_gamma}",
-        "learning_rate": args.learning_rate,
-        "train_batch_size x gradient_accumulation_steps": f"{args.train_batch_size} x {args.gradient_accumulation_steps}",
-        "max_train_steps": args.max_train_steps,
-        "resolution": args.resolution,
-        "mixed_precision": args.mixed_precision,
-        "use_lora (rank, alpha)": f"{args.use_lora} ({args.rank}, {args.lora_alpha})"
-        if args.use_lora
-        else "False",
-        "use_ema": args.use_ema,
-        "snr_gamma": args.snr_gamma,
-        "seed": args.seed,
-    }
-    rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
-    psi_lines = ""
-    if index_summary:
-        psi_lines = (
-            "\n## Neighbours and psi at the start of training\n\n```\n"
-            + format_summary(index_summary)
-            + "\n```\n"
-        )
-    if args.use_lora:
-        kind = "LoRA adapters for"
-        usage = f"""from diffusers import DiffusionPipeline
-
-# The base in PoGDiffPipeline (DDIM, 50 steps), which ships with this repo as pipeline.py, then the adapters.
-pipe = DiffusionPipeline.from_pretrained("{base}", custom_pipeline="{repo_id}", trust_remote_code=True)
-pipe.load_lora_weights("{repo_id}")
-image = pipe("{prompt}").images[0]
-```
-
-AUTOMATIC1111 / ComfyUI: `{Path(repo_folder).name}.safetensors` holds the same adapters in the kohya key format."""
-    else:
-        kind = "A full fine-tune of"
-        usage = f"""from diffusers import DiffusionPipeline
-
-# PoGDiffPipeline (DDIM, 50 steps) ships with this repo as pipeline.py:
-pipe = DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="{repo_id}", trust_remote_code=True)
-# or as a plain Stable Diffusion pipeline:
-pipe = DiffusionPipeline.from_pretrained("{repo_id}")
-image = pipe("{prompt}").images[0]
-```"""
-    description = f"""
-# PoGDiff fine-tune - {repo_id}
-
-{kind} **{args.pretrained_model_name_or_path}** on **{dataset}**, trained with `train_pogdiff.py`
-(objective `{args.objective}`).
-
-{grid}
-## Usage
-
-```python
-{usage}
-
-## Training hyperparameters
-
-| parameter | value |
-|---|---|
-{rows}
-{psi_lines}"""
-    card_kwargs = {
-        "license": "creativeml-openrail-m",
-        "base_model": base,
-        "model_description": description,
-        "inference": True,
-        "widget": widget or None,
-    }
-    if args.push_to_hub:
-        # The diffusers way: a card already on the user's repo is kept and completed.
-        card = load_or_create_model_card(repo_id_or_path=repo_id, from_training=True, **card_kwargs)
-    else:
-        # Nothing to look up for a local result (and a bare folder name could match someone else's Hub repo):
-        # the same training template, directly.
-        card = ModelCard.from_template(
-            card_data=ModelCardData(
-                **{k: card_kwargs[k] for k in ("license", "base_model", "inference", "widget")},
-                library_name="diffusers",
-            ),
-            template_path=MODEL_CARD_TEMPLATE_PATH,
-            model_description=description,
-        )
-    card.data.library_name = "diffusers"
-    card.data.datasets = [str(dataset)]
-    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "pogdiff"]
-    card = populate_model_card(card, tags=[*tags, "lora"] if args.use_lora else tags)
-    card.save(os.path.join(repo_folder, "README.md"))
-
-
-def save_pipeline_code(output_dir: str) -> None:
-    """PoGDiffPipeline's code as `pipeline.py`, the file name diffusers loads a Hub repo's `custom_pipeline` from,
-    so that `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)` needs nothing
-    else."""
-    source = Path(__file__).with_name("pipeline_pogdiff.py")
-    if not source.is_file():
-        logger.warning(f"{source} not found: the output has no pipeline.py for `custom_pipeline=`.")
-        return
-    shutil.copyfile(source, os.path.join(output_dir, "pipeline.py"))
 
 
 def log_validation(
@@ -799,129 +510,6 @@ def log_validation(
     return samples
 
 
-# Test-only: the process SIGKILLs itself once checkpoint N is written under its temporary name, before the
-# rename (the instant at which a save is most fragile); tests/test_reliability.py sets it.
-KILL_AFTER_TMP_CHECKPOINT_ENV = "POGDIFF_TEST_KILL_AFTER_TMP_CHECKPOINT"
-
-
-def save_checkpoint(accelerator: Accelerator, args, global_step: int) -> None:
-    """accelerator.save_state into .tmp-checkpoint-N, recorded and fsynced, renamed to checkpoint-N; only then
-    are checkpoints beyond --checkpoints_total_limit removed.
-
-    A kill at any instant therefore leaves every checkpoint that was complete before (plus the new one once
-    renamed), and never a half-written checkpoint-N that `latest` would pick.
-    """
-    name = f"checkpoint-{global_step}"
-    final = os.path.join(args.output_dir, name)
-    tmp = os.path.join(args.output_dir, f"{TEMP_PREFIX}{global_step}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_run_record(tmp, global_step, args.run_settings)
-        fsync_tree(tmp)
-        if os.environ.get(KILL_AFTER_TMP_CHECKPOINT_ENV) == str(global_step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        # A checkpoint-N already here means this run resumed from an older checkpoint, which is still there.
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(args.output_dir)
-        logger.info(f"Saved state to {final}")
-        if args.checkpoints_total_limit is not None:
-            for old in prune_checkpoints(args.output_dir, args.checkpoints_total_limit, keep=name):
-                logger.info(
-                    f"Removed old checkpoint {old} (--checkpoints_total_limit {args.checkpoints_total_limit})"
-                )
-    accelerator.wait_for_everyone()
-
-
-def select_resume_checkpoint(args, accelerator: Accelerator) -> str | None:
-    """The checkpoint folder --resume_from_checkpoint names, or None for `latest` in an output_dir without one.
-
-    A path is used as given and must exist; a bare `checkpoint-N` is looked up in output_dir (as in
-    train_text_to_image.py). `latest` skips damaged checkpoints, newest first, with a warning for each. Folders
-    left by an interrupted save are removed first.
-    """
-    if accelerator.is_main_process:
-        for leftover in temp_checkpoint_dirs(args.output_dir):
-            shutil.rmtree(os.path.join(args.output_dir, leftover))
-            logger.info(
-                f"Removed {leftover} from {args.output_dir}: an unfinished checkpoint of an interrupted save."
-            )
-    given = args.resume_from_checkpoint
-    if given == "latest":
-        names = checkpoint_dirs(args.output_dir)
-        damaged = []
-        for name in reversed(names):
-            problem = checkpoint_problem(os.path.join(args.output_dir, name))
-            if problem is None:
-                for bad, why in damaged:
-                    logger.warning(
-                        f"Checkpoint {bad} is unreadable: {why}. Resuming from {name}, the newest readable one."
-                    )
-                return os.path.join(args.output_dir, name)
-            damaged.append((name, problem))
-        if damaged:
-            raise TrainingError(
-                f"No readable checkpoint in {args.output_dir}: "
-                + "; ".join(f"{bad}: {why}" for bad, why in damaged)
-                + ". Restore one, or remove them to start over."
-            )
-        return None
-    path = (
-        given
-        if os.sep in given or (os.altsep and os.altsep in given)
-        else os.path.join(args.output_dir, given)
-    )
-    if not os.path.isdir(path):
-        raise TrainingError(
-            f"--resume_from_checkpoint {given} does not exist. Give a checkpoint-N folder, a checkpoint-N name in "
-            f"{args.output_dir} ({', '.join(checkpoint_dirs(args.output_dir)) or 'it has none'}), or 'latest'."
-        )
-    if checkpoint_step(os.path.basename(os.path.normpath(path))) is None:
-        raise TrainingError(
-            f"--resume_from_checkpoint {given} is not a checkpoint-N folder saved by train_pogdiff.py."
-        )
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise TrainingError(f"Checkpoint {given} is unreadable: {problem}. Resume from another one.")
-    return path
-
-
-def check_resume_settings(args, resume_dir: str, record: dict | None) -> None:
-    """Refuse to continue a checkpoint with settings that change the result, unless --allow_changed_settings."""
-    name = os.path.basename(os.path.normpath(resume_dir))
-    if record is None:
-        logger.warning(
-            f"Checkpoint {name} has no pogdiff_run.json (an older train_pogdiff.py wrote it): whether this run's "
-            "settings match the checkpoint's cannot be checked."
-        )
-        return
-    saved = record["settings"]
-    changed = settings_differences(saved, args.run_settings)
-    if not changed:
-        return
-    differences = describe_differences(changed, saved, args.run_settings)
-    if not args.allow_changed_settings:
-        raise TrainingError(
-            f"Checkpoint {name} belongs to a run with other settings: {differences}. Resume with the "
-            "checkpoint's values, start a new run in another --output_dir, or pass --allow_changed_settings to "
-            "continue anyway (the result will then differ from an uninterrupted run)."
-        )
-    kept = [key for key in changed if key in RESTORED_FROM_CHECKPOINT]
-    logger.warning(
-        f"--allow_changed_settings: continuing {name} with other settings ({differences}); the result will differ "
-        "from an uninterrupted run."
-        + (
-            f" {', '.join(kept)} keep the checkpoint's values: the optimizer state holds them."
-            if kept
-            else ""
-        )
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
@@ -976,7 +564,11 @@ def main(args: argparse.Namespace) -> Accelerator:
 
     # The checkpoint to resume from is settled first: its recorded seed drives every draw below, and a wrong
     # path fails before any model is loaded.
-    resume_dir = select_resume_checkpoint(args, accelerator) if args.resume_from_checkpoint else None
+    resume_dir = (
+        select_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.is_main_process)
+        if args.resume_from_checkpoint
+        else None
+    )
     resume_record = read_run_record(resume_dir) if resume_dir is not None else None
 
     # Every random draw of the run (sample order, crops, noise, timesteps, neighbours) derives from this seed,
@@ -1212,7 +804,7 @@ def main(args: argparse.Namespace) -> Accelerator:
         args, seed=seed, data_fingerprint=data_fingerprint, num_processes=accelerator.num_processes
     )
     if resume_dir is not None:
-        check_resume_settings(args, resume_dir, resume_record)
+        check_resume_settings(resume_dir, resume_record, args.run_settings, args.allow_changed_settings)
 
     empty_rows = empty_caption_rows(captions)
     if empty_rows:
@@ -1263,7 +855,18 @@ def main(args: argparse.Namespace) -> Accelerator:
         logger.info("Expected psi per sample (majority vs minority):\n" + format_summary(index_summary))
 
     row_captions = RowCaptions(captions, seed)
-    train_dataset = TrainDataset(dataset, image_column, row_captions, tokenizer, args, seed)
+    train_dataset = TrainDataset(
+        dataset,
+        image_column,
+        row_captions,
+        tokenizer,
+        seed=seed,
+        resolution=args.resolution,
+        center_crop=args.center_crop,
+        random_flip=args.random_flip,
+        interpolation=args.image_interpolation_mode,
+        cached=args.cache_latents,
+    )
     if args.sampling == "density":
         sampling_weights = density_sampling_weights(index.txt_log_weights)
     else:
@@ -1573,7 +1176,13 @@ def main(args: argparse.Namespace) -> Accelerator:
                 progress_bar.set_postfix(step_loss=step_loss, lr=lr_scheduler.get_last_lr()[0])
 
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step)
+                    save_checkpoint(
+                        accelerator,
+                        args.output_dir,
+                        global_step,
+                        args.run_settings,
+                        args.checkpoints_total_limit,
+                    )
 
                 if (
                     accelerator.is_main_process
@@ -1661,7 +1270,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                     seed,
                     train_image,
                 )
-        save_pipeline_code(args.output_dir)
+        save_pipeline_code(args.output_dir, Path(__file__).with_name("pipeline_pogdiff.py"))
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(
             args,

@@ -18,12 +18,18 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import zipfile
 from typing import Any
 
+from accelerate.logging import get_logger
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
 from pogdiff.arguments import add_index_arguments
+from pogdiff.errors import UserError
+
+logger = get_logger(__name__, log_level="INFO")
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Everything under this prefix is unfinished (a save in progress, or a removal): never resumed from.
@@ -285,3 +291,146 @@ def prune_checkpoints(output_dir: str, limit: int, keep: str) -> list[str]:
     for name in removed:
         remove_checkpoint(output_dir, name)
     return removed
+
+
+# Used by train_pogdiff.py's loop: the output folder's lock, saving, choosing and checking a resume.
+
+
+OUTPUT_LOCK = ".pogdiff-train.lock"
+
+
+def lock_output_dir(output_dir: str) -> FileLock:
+    """Takes `output_dir`'s lock for this run, or fails at once naming the lock if another run holds it.
+
+    The lock is an OS file lock: a run that dies (even by kill -9) releases it, so it never needs cleaning.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    lock = FileLock(os.path.join(output_dir, OUTPUT_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(
+            f"Another train_pogdiff.py run is using --output_dir {output_dir!r} (it holds "
+            f"{os.path.join(output_dir, OUTPUT_LOCK)}). Wait for it to finish, or give this run another --output_dir."
+        ) from None
+    return lock
+
+
+# Test-only: the process SIGKILLs itself once checkpoint N is written under its temporary name, before the
+# rename (the instant at which a save is most fragile); tests/test_reliability.py sets it.
+KILL_AFTER_TMP_CHECKPOINT_ENV = "POGDIFF_TEST_KILL_AFTER_TMP_CHECKPOINT"
+
+
+def save_checkpoint(
+    accelerator, output_dir: str, global_step: int, run_settings: dict[str, Any], total_limit: int | None
+) -> None:
+    """accelerator.save_state into .tmp-checkpoint-N, recorded and fsynced, renamed to checkpoint-N; only then
+    are checkpoints beyond --checkpoints_total_limit removed.
+
+    A kill at any instant therefore leaves every checkpoint that was complete before (plus the new one once
+    renamed), and never a half-written checkpoint-N that `latest` would pick.
+    """
+    name = f"checkpoint-{global_step}"
+    final = os.path.join(output_dir, name)
+    tmp = os.path.join(output_dir, f"{TEMP_PREFIX}{global_step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_run_record(tmp, global_step, run_settings)
+        fsync_tree(tmp)
+        if os.environ.get(KILL_AFTER_TMP_CHECKPOINT_ENV) == str(global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        # A checkpoint-N already here means this run resumed from an older checkpoint, which is still there.
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(output_dir)
+        logger.info(f"Saved state to {final}")
+        if total_limit is not None:
+            for old in prune_checkpoints(output_dir, total_limit, keep=name):
+                logger.info(f"Removed old checkpoint {old} (--checkpoints_total_limit {total_limit})")
+    accelerator.wait_for_everyone()
+
+
+def select_resume_checkpoint(given: str, output_dir: str, is_main_process: bool) -> str | None:
+    """The checkpoint folder --resume_from_checkpoint names, or None for `latest` in an output_dir without one.
+
+    A path is used as given and must exist; a bare `checkpoint-N` is looked up in output_dir (as in
+    train_text_to_image.py). `latest` skips damaged checkpoints, newest first, with a warning for each. Folders
+    left by an interrupted save are removed first.
+    """
+    if is_main_process:
+        for leftover in temp_checkpoint_dirs(output_dir):
+            shutil.rmtree(os.path.join(output_dir, leftover))
+            logger.info(
+                f"Removed {leftover} from {output_dir}: an unfinished checkpoint of an interrupted save."
+            )
+    if given == "latest":
+        names = checkpoint_dirs(output_dir)
+        damaged = []
+        for name in reversed(names):
+            problem = checkpoint_problem(os.path.join(output_dir, name))
+            if problem is None:
+                for bad, why in damaged:
+                    logger.warning(
+                        f"Checkpoint {bad} is unreadable: {why}. Resuming from {name}, the newest readable one."
+                    )
+                return os.path.join(output_dir, name)
+            damaged.append((name, problem))
+        if damaged:
+            raise UserError(
+                f"No readable checkpoint in {output_dir}: "
+                + "; ".join(f"{bad}: {why}" for bad, why in damaged)
+                + ". Restore one, or remove them to start over."
+            )
+        return None
+    path = given if os.sep in given or (os.altsep and os.altsep in given) else os.path.join(output_dir, given)
+    if not os.path.isdir(path):
+        raise UserError(
+            f"--resume_from_checkpoint {given} does not exist. Give a checkpoint-N folder, a checkpoint-N name in "
+            f"{output_dir} ({', '.join(checkpoint_dirs(output_dir)) or 'it has none'}), or 'latest'."
+        )
+    if checkpoint_step(os.path.basename(os.path.normpath(path))) is None:
+        raise UserError(
+            f"--resume_from_checkpoint {given} is not a checkpoint-N folder saved by train_pogdiff.py."
+        )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"Checkpoint {given} is unreadable: {problem}. Resume from another one.")
+    return path
+
+
+def check_resume_settings(
+    resume_dir: str, record: dict | None, settings: dict[str, Any], allow_changed_settings: bool
+) -> None:
+    """Refuse to continue a checkpoint with settings that change the result, unless --allow_changed_settings."""
+    name = os.path.basename(os.path.normpath(resume_dir))
+    if record is None:
+        logger.warning(
+            f"Checkpoint {name} has no pogdiff_run.json (an older train_pogdiff.py wrote it): whether this run's "
+            "settings match the checkpoint's cannot be checked."
+        )
+        return
+    saved = record["settings"]
+    changed = settings_differences(saved, settings)
+    if not changed:
+        return
+    differences = describe_differences(changed, saved, settings)
+    if not allow_changed_settings:
+        raise UserError(
+            f"Checkpoint {name} belongs to a run with other settings: {differences}. Resume with the "
+            "checkpoint's values, start a new run in another --output_dir, or pass --allow_changed_settings to "
+            "continue anyway (the result will then differ from an uninterrupted run)."
+        )
+    kept = [key for key in changed if key in RESTORED_FROM_CHECKPOINT]
+    logger.warning(
+        f"--allow_changed_settings: continuing {name} with other settings ({differences}); the result will differ "
+        "from an uninterrupted run."
+        + (
+            f" {', '.join(kept)} keep the checkpoint's values: the optimizer state holds them."
+            if kept
+            else ""
+        )
+    )

@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError, report_user_errors
+from .sampling import derive_seed
 
 if TYPE_CHECKING:  # `datasets` is imported where used: the transforms alone should not pay for it
     import datasets
@@ -658,3 +659,105 @@ if __name__ == "__main__":
 
     prog = "python -m pogdiff.data"
     report_user_errors(prog, lambda: main(prog=prog))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the trainer's dataloader yields
+
+
+def first_caption(caption, row: int | None = None, column: str | None = None) -> str:
+    """The caption of a row (the first one when a row has several); `row` and `column` name it in errors."""
+    if isinstance(caption, str):
+        return caption
+    if isinstance(caption, (list, tuple, np.ndarray)) and len(caption) > 0:
+        return str(caption[0])
+    where = f"Row {row} of the training set" if row is not None else "A row"
+    if caption is None:
+        raise UserError(
+            f"{where} has no caption: its {column or 'caption'!r} value is missing or null. Give every row "
+            "a caption (an empty string trains it unconditionally) or drop the row."
+        )
+    raise UserError(
+        f"{where}: captions must be strings or lists of strings, got {type(caption).__name__}: {caption!r}."
+    )
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Rows of the image-text dataset as (pixel_values, input_ids, index) for the UNet; just the index when
+    `cached` (--cache_latents: latents and text states come from caches).
+
+    Random crop/flip draw from a generator seeded by (seed, epoch, row), and the choice among several captions is
+    `RowCaptions`' (the one the neighbour lookups use too), so a resumed run sees exactly the pixels and captions
+    the uninterrupted run saw, whatever the worker count.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        image_column: str,
+        row_captions,
+        tokenizer,
+        *,
+        seed: int,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        interpolation: str = "lanczos",
+        cached: bool = False,
+    ) -> None:
+        self.image = row_image_loader(dataset, image_column)
+        self.row_captions = row_captions  # `sampling.RowCaptions`
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.interpolation = interpolation
+        self.cached = cached
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.row_captions.per_row)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.cached:
+            # Latents and text embeddings come from the caches: no image decoding at all.
+            return {"index": i}
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
+        pixel_values = preprocess_image(
+            self.image(i),
+            self.resolution,
+            center_crop=self.center_crop,
+            random_flip=self.random_flip,
+            generator=generator,
+            interpolation=self.interpolation,
+        )
+        # Several captions per image: one per (epoch, row), as train_text_to_image picks one at random.
+        input_ids = tokenize(self.tokenizer, [self.row_captions.text(i, self.epoch)])[0]
+        return {"pixel_values": pixel_values, "input_ids": input_ids, "index": i}
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions,
+        max_length=tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def collate_fn(examples: list[dict]) -> dict:
+    if "pixel_values" not in examples[0]:
+        return {"index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
+    pixel_values = torch.stack([e["pixel_values"] for e in examples]).to(
+        memory_format=torch.contiguous_format
+    )
+    return {
+        "pixel_values": pixel_values.float(),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
+    }

@@ -220,3 +220,15 @@ class SampleCounter:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.counts = state["counts"].clone()
+
+
+def sampling_label(args) -> str:
+    """How images are drawn, as the flags say it (for logs and the model card)."""
+    if args.sampling == "density":
+        label = "--sampling density"
+    else:
+        named = {p: name for name, p in SAMPLING_POWERS.items()}.get(args.sampling_power)
+        label = f"--sampling {named}" if named else f"--sampling_power {args.sampling_power:g}"
+    if getattr(args, "sampling_weight_column", None):
+        label += f" x --sampling_weight_column {args.sampling_weight_column}"
+    return label

@@ -572,12 +572,12 @@ def test_lora_bf16_mixed_precision_runs(tiny_sd_path, tiny_dataset_path, tmp_pat
 
 def test_model_card_names_a_local_base_absolutely(tmp_path, monkeypatch):
     """A relative --pretrained_model_name_or_path would stop resolving once the result is loaded elsewhere."""
-    import train_pogdiff
+    from pogdiff.checkpointing import base_model_reference
 
     (tmp_path / "models" / "base").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    assert train_pogdiff.base_model_reference("models/base") == str(tmp_path / "models" / "base")
-    assert train_pogdiff.base_model_reference("stable-diffusion-v1-5/stable-diffusion-v1-5") == (
+    assert base_model_reference("models/base") == str(tmp_path / "models" / "base")
+    assert base_model_reference("stable-diffusion-v1-5/stable-diffusion-v1-5") == (
         "stable-diffusion-v1-5/stable-diffusion-v1-5"
     )
 

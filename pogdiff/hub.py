@@ -1,0 +1,188 @@
+"""What a training run leaves for people and other tools: the model card, LoRA files (diffusers and kohya/webui
+formats) and the pipeline code that `custom_pipeline=` loads, using diffusers' and huggingface_hub's helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate.logging import get_logger
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya, make_image_grid
+from PIL import Image
+from safetensors.torch import save_file
+
+from .checkpointing import base_model_reference
+from .index import format_summary
+from .sampling import sampling_label
+
+logger = get_logger(__name__, log_level="INFO")
+
+# Files in output_dir that are training state, not the model: never uploaded.
+HUB_IGNORE_PATTERNS = [
+    "step_*", "epoch_*", "checkpoint-*", ".tmp-checkpoint-*", "pogdiff-index-*", ".pogdiff-*.lock", "logs/*",
+]  # fmt: skip
+
+
+def save_lora(unet, output_dir: str, webui_name: str | None = None) -> None:
+    """The UNet's LoRA adapters as `pytorch_lora_weights.safetensors` (diffusers keys, with the adapter config so
+    that `lora_alpha` survives), and with `webui_name` also as one file in the kohya key format that
+    AUTOMATIC1111, ComfyUI and kohya's scripts load (diffusers' own converter; its alpha is the rank, so the
+    run's `lora_alpha` is written in its place)."""
+    from peft.utils import get_peft_model_state_dict
+
+    config = unet.peft_config["default"]
+    peft_state = get_peft_model_state_dict(unet)
+    StableDiffusionPipeline.save_lora_weights(
+        output_dir,
+        unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+        safe_serialization=True,
+        unet_lora_adapter_metadata=config.to_dict(),
+    )
+    if webui_name is not None:
+        kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in peft_state.items()})
+        for key in kohya:
+            if key.endswith(".alpha"):
+                kohya[key] = torch.tensor(float(config.lora_alpha))
+        save_file({k: v.contiguous() for k, v in kohya.items()}, os.path.join(output_dir, webui_name))
+
+
+def save_model_card(
+    args, repo_id: str, examples: list[tuple[str, Image.Image]], repo_folder: str, index_summary: dict | None
+) -> None:
+    """README.md from diffusers' model-card helpers: `base_model` (which PoGDiffPipeline reads for a LoRA result),
+    tags, license, a widget of the validation images, how to load the result, and every PoGDiff setting."""
+    from diffusers.utils.hub_utils import (
+        MODEL_CARD_TEMPLATE_PATH,
+        load_or_create_model_card,
+        populate_model_card,
+    )
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = base_model_reference(args.pretrained_model_name_or_path)
+    prompt = examples[0][0] if examples else "An image of <name>."
+    widget, grid = [], ""
+    for i, (text, image) in enumerate(examples):
+        image.save(os.path.join(repo_folder, f"image_{i}.png"))
+        widget.append({"text": text, "output": {"url": f"image_{i}.png"}})
+    if examples:
+        images = [image for _, image in examples]
+        make_image_grid(images, 1, len(images)).save(os.path.join(repo_folder, "val_imgs_grid.png"))
+        grid = "![val_imgs_grid](./val_imgs_grid.png)\n"
+    dataset = args.dataset_name or args.train_data_dir
+    hyper = {
+        "objective": args.objective,
+        "neighbor_grad": args.neighbor_grad,
+        "num_neighbors (k)": args.num_neighbors,
+        "neighbor_encoder": args.neighbor_encoder,
+        "psi_a1": args.psi_a1,
+        "psi_a2": args.psi_a2,
+        "psi_a3": args.psi_a3,
+        "psi_terms": args.psi_terms,
+        "density_temperature": args.density_temperature,
+        "density_w_min / w_max": f"{args.density_w_min} / {args.density_w_max}",
+        "density VAE (latent, hidden, epochs, lr, samples)": (
+            f"{args.density_latent_dim}, {args.density_hidden_dim}, {args.density_epochs}, "
+            f"{args.density_lr}, {args.density_num_samples}"
+        ),
+        "caption_dropout_prob": args.caption_dropout_prob,
+        "sampling": sampling_label(args),
+        "cbdm_tau / gamma": f"{args.cbdm_tau} / {args.cbdm_gamma}",
+        "learning_rate": args.learning_rate,
+        "train_batch_size x gradient_accumulation_steps": f"{args.train_batch_size} x {args.gradient_accumulation_steps}",
+        "max_train_steps": args.max_train_steps,
+        "resolution": args.resolution,
+        "mixed_precision": args.mixed_precision,
+        "use_lora (rank, alpha)": f"{args.use_lora} ({args.rank}, {args.lora_alpha})"
+        if args.use_lora
+        else "False",
+        "use_ema": args.use_ema,
+        "snr_gamma": args.snr_gamma,
+        "seed": args.seed,
+    }
+    rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
+    psi_lines = ""
+    if index_summary:
+        psi_lines = (
+            "\n## Neighbours and psi at the start of training\n\n```\n"
+            + format_summary(index_summary)
+            + "\n```\n"
+        )
+    if args.use_lora:
+        kind = "LoRA adapters for"
+        usage = f"""from diffusers import DiffusionPipeline
+
+# The base in PoGDiffPipeline (DDIM, 50 steps), which ships with this repo as pipeline.py, then the adapters.
+pipe = DiffusionPipeline.from_pretrained("{base}", custom_pipeline="{repo_id}", trust_remote_code=True)
+pipe.load_lora_weights("{repo_id}")
+image = pipe("{prompt}").images[0]
+```
+
+AUTOMATIC1111 / ComfyUI: `{Path(repo_folder).name}.safetensors` holds the same adapters in the kohya key format."""
+    else:
+        kind = "A full fine-tune of"
+        usage = f"""from diffusers import DiffusionPipeline
+
+# PoGDiffPipeline (DDIM, 50 steps) ships with this repo as pipeline.py:
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="{repo_id}", trust_remote_code=True)
+# or as a plain Stable Diffusion pipeline:
+pipe = DiffusionPipeline.from_pretrained("{repo_id}")
+image = pipe("{prompt}").images[0]
+```"""
+    description = f"""
+# PoGDiff fine-tune - {repo_id}
+
+{kind} **{args.pretrained_model_name_or_path}** on **{dataset}**, trained with `train_pogdiff.py`
+(objective `{args.objective}`).
+
+{grid}
+## Usage
+
+```python
+{usage}
+
+## Training hyperparameters
+
+| parameter | value |
+|---|---|
+{rows}
+{psi_lines}"""
+    card_kwargs = {
+        "license": "creativeml-openrail-m",
+        "base_model": base,
+        "model_description": description,
+        "inference": True,
+        "widget": widget or None,
+    }
+    if args.push_to_hub:
+        # The diffusers way: a card already on the user's repo is kept and completed.
+        card = load_or_create_model_card(repo_id_or_path=repo_id, from_training=True, **card_kwargs)
+    else:
+        # Nothing to look up for a local result (and a bare folder name could match someone else's Hub repo):
+        # the same training template, directly.
+        card = ModelCard.from_template(
+            card_data=ModelCardData(
+                **{k: card_kwargs[k] for k in ("license", "base_model", "inference", "widget")},
+                library_name="diffusers",
+            ),
+            template_path=MODEL_CARD_TEMPLATE_PATH,
+            model_description=description,
+        )
+    card.data.library_name = "diffusers"
+    card.data.datasets = [str(dataset)]
+    tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "pogdiff"]
+    card = populate_model_card(card, tags=[*tags, "lora"] if args.use_lora else tags)
+    card.save(os.path.join(repo_folder, "README.md"))
+
+
+def save_pipeline_code(output_dir: str, source: str | os.PathLike) -> None:
+    """PoGDiffPipeline's code as `pipeline.py`, the file name diffusers loads a Hub repo's `custom_pipeline` from,
+    so that `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)` needs nothing
+    else."""
+    source = Path(source)
+    if not source.is_file():
+        logger.warning(f"{source} not found: the output has no pipeline.py for `custom_pipeline=`.")
+        return
+    shutil.copyfile(source, os.path.join(output_dir, "pipeline.py"))
