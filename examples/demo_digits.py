@@ -8,7 +8,7 @@ One command shows the whole product working with nothing downloaded::
 
 1. Data: scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes), upscaled to 32 px RGB.
    Classes 0-4 are the base model's pretraining data. Classes 5-9 are the fine-tuning identities: written as an
-   identity-per-folder image collection, then made long-tailed by `pogdiff.data.build_longtail_dataset`
+   identity-per-folder image collection, then made long-tailed by `pogdiff.longtail.build_longtail_dataset`
    (2 majority classes x 30 images, 3 minority classes x 2, names masked by pseudonyms, leftovers = reference).
 2. Base model: the tiny Stable Diffusion of `pogdiff/testing.py`, pretrained by `pogdiff/pretrain.py` on
    classes 0-4 only: our stand-in for Stable Diffusion's pretraining. It is not Stable Diffusion; a real SD
