@@ -121,8 +121,10 @@ from pogdiff.validation import (
 
 logger = get_logger(__name__, log_level="INFO")
 
-# Training images shown beside the samples of an identity's validation row.
+# Training images shown beside the samples of an identity's validation row, and the smallest cell of the grid in
+# pixels (small samples are enlarged so that the label beside them has room for identity and image count).
 MAX_VALIDATION_TRAIN_IMAGES = 3
+MIN_VALIDATION_CELL = 128
 
 
 class TrainingError(UserError):
@@ -494,7 +496,12 @@ def log_validation(
         )
         for prompt, images in zip(prompts, samples)
     ]
-    grid = validation_grid(rows, max_train_images=MAX_VALIDATION_TRAIN_IMAGES, title=f"step {global_step}")
+    grid = validation_grid(
+        rows,
+        cell=max(args.resolution, MIN_VALIDATION_CELL),
+        max_train_images=MAX_VALIDATION_TRAIN_IMAGES,
+        title=f"step {global_step}",
+    )
     path = save_validation_grid(grid, args.output_dir, global_step)
     logger.info(f"Validation grid: {path}")
     for tracker in accelerator.trackers:

@@ -324,10 +324,12 @@ def _label_lines(
             facts.append("few-shot")
         if facts:
             head.extend(_wrap(_drawable(" · ".join(facts), font), font, width))
-        head.append("")
     max_lines = max(height // _line_height(font), 1)
+    if head and len(head) >= max_lines - 1:
+        # No room for the prompt: who the row shows and how many images it had matter more.
+        return _fit_lines(head, font, width, max_lines)
     body = _wrap(_drawable(prompt.prompt, font), font, width)
-    return _fit_lines(head + body, font, width, max_lines)
+    return _fit_lines(head + ([""] if head else []) + body, font, width, max_lines)
 
 
 def _paste_fitted(canvas: Image.Image, image: Image.Image, box: Box) -> None:

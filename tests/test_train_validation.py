@@ -64,6 +64,7 @@ def test_validation_steps_watch_majority_and_few_shot_with_fixed_noise(
     train = Image.new("RGB", (32, 32))
     layout = validation_grid_layout(
         [(p, [train] * min(3, p.num_train_images), [sample, sample]) for p in prompts],
+        cell=128,  # the trainer's smallest cell: the 32-pixel images are enlarged
         max_train_images=3,
         title="step 1",
     )
@@ -77,9 +78,10 @@ def test_validation_steps_watch_majority_and_few_shot_with_fixed_noise(
     (l0, t0, r0, b0), (l1, t1, r1, b1) = layout.samples[0]
     assert not np.array_equal(first[t0:b0, l0:r0], first[t1:b1, l1:r1])
     # The training images are shown beside the samples: alice's first image fills her first train cell.
-    alice = np.asarray(Image.open(Path(tiny_dataset_path) / "alice_000.png").convert("RGB"))
+    alice = Image.open(Path(tiny_dataset_path) / "alice_000.png").convert("RGB")
     left, top, right, bottom = layout.train[0][0]
-    assert np.array_equal(first[top:bottom, left:right], alice)
+    enlarged = np.asarray(alice.resize((right - left, bottom - top), Image.Resampling.LANCZOS))
+    assert np.array_equal(first[top:bottom, left:right], enlarged)
 
     logged = tensorboard_images(out, "validation")
     assert [step for step, _ in logged] == [1, 2]

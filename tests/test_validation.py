@@ -297,3 +297,17 @@ def test_save_validation_grid(tmp_path):
         assert (np.asarray(saved) == np.asarray(grid)).all()
     with pytest.raises(ValueError):
         validation_grid_name(-1)
+
+
+def test_a_small_cell_keeps_identity_and_count_before_the_prompt():
+    """With room for only two lines, the label shows who the row is and how many images it had; the prompt goes."""
+    from pogdiff.validation import _font, _label_lines, _line_height
+
+    font = _font(12)
+    prompt = ValidationPrompt("An image of Alice.", identity="Alice", num_train_images=2, few_shot=True)
+    two_lines = 2 * _line_height(font)
+    assert _label_lines(prompt, font, 160, two_lines) == ["Alice", "2 train imgs · few-shot"]
+    # With room to spare the prompt follows after a blank line.
+    assert _label_lines(prompt, font, 160, 5 * _line_height(font)) == [
+        "Alice", "2 train imgs · few-shot", "", "An image of Alice.",
+    ]  # fmt: skip
