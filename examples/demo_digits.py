@@ -242,6 +242,10 @@ def train_command(
             learning_rate=config.finetune_lr, seed=seed, resolution=RESOLUTION,
         ),
         "--objective", method,
+        # Grids of two majority and two few-shot identities, four times per run (what the notebook shows).
+        "--validation_steps", str(max(config.finetune_steps // 4, 1)),
+        "--num_validation_images", "4",
+        "--num_validation_inference_steps", str(config.num_inference_steps),
     ]  # fmt: skip
 
 

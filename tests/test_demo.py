@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from pogdiff.pretrain import (
 from pogdiff.pretrain import (
     main as pretrain_main,
 )
-from pogdiff.testing import run_process_group, tiny_sd_components
+from pogdiff.testing import tiny_sd_components
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -243,13 +242,9 @@ def table_rows(markdown: str, header_start: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.e2e
-def test_quick_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = run_process_group(
-        [sys.executable, str(REPO / "examples" / "demo_digits.py"), "--quick", "--output_dir", str(out)],
-        cwd=REPO, env=env, timeout=3600,
-    )  # fmt: skip
+def test_quick_demo_end_to_end(quick_demo_run):
+    # One --quick run per session (tests/conftest.py), shared with tests/test_notebook.py.
+    out, proc = quick_demo_run.output_dir, quick_demo_run.process
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     markdown = (out / "results.md").read_text()
