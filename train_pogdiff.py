@@ -1055,10 +1055,12 @@ def main(args: argparse.Namespace) -> Accelerator:
         validation_prompts = []
     last_validation = None
 
-    def run_validation() -> None:
-        """One validation of the current weights (the EMA ones with --use_ema)."""
+    def run_validation(swap_ema: bool = True) -> list[list[Image.Image]]:
+        """One validation of the current weights (the EMA ones with --use_ema), once per step at most."""
         nonlocal last_validation
-        if args.use_ema:
+        if last_validation is not None and last_validation[0] == global_step:
+            return last_validation[1]
+        if args.use_ema and swap_ema:
             # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
             ema_unet.store(unet.parameters())
             ema_unet.copy_to(unet.parameters())
@@ -1076,9 +1078,10 @@ def main(args: argparse.Namespace) -> Accelerator:
             seed,
             train_image,
         )
-        if args.use_ema:
+        if args.use_ema and swap_ema:
             ema_unet.restore(unet.parameters())
         last_validation = (global_step, samples)
+        return samples
 
     for epoch in range(first_epoch, args.num_train_epochs):
         train_dataset.set_epoch(epoch)
@@ -1257,26 +1260,8 @@ def main(args: argparse.Namespace) -> Accelerator:
             )
             pipeline.save_pretrained(args.output_dir)
 
-        samples = []
-        if validation_prompts:
-            # The model as saved (EMA weights copied in): reuse a validation of this very step, else sample.
-            if last_validation is not None and last_validation[0] == global_step:
-                samples = last_validation[1]
-            else:
-                samples = log_validation(
-                    vae,
-                    text_encoder,
-                    tokenizer,
-                    unet,
-                    noise_scheduler,
-                    args,
-                    accelerator,
-                    weight_dtype,
-                    global_step,
-                    validation_prompts,
-                    seed,
-                    train_image,
-                )
+        # The model as saved (EMA weights already copied in); a validation of this very step is reused.
+        samples = run_validation(swap_ema=False) if validation_prompts else []
         save_pipeline_code(args.output_dir, Path(__file__).with_name("pipeline_pogdiff.py"))
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(
