@@ -42,7 +42,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline_pogdiff import PoGDiffPipeline
-from pogdiff.data import identity_labels, load_image_text_dataset, load_rgb, resolve_columns
+from pogdiff.data import identity_labels, load_image_text_dataset, load_rgb, resolve_columns, row_image_loader
 from pogdiff.errors import UserError, model_load_message, report_user_errors
 from pogdiff.features import DEFAULT_FEATURE_EXTRACTOR, centre_on, get_feature_extractor
 from pogdiff.metrics import aggregate_metrics, identity_metrics, markdown_table, shot_split
@@ -160,18 +160,14 @@ class RealImages:
     """The images of a dataset grouped by identity, loaded lazily (one batch at a time)."""
 
     def __init__(self, dataset, image_column: str, labels: list[str], captions: list[str]):
-        import datasets
-
-        # Undecoded, so a broken file is reported with its path by load_rgb.
-        self.dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-        self.image_column = image_column
+        self.image = row_image_loader(dataset, image_column, where="the real images")
         self.captions = captions
         self.by_identity: dict[str, list[int]] = {}
         for row, identity in enumerate(labels):
             self.by_identity.setdefault(identity, []).append(row)
 
     def load(self, rows: Sequence[int]) -> list[Image.Image]:
-        return [load_rgb(self.dataset[int(row)][self.image_column]) for row in rows]
+        return [self.image(row) for row in rows]
 
 
 def load_real_images(args: argparse.Namespace, split: str) -> RealImages:

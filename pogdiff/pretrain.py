@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pogdiff.data import load_image_text_dataset, load_rgb, preprocess_image, resolve_columns
+from pogdiff.data import load_image_text_dataset, preprocess_image, resolve_columns, row_image_loader
 from pogdiff.objectives import vanilla_loss
 from pogdiff.testing import TINY_RESOLUTION, tiny_sd_components
 
@@ -453,7 +453,8 @@ def load_training_images(
         dataset.column_names, image_column, caption_column, None
     )
     captions = [str(c) for c in dataset.with_format(None)[caption_column][:]]
-    images = [load_rgb(row[image_column], path_hint=f"row {i}") for i, row in enumerate(dataset)]
+    image = row_image_loader(dataset, image_column)
+    images = [image(i) for i in range(len(dataset))]
     return images, captions
 
 
