@@ -345,3 +345,115 @@ def test_same_text_skip_uses_the_epochs_chosen_captions():
     )
     assert chosen.needs_forward.tolist() == [True, True, True, True]
     torch.testing.assert_close(chosen.psi[2], chosen.psi_drawn[2])
+
+
+def test_step_means_update_merges_sums_and_weights():
+    """The trainer adds objective_step's per-micro-step logs into its step's means: same as adding directly."""
+    direct, merged = StepMeans(), StepMeans()
+    for values in ({"loss": 2.0, "psi_minority": (3.0, 2)}, {"loss": 4.0}):
+        part = StepMeans()
+        for key, value in values.items():
+            value, weight = value if isinstance(value, tuple) else (value, 1)
+            direct.add(key, torch.tensor(value), weight=weight)
+            part.add(key, torch.tensor(value), weight=weight)
+        merged.update(part)
+    assert merged.pop() == direct.pop() == {"loss": 3.0, "psi_minority": 3.0}
+
+
+class _StubCaptions:
+    """CaptionStates' interface over fixed hidden states: row r's caption is text id r."""
+
+    def __init__(self, states: torch.Tensor):
+        self.states = states
+        self.row_text_ids = torch.arange(len(states))
+
+    def of_rows(self, rows):
+        return self.states[rows.cpu()]
+
+
+def test_objective_step_is_objective_loss_after_the_draw(unet, inputs):
+    """objective_step = the objective's draw from the step's generator, then objective_loss: the same loss and
+    logs as calling the two by hand, for PoGDiff and for vanilla."""
+    from pogdiff.testing import sd15_noise_scheduler
+    from pogdiff.training import NoisedBatch, ObjectiveSettings, objective_step
+
+    index = small_index()
+    rows = torch.arange(4)
+    neighbour_states = torch.randn((len(index), TOKENS, WIDTH), generator=torch.Generator().manual_seed(5))
+    batch = NoisedBatch(
+        rows=rows,
+        latents=inputs["noisy_latents"],
+        noise=inputs["target"],
+        timesteps=inputs["timesteps"],
+        noisy_latents=inputs["noisy_latents"],
+        encoder_hidden_states=inputs["encoder_hidden_states"],
+        target=inputs["target"],
+        caption_dropped=torch.tensor([False, True, False, False]),
+    )
+    psi = PsiParams(a3=2.0)
+    with torch.no_grad():
+        loss, means = objective_step(
+            ObjectiveSettings("pogdiff", psi),
+            unet,
+            batch,
+            noise_scheduler=sd15_noise_scheduler(),
+            captions=_StubCaptions(neighbour_states),
+            generator=torch.Generator().manual_seed(7),
+            index=index,
+            num_rows=len(index),
+            minority=torch.tensor([False, False, True, True, True, True, True, True]),
+        )
+        draw = draw_pogdiff_neighbors(
+            index,
+            rows,
+            torch.Generator().manual_seed(7),
+            psi,
+            caption_dropped=batch.caption_dropped,
+            text_ids=torch.arange(len(index)),
+        )
+        expected, logs = objective_loss(
+            "pogdiff",
+            unet,
+            batch.noisy_latents,
+            batch.timesteps,
+            batch.target,
+            batch.encoder_hidden_states,
+            neighbor_hidden_states=neighbour_states[draw.rows[draw.needs_forward]],
+            draw=draw,
+        )
+    assert torch.equal(loss, expected)
+    means = means.pop()
+    assert means["loss_main"] == pytest.approx(float(logs["loss_main"]))
+    assert means["psi_majority"] == pytest.approx(float(draw.psi_drawn[:2].mean()))
+    assert means["psi_minority"] == pytest.approx(float(draw.psi_drawn[2:].mean()))
+    assert means["frac_skipped"] == pytest.approx(1.0 - float(draw.needs_forward.float().mean()))
+
+    with torch.no_grad():
+        vanilla, _ = objective_step(
+            ObjectiveSettings("vanilla"),
+            unet,
+            batch,
+            noise_scheduler=sd15_noise_scheduler(),
+            captions=_StubCaptions(neighbour_states),
+            generator=torch.Generator().manual_seed(7),
+        )
+        reference, _ = objective_loss(
+            "vanilla", unet, batch.noisy_latents, batch.timesteps, batch.target, batch.encoder_hidden_states
+        )
+    assert torch.equal(vanilla, reference)
+
+
+def test_trainer_and_benchmark_call_the_same_step():
+    """The benchmark times the trainer's own code: both take noised_batch and objective_step from
+    pogdiff.training, and neither calls objective_loss itself."""
+    import inspect
+
+    import train_pogdiff
+    from benchmarks import bench_step
+    from pogdiff import training
+
+    for module in (train_pogdiff, bench_step):
+        assert (
+            module.noised_batch is training.noised_batch and module.objective_step is training.objective_step
+        )
+        assert "objective_loss(" not in inspect.getsource(module)
