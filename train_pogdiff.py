@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import accelerate
@@ -89,7 +88,6 @@ from pogdiff.data import (
 from pogdiff.errors import UserError, model_load_message
 from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
-from pogdiff.psi import PsiParams
 from pogdiff.sampling import (
     EpochSampler,
     RowCaptions,
@@ -432,12 +430,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model card, validation, checkpoints
+# Validation
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -453,12 +446,12 @@ def log_validation(
     global_step: int,
     prompts: list[ValidationPrompt],
     seed: int,
-    train_image: Callable[[int], Image.Image] | None = None,
+    train_images: list[list[Image.Image]],
 ) -> list[list[Image.Image]]:
     """Sample every validation prompt `--num_validation_images` times through PoGDiffPipeline, with the same seeds
     at every validation, and save and log one labelled grid (`output_dir/validation/step-N.png`): a row per
-    prompt with its identity, its number of training images and (`train_image`) some of them beside the
-    samples. Returns the samples, per prompt."""
+    prompt with its identity, its number of training images and `train_images` (per prompt) beside the samples.
+    Returns the samples, per prompt."""
     logger.info(f"Running validation on {len(prompts)} prompts...")
     pipeline = PoGDiffPipeline(
         vae=accelerator.unwrap_model(vae),
@@ -488,14 +481,7 @@ def log_validation(
         samples.append(images)
     del pipeline
 
-    rows = [
-        (
-            prompt,
-            [train_image(r) for r in prompt.train_rows[:MAX_VALIDATION_TRAIN_IMAGES]] if train_image else [],
-            images,
-        )
-        for prompt, images in zip(prompts, samples)
-    ]
+    rows = list(zip(prompts, train_images, samples))
     grid = validation_grid(
         rows,
         cell=max(args.resolution, MIN_VALIDATION_CELL),
@@ -833,6 +819,8 @@ def main(args: argparse.Namespace) -> Accelerator:
         f"({sum(1 for n in identity_counts.values() if n <= args.few_shot_max)} with <= {args.few_shot_max} images)."
     )
 
+    # The objective and its psi settings, one validated value each, for the index summary and every step.
+    objective = ObjectiveSettings.from_args(args)
     index = None
     index_summary = None
     # The index holds PoGDiff's neighbours and psi, T2H's text density, and --sampling density's weights.
@@ -854,11 +842,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                 fingerprint=data_fingerprint,
                 device=accelerator.device,
             )
-        index_summary = summarize_index(
-            index,
-            PsiParams.from_args(args),
-            few_shot_max=args.few_shot_max,
-        )
+        index_summary = summarize_index(index, objective.psi, few_shot_max=args.few_shot_max)
         logger.info("Expected psi per sample (majority vs minority):\n" + format_summary(index_summary))
 
     row_captions = RowCaptions(captions, seed)
@@ -993,7 +977,6 @@ def main(args: argparse.Namespace) -> Accelerator:
         accelerator.device,
         text_cache=text_cache,
     )
-    objective = ObjectiveSettings.from_args(args)
 
     sample_counter = SampleCounter(len(train_dataset))
     accelerator.register_for_checkpointing(sample_counter)
@@ -1053,6 +1036,11 @@ def main(args: argparse.Namespace) -> Accelerator:
         validation_prompts = auto_validation_prompts(identities, caption_texts, args.few_shot_max)
     else:
         validation_prompts = []
+    # Decoded once: they are the same at every validation.
+    validation_train_images = [
+        [train_image(row) for row in prompt.train_rows[:MAX_VALIDATION_TRAIN_IMAGES]]
+        for prompt in validation_prompts
+    ]
     last_validation = None
 
     def run_validation(swap_ema: bool = True) -> list[list[Image.Image]]:
@@ -1076,7 +1064,7 @@ def main(args: argparse.Namespace) -> Accelerator:
             global_step,
             validation_prompts,
             seed,
-            train_image,
+            validation_train_images,
         )
         if args.use_ema and swap_ema:
             ema_unet.restore(unet.parameters())

@@ -653,14 +653,6 @@ def dataset_fingerprint(dataset) -> str:
     return Hasher.hash(dataset)
 
 
-if __name__ == "__main__":
-    # The long-tail builder's command line, kept under its historical name `python -m pogdiff.data build`.
-    from pogdiff.longtail import main
-
-    prog = "python -m pogdiff.data"
-    report_user_errors(prog, lambda: main(prog=prog))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # What the trainer's dataloader yields
 
@@ -761,3 +753,11 @@ def collate_fn(examples: list[dict]) -> dict:
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
     }
+
+
+if __name__ == "__main__":
+    # The long-tail builder's command line, kept under its historical name `python -m pogdiff.data build`.
+    from pogdiff.longtail import main
+
+    prog = "python -m pogdiff.data"
+    report_user_errors(prog, lambda: main(prog=prog))

@@ -626,6 +626,7 @@ def objective_step(
             inputs.latents,
             inputs.noisy_latents,
             inputs.timesteps,
+            # add_noise already moved the scheduler's table to the latents' device: no copy per step.
             noise_scheduler.alphas_cumprod.to(device),
             index.elbo[rows].to(device),
             generator,
