@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -102,7 +103,9 @@ from pogdiff.training import (
     CaptionStates,
     ObjectiveSettings,
     StepMeans,
+    any_process,
     encode_latent_parameters,
+    full_model,
     fused_adamw_kwargs,
     make_neighbor_forward,
     noised_batch,
@@ -530,6 +533,14 @@ def main(args: argparse.Namespace) -> Accelerator:
         log_with=args.report_to,
         project_config=accelerator_project_config,
     )
+    if args.use_ema and accelerator.distributed_type == DistributedType.FSDP:
+        # diffusers' EMAModel keeps whole tensors and steps them against the model's parameters, which FSDP
+        # has turned into shards (DTensors): the update cannot be computed, and gathering the whole UNet every
+        # step would undo what FSDP saves.
+        raise TrainingError(
+            "--use_ema does not work under FSDP (the EMA copy is whole, FSDP's parameters are sharded). Drop "
+            "--use_ema, or train with DDP (multi-GPU config) or DeepSpeed instead; see examples/accelerate/."
+        )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise TrainingError(
             "--mixed_precision fp16 is for GPUs: on the CPU, use --mixed_precision bf16 (or no). (It may also come "
@@ -674,6 +685,10 @@ def main(args: argparse.Namespace) -> Accelerator:
         if accelerator.is_main_process:
             if args.use_ema:
                 ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            # FSDP and DeepSpeed save the sharded model themselves, every rank its part (and load it back
+            # before the load hook runs, which then sees no model).
+            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                return
             for model in models:
                 if args.use_lora:
                     save_lora(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir)
@@ -905,6 +920,10 @@ def main(args: argparse.Namespace) -> Accelerator:
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         unet, optimizer, train_dataloader, lr_scheduler
     )
+    # FSDP2 replaces the module's parameters by sharded DTensors (and points the optimizer at them): clipping and
+    # the end-of-run checks must read the prepared module's parameters, not the ones collected before.
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
     neighbor_forward = None
     if args.objective == "pogdiff":
         compiled = accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
@@ -914,7 +933,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                 accelerator.unwrap_model(unet, keep_torch_compile=False),
                 accelerator.device,
                 "eager" if compiled and args.neighbor_forward == "auto" else args.neighbor_forward,
-                sharded=accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP),
+                sharded=sharded,
             )
         except ValueError as error:
             raise TrainingError(str(error)) from error
@@ -1043,31 +1062,36 @@ def main(args: argparse.Namespace) -> Accelerator:
     ]
     last_validation = None
 
-    def run_validation(swap_ema: bool = True) -> list[list[Image.Image]]:
-        """One validation of the current weights (the EMA ones with --use_ema), once per step at most."""
+    def run_validation(swap_ema: bool = True, model=None) -> list[list[Image.Image]]:
+        """One validation of the current weights (the EMA ones with --use_ema), once per step at most, sampled
+        by the main process. Every rank calls it: a sharded model is gathered first (`full_model`)."""
         nonlocal last_validation
         if last_validation is not None and last_validation[0] == global_step:
             return last_validation[1]
-        if args.use_ema and swap_ema:
-            # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
-            ema_unet.store(unet.parameters())
-            ema_unet.copy_to(unet.parameters())
-        samples = log_validation(
-            vae,
-            text_encoder,
-            tokenizer,
-            unet,
-            noise_scheduler,
-            args,
-            accelerator,
-            weight_dtype,
-            global_step,
-            validation_prompts,
-            seed,
-            validation_train_images,
-        )
-        if args.use_ema and swap_ema:
-            ema_unet.restore(unet.parameters())
+        model = model if model is not None else full_model(accelerator, unet, UNet2DConditionModel)
+        samples = []
+        if accelerator.is_main_process:
+            if args.use_ema and swap_ema:
+                # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
+                ema_unet.store(unet.parameters())
+                ema_unet.copy_to(unet.parameters())
+            samples = log_validation(
+                vae,
+                text_encoder,
+                tokenizer,
+                model,
+                noise_scheduler,
+                args,
+                accelerator,
+                weight_dtype,
+                global_step,
+                validation_prompts,
+                seed,
+                validation_train_images,
+            )
+            if args.use_ema and swap_ema:
+                ema_unet.restore(unet.parameters())
+        # On every rank: a second validation of this step is skipped everywhere, gather included.
         last_validation = (global_step, samples)
         return samples
 
@@ -1132,6 +1156,8 @@ def main(args: argparse.Namespace) -> Accelerator:
                     num_rows=len(train_dataset),
                     minority=is_minority,
                     neighbor_forward=neighbor_forward,
+                    # A sharded model needs the same forwards on every rank (DDP does not: it skips per rank).
+                    any_rank=functools.partial(any_process, accelerator=accelerator) if sharded else None,
                 )
                 step_means.update(logs)
 
@@ -1182,32 +1208,26 @@ def main(args: argparse.Namespace) -> Accelerator:
                         args.checkpoints_total_limit,
                     )
 
-                if (
-                    accelerator.is_main_process
-                    and args.validation_steps is not None
-                    and global_step % args.validation_steps == 0
-                ):
+                if args.validation_steps is not None and global_step % args.validation_steps == 0:
                     run_validation()
 
             if global_step >= args.max_train_steps:
                 break
 
-        if (
-            accelerator.is_main_process
-            and args.validation_prompts
-            and (epoch + 1) % args.validation_epochs == 0
-        ):
+        if args.validation_prompts and (epoch + 1) % args.validation_epochs == 0:
             run_validation()
 
     # Data parallelism must leave every rank with the same weights; a cheap check catches silent divergence.
+    # (A sharded engine keeps one copy of each parameter, spread over the ranks: there is nothing to compare.)
     accelerator.wait_for_everyone()
-    checksum = torch.stack([p.detach().double().sum() for p in params_to_optimize]).sum().reshape(1)
-    checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
-    logger.info(f"Trainable-parameter checksum per rank: {checksums}")
-    if len(set(checksums)) > 1:
-        raise TrainingError(
-            f"Ranks ended with different weights (checksums {checksums}); please report this."
-        )
+    if not sharded:
+        checksum = torch.stack([p.detach().double().sum() for p in params_to_optimize]).sum().reshape(1)
+        checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
+        logger.info(f"Trainable-parameter checksum per rank: {checksums}")
+        if len(set(checksums)) > 1:
+            raise TrainingError(
+                f"Ranks ended with different weights (checksums {checksums}); please report this."
+            )
 
     # What the sampler actually fed the model, per identity and summed over ranks (see --sampling).
     drawn = accelerator.reduce(sample_counter.counts.to(accelerator.device), reduction="sum").cpu()
@@ -1228,9 +1248,9 @@ def main(args: argparse.Namespace) -> Accelerator:
                 indent=2,
             )
 
-    # Create the pipeline using the trained modules and save it.
+    # Create the pipeline using the trained modules and save it (a sharded model is gathered by every rank).
+    unet = full_model(accelerator, unet, UNet2DConditionModel)
     if accelerator.is_main_process:
-        unet = accelerator.unwrap_model(unet, keep_torch_compile=False)
         if args.use_ema:
             ema_unet.copy_to(unet.parameters())
         if args.use_lora:
@@ -1249,7 +1269,7 @@ def main(args: argparse.Namespace) -> Accelerator:
             pipeline.save_pretrained(args.output_dir)
 
         # The model as saved (EMA weights already copied in); a validation of this very step is reused.
-        samples = run_validation(swap_ema=False) if validation_prompts else []
+        samples = run_validation(swap_ema=False, model=unet) if validation_prompts else []
         save_pipeline_code(args.output_dir, Path(__file__).with_name("pipeline_pogdiff.py"))
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(

@@ -336,6 +336,7 @@ def objective_loss(
     cbdm_gamma: float = 0.25,
     neighbor_forward: Callable | None = None,
     neighbor_grad: bool = False,
+    any_rank: Callable[[bool], bool] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """UNet forward(s) and the loss of `objective` for one batch.
 
@@ -352,6 +353,14 @@ def objective_loss(
       (`neighbor_forward` is not used).
     - cbdm: the neighbour branch needs grad, so both conditions go through ONE forward on the doubled batch
       (a DDP model may only run one forward per backward).
+
+    `any_rank` makes the number of forwards the same on every process, which a sharded model needs (FSDP and
+    ZeRO-3 all-gather the parameters in every forward: a rank that skips one while another runs it deadlocks
+    or aborts the collective). Given this rank's "I need the neighbour forward", it returns whether any rank
+    does (`any_process`); a rank with no row to compute then runs the no-grad forward on one row and discards
+    it. Only PoGDiff's skippable no-grad forward needs this: every other objective runs exactly one forward per
+    micro-step on every rank (`--neighbor_grad` and CBDM enlarge that one forward's batch, which may differ per
+    rank). None (DDP, one process) keeps the per-rank skip: DDP's no-grad forward has no collective.
     """
     if objective in ("vanilla", "t2h"):
         model_pred = unet_prediction(unet, noisy_latents, timesteps, encoder_hidden_states)
@@ -373,7 +382,15 @@ def objective_loss(
     if objective == "pogdiff":
         neighbor_pred = None
         # The draw lives on the CPU: deciding what to skip never waits for the accelerator.
-        if bool(draw.needs_forward.any()):
+        needed = bool(draw.needs_forward.any())
+        padded = any_rank is not None and any_rank(needed) and not needed
+        if padded:
+            # Another rank runs its neighbour forward: this one joins with a one-row forward whose result is
+            # dropped, so that the sharded engine's parameter gathers match across ranks. psi is 0 on every row
+            # here, so the loss is exactly the skipped one.
+            with torch.no_grad():
+                unet_prediction(unet, noisy_latents[:1], timesteps[:1], encoder_hidden_states[:1])
+        if needed:
             rows = draw.needs_forward.nonzero().flatten().to(noisy_latents.device, non_blocking=True)
             # Before the forward with grad: its activations are freed before the training activations are
             # allocated, so the extra forward adds time but (almost) no peak memory.
@@ -389,7 +406,11 @@ def objective_loss(
                         neighbor_hidden_states,
                     )
         model_pred = unet_prediction(unet, noisy_latents, timesteps, encoder_hidden_states)
-        return pogdiff_loss(model_pred, target, neighbor_pred, draw.psi, snr_weights)
+        loss, logs = pogdiff_loss(model_pred, target, neighbor_pred, draw.psi, snr_weights)
+        if any_rank is not None:
+            # The cost of rank consistency: the share of micro-steps this rank ran a forward only to keep step.
+            logs["neighbor_forward_padded"] = float(padded)
+        return loss, logs
 
     if objective == "cbdm":
         both = unet_prediction(
@@ -538,6 +559,39 @@ def noised_batch(
     )
 
 
+def any_process(flag: bool, accelerator) -> bool:
+    """Whether `flag` is True on any process: one all-reduce of one number (and a host sync to read it).
+
+    Used as `objective_loss(any_rank=...)` under sharded engines; every process must call it the same number of
+    times, like any collective.
+    """
+    count = accelerator.reduce(torch.tensor([int(flag)], device=accelerator.device), reduction="sum")
+    return bool(count.item() > 0)
+
+
+def full_model(accelerator, model, model_cls):
+    """The trained `model` as a plain, whole module for saving or sampling; a collective under a sharded engine.
+
+    Under FSDP / DeepSpeed every rank holds a part of the weights: every rank must call this (the weights are
+    gathered), and the main process gets a fresh `model_cls` built from the model's config holding them (None
+    elsewhere). Otherwise it is `accelerator.unwrap_model(model)` itself, on every rank, with no communication.
+    """
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return unwrapped
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    whole = model_cls.from_config(unwrapped.config)
+    # LoRA: the same adapters first, so that the gathered keys (base_layer, lora_A/B) have a place to go.
+    for name, config in (getattr(unwrapped, "peft_config", None) or {}).items():
+        whole.add_adapter(config, adapter_name=name)
+    whole.load_state_dict(state_dict)
+    return whole.to(accelerator.device)
+
+
 @dataclass(frozen=True)
 class ObjectiveSettings:
     """What decides the loss of a batch: the objective and its parameters (from the trainer's flags)."""
@@ -587,13 +641,15 @@ def objective_step(
     num_rows: int | None = None,
     minority: torch.Tensor | None = None,
     neighbor_forward: Callable | None = None,
+    any_rank: Callable[[bool], bool] | None = None,
 ) -> tuple[torch.Tensor, StepMeans]:
     """The objective's part of a training step: what replaces `model_pred = unet(...)` and the MSE upstream.
 
     Draws what the objective needs from `generator` (PoGDiff's neighbours and psi from `index`, CBDM's random
     partners among `num_rows` rows, T2H's transferred targets), runs the UNet forward(s) (`objective_loss`)
     and returns the loss with the step's logs. `minority` (N,) bool marks the rows of few-shot identities for
-    PoGDiff's psi logs. The trainer's loop and `benchmarks/bench_step.py` both call this.
+    PoGDiff's psi logs. `any_rank` keeps the forwards rank-consistent under a sharded engine (see
+    `objective_loss`). The trainer's loop and `benchmarks/bench_step.py` both call this.
     """
     objective = settings.objective
     snr_weights = None
@@ -649,6 +705,7 @@ def objective_step(
         cbdm_gamma=settings.cbdm_gamma,
         neighbor_forward=neighbor_forward,
         neighbor_grad=settings.neighbor_grad,
+        any_rank=any_rank,
     )
     means = StepMeans()
     neighbor_mse = logs.pop("neighbor_mse", None)
@@ -683,6 +740,8 @@ __all__ = [
     "NoisedBatch",
     "noised_batch",
     "ObjectiveSettings",
+    "any_process",
+    "full_model",
     "min_snr_weights",
     "objective_step",
     "t2h_targets",
