@@ -1278,6 +1278,7 @@ def main(args: argparse.Namespace) -> Accelerator:
             [(prompt.prompt, images[0]) for prompt, images in zip(validation_prompts, samples)],
             args.output_dir,
             index_summary,
+            seed,
         )
         if args.push_to_hub:
             upload_folder(

@@ -50,10 +50,16 @@ def save_lora(unet, output_dir: str, webui_name: str | None = None) -> None:
 
 
 def save_model_card(
-    args, repo_id: str, examples: list[tuple[str, Image.Image]], repo_folder: str, index_summary: dict | None
+    args,
+    repo_id: str,
+    examples: list[tuple[str, Image.Image]],
+    repo_folder: str,
+    index_summary: dict | None,
+    seed: int,
 ) -> None:
     """README.md from diffusers' model-card helpers: `base_model` (which PoGDiffPipeline reads for a LoRA result),
-    tags, license, a widget of the validation images, how to load the result, and every PoGDiff setting."""
+    tags, license, a widget of the validation images, how to load the result, and every PoGDiff setting. `seed` is
+    the seed the run used (drawn, or the resumed checkpoint's, when --seed was not given)."""
     from diffusers.utils.hub_utils import (
         MODEL_CARD_TEMPLATE_PATH,
         load_or_create_model_card,
@@ -100,7 +106,7 @@ def save_model_card(
         else "False",
         "use_ema": args.use_ema,
         "snr_gamma": args.snr_gamma,
-        "seed": args.seed,
+        "seed": seed,
     }
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     psi_lines = ""

@@ -678,3 +678,18 @@ def test_sampling_weight_column_drives_the_draws(tiny_sd_path, tiny_dataset_path
         capsys,
         "--sampling_weight_column 'nope' is not a column",
     )
+
+
+def test_model_card_names_the_seed_a_run_drew(tiny_sd_path, tiny_dataset_path, tmp_path, caplog):
+    """Without --seed the run draws one; the card must say which (it said `None`), and it must be the logged one."""
+    argv = train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "out", "--objective", "vanilla", steps=1)
+    seed_at = argv.index("--seed")
+    del argv[seed_at : seed_at + 2]
+    with caplog.at_level("INFO"):
+        run_in_process(argv)
+    drawn = int(
+        next(r.getMessage() for r in caplog.records if "this run uses seed" in r.getMessage()).split()[-1][
+            :-1
+        ]
+    )
+    assert f"| seed | {drawn} |" in (tmp_path / "out" / "README.md").read_text()
