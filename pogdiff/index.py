@@ -455,9 +455,16 @@ def _build_index(
             device=device,
         )
     else:
-        from .features import get_feature_extractor
+        from .features import NEIGHBOR_ENCODER_OFFLINE_CHOICES, get_feature_extractor
 
-        encoder = get_feature_extractor(params["neighbor_encoder"], device=device, batch_size=batch_size)
+        # Errors name the trainer's and the index CLI's flag and their offline choices (`vae`, not `pixels`).
+        encoder = get_feature_extractor(
+            params["neighbor_encoder"],
+            device=device,
+            batch_size=batch_size,
+            flag="--neighbor_encoder",
+            offline_choices=NEIGHBOR_ENCODER_OFFLINE_CHOICES,
+        )
     image_embeddings = encode_images(
         get_image, len(texts), encoder, batch_size, desc=f"Image embeddings ({params['neighbor_encoder']})"
     )
