@@ -42,9 +42,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline_pogdiff import PoGDiffPipeline
+from pogdiff.arguments import show_defaults
 from pogdiff.data import identity_labels, load_image_text_dataset, load_rgb, resolve_columns, row_image_loader
 from pogdiff.errors import UserError, model_load_message, report_user_errors
 from pogdiff.features import DEFAULT_FEATURE_EXTRACTOR, centre_on, get_feature_extractor
+from pogdiff.hub import recorded_run_settings, training_resolution
 from pogdiff.metrics import aggregate_metrics, identity_metrics, markdown_table, shot_split
 
 matplotlib.use("Agg")
@@ -53,6 +55,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 logger = logging.getLogger("evaluate_pogdiff")
 
 # Settings that change what a generated image looks like: reused images must have been made with them.
+# Few-shot = at most this many training images, when neither the flag nor the models' run records say.
+DEFAULT_FEW_SHOT_MAX = 2
 GENERATION_KEYS = ("model", "num_inference_steps", "guidance_scale", "resolution", "seed", "mixed_precision")
 
 
@@ -88,7 +92,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gen.add_argument(
         "--batch_size", type=int, default=8, help="Images per pipeline call and per feature batch."
     )
-    gen.add_argument("--resolution", type=int, default=512)
+    gen.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Size of the generated images. Default: the --resolution each model was trained at (the "
+        "pogdiff_run.json train_pogdiff.py writes), else the model's own size (UNet sample_size x VAE scale factor).",
+    )
     gen.add_argument(
         "--prompt_template",
         default="An image of {name}.",
@@ -109,11 +119,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     met.add_argument("--grecall_threshold", type=float, default=0.7)
     met.add_argument("--grecall_rule", choices=("nearest", "any"), default="nearest")
-    met.add_argument("--few_shot_max", type=int, default=2)
+    met.add_argument(
+        "--few_shot_max",
+        type=int,
+        default=None,
+        help=f"Identities with at most this many training images are few-shot. Default: the models' training "
+        f"--few_shot_max (their pogdiff_run.json), else {DEFAULT_FEW_SHOT_MAX}.",
+    )
     met.add_argument("--grid_columns", type=int, default=8, help="Images per row in the grids.")
     parser.add_argument("--output_dir", default="pogdiff-eval")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    show_defaults(parser)
     args = parser.parse_args(argv)
     if args.images_per_identity < 1 or args.batch_size < 1:
         parser.error("--images_per_identity and --batch_size must be >= 1.")
@@ -136,6 +153,42 @@ def parse_models(specs: Sequence[str]) -> dict[str, str]:
             raise UserError(f"--model name {name!r} is given twice; give each model its own name.")
         models[name] = path
     return models
+
+
+def settings_from_models(args: argparse.Namespace, models: dict[str, str]) -> None:
+    """Fills `--resolution` and `--few_shot_max` when not given, from what the models were trained with.
+
+    The resolution is each model's training --resolution (its run record), else its own size; models that
+    disagree are an error (their images would not be comparable). A fixed 512 would make a small model generate
+    for hours at a size it never saw.
+
+    Raises:
+        UserError: a model's size cannot be read, or the models disagree and no --resolution was given.
+    """
+    if args.resolution is None:
+        sizes = {}
+        for name, path in models.items():
+            size, source = training_resolution(path)
+            if size is None:
+                raise UserError(
+                    f"--model {name}={path}: could not tell the size to generate at ({source}); pass --resolution."
+                )
+            logger.info("%s: %d px (%s).", name, size, source)
+            sizes[name] = size
+        if len(set(sizes.values())) > 1:
+            found = ", ".join(f"{name} {size} px" for name, size in sizes.items())
+            raise UserError(
+                f"The models have different resolutions ({found}); pass --resolution to generate all at one size."
+            )
+        args.resolution = next(iter(sizes.values()))
+    if args.few_shot_max is None:
+        recorded = {
+            settings.get("--few_shot_max")
+            for settings, _ in filter(None, (recorded_run_settings(path) for path in models.values()))
+        }
+        args.few_shot_max = (
+            recorded.pop() if len(recorded) == 1 and None not in recorded else DEFAULT_FEW_SHOT_MAX
+        )
 
 
 def folder_name(identity: str) -> str:
@@ -353,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     models = parse_models(args.model)
+    settings_from_models(args, models)
     output_dir = Path(args.output_dir)
 
     # ---- Real images: training set (gRecall) and held-out reference (DINO, FID).

@@ -86,7 +86,7 @@ from pogdiff.data import (
     tokenize,
 )
 from pogdiff.errors import UserError, model_load_message
-from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code
+from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code, save_run_settings
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
 from pogdiff.sampling import (
     EpochSampler,
@@ -1251,6 +1251,8 @@ def main(args: argparse.Namespace) -> Accelerator:
         # The model as saved (EMA weights already copied in); a validation of this very step is reused.
         samples = run_validation(swap_ema=False) if validation_prompts else []
         save_pipeline_code(args.output_dir, Path(__file__).with_name("pipeline_pogdiff.py"))
+        # evaluate_pogdiff.py and `python -m pogdiff.index --from_run` read the resolution and index settings here.
+        save_run_settings(args.output_dir, global_step, args.run_settings)
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(
             args,

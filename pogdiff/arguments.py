@@ -65,7 +65,10 @@ def add_index_arguments(parser) -> None:
         type=str,
         default="img,txt",
         choices=PSI_TERMS,
-        help="Factors of psi (paper Table 6 ablation): image similarity, inverse text density; none = vanilla.",
+        # The choices contain commas, so argparse's `{img,txt,txt,img,...}` would be unreadable.
+        metavar="TERMS",
+        help="Factors of psi (paper Table 6 ablation): 'img,txt' (both; 'txt,img' is the same), 'img' (image "
+        "similarity only), 'txt' (inverse text density only) or 'none' (= vanilla).",
     )
     parser.add_argument(
         "--density_latent_dim", type=int, default=16, help="Latent size of the text-density VAE."
@@ -106,6 +109,25 @@ def add_index_arguments(parser) -> None:
         default=2,
         help="Identities with at most this many images count as minority (few-shot).",
     )
+
+
+def show_defaults(container) -> None:
+    """Appends the default to the help of every flag of `container` (a parser or an argument group) whose help does
+    not mention one already, so that `--help` shows every default (as ArgumentDefaultsHelpFormatter would, but for
+    one group only: the trainer's upstream flags keep upstream's help)."""
+    actions = getattr(container, "_group_actions", None) or container._actions
+    for action in actions:
+        if (
+            not action.option_strings
+            or action.default is argparse.SUPPRESS
+            or action.help is argparse.SUPPRESS
+        ):
+            continue
+        help_text = action.help or ""
+        if "default" in help_text.lower():
+            continue
+        shown = "off" if isinstance(action, argparse._StoreTrueAction) else "%(default)s"
+        action.help = f"{help_text} (default: {shown})".strip()
 
 
 def index_build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -249,6 +271,7 @@ def add_pogdiff_arguments(parser: argparse.ArgumentParser) -> None:
         default="to_k,to_q,to_v,to_out.0",
         help="Comma-separated UNet module names that get LoRA adapters.",
     )
+    show_defaults(pog)
 
 
 def check_pogdiff_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -6,12 +6,20 @@ CLI reads a folder the same way.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import json
+import re
+
 import pytest
+from PIL import Image
 
 import evaluate_pogdiff
-from pogdiff import features
+from pogdiff import features, hub
 from pogdiff import index as index_cli
-from pogdiff.errors import report_user_errors
+from pogdiff.errors import UserError, report_user_errors
+from pogdiff.testing import TINY_RESOLUTION
 from tests.test_train import run_in_process, train_args
 
 DEFAULT_ENCODER = "facebook/dinov2-base"
@@ -115,3 +123,127 @@ def test_local_folder_or_cached_model_passes_the_check(tmp_path):
         features.HubModelUnavailableError, match=r"--feature_extractor '\./missing': no such folder"
     ):
         features.check_hub_model_available("./missing", "--feature_extractor", "x")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Sizes follow the run or the model; --help shows every default
+
+
+def test_evaluate_generates_at_the_models_size_without_resolution(tiny_sd_path, tiny_dataset_path, tmp_path):
+    argv = [
+        "--model", f"m={tiny_sd_path}",
+        "--train_data_dir", tiny_dataset_path,
+        "--images_per_identity", "1",
+        "--num_inference_steps", "1",
+        "--feature_extractor", "pixels",
+        "--device", "cpu",
+        "--output_dir", str(tmp_path / "eval"),
+    ]  # fmt: skip
+    report = evaluate_pogdiff.main(argv)
+    assert report["generation"]["resolution"] == TINY_RESOLUTION == hub.native_resolution(tiny_sd_path)
+    assert report["few_shot_max"] == evaluate_pogdiff.DEFAULT_FEW_SHOT_MAX
+    with Image.open(tmp_path / "eval" / "m" / "chen" / "000.png") as image:
+        assert image.size == (TINY_RESOLUTION, TINY_RESOLUTION)
+
+
+def _fake_run(folder, **settings):
+    """A training output holding only its run record."""
+    folder.mkdir(parents=True)
+    record = {"format": 1, "global_step": 1, "settings": {f"--{k}": v for k, v in settings.items()}}
+    (folder / "pogdiff_run.json").write_text(json.dumps(record))
+    return str(folder)
+
+
+def test_evaluate_takes_resolution_and_few_shot_max_from_the_run_record(tmp_path):
+    first = _fake_run(tmp_path / "a", resolution=24, few_shot_max=3)
+    args = argparse.Namespace(resolution=None, few_shot_max=None)
+    evaluate_pogdiff.settings_from_models(args, {"a": first})
+    assert (args.resolution, args.few_shot_max) == (24, 3)
+
+    # A checkpoint's record counts when the output has none of its own (a run killed before its end).
+    (tmp_path / "b" / "checkpoint-5").mkdir(parents=True)
+    _fake_run(tmp_path / "b" / "checkpoint-9", resolution=48)
+    assert hub.training_resolution(str(tmp_path / "b"))[0] == 48
+
+    # Flags given explicitly win; models trained at different sizes are not compared silently.
+    args = argparse.Namespace(resolution=16, few_shot_max=1)
+    evaluate_pogdiff.settings_from_models(args, {"a": first, "b": str(tmp_path / "b")})
+    assert (args.resolution, args.few_shot_max) == (16, 1)
+    with pytest.raises(UserError, match=r"different resolutions \(a 24 px, b 48 px\); pass --resolution"):
+        evaluate_pogdiff.settings_from_models(argparse.Namespace(resolution=None, few_shot_max=None),
+                                              {"a": first, "b": str(tmp_path / "b")})  # fmt: skip
+    with pytest.raises(UserError, match="could not tell the size to generate at .*; pass --resolution"):
+        evaluate_pogdiff.settings_from_models(
+            argparse.Namespace(resolution=None, few_shot_max=None), {"x": str(tmp_path / "empty")}
+        )
+
+
+def test_index_cli_builds_the_trainers_index_from_the_run(tiny_sd_path, tiny_dataset_path, tmp_path, capsys):
+    """`--from_run` gives the trainer's cache key (resolution, seed, every index flag); without it the
+    resolution is the model's size, not 512."""
+    out = tmp_path / "run"
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, out, "--seed", "7", "--psi_a2", "3", steps=1))
+    (trained,) = [p.name for p in out.iterdir() if p.name.startswith("pogdiff-index-")]
+    assert json.loads((out / "pogdiff_run.json").read_text())["settings"]["--resolution"] == 32
+
+    summary = index_cli.main(
+        ["--from_run", str(out), "--train_data_dir", tiny_dataset_path, "--output_dir", str(tmp_path / "i")]
+    )
+    assert [p.name for p in (tmp_path / "i").iterdir() if p.name.startswith("pogdiff-index-")] == [trained]
+    assert summary["psi_params"]["a2"] == 3.0 and summary["num_neighbors"] == 3
+
+    args = index_cli.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            tiny_sd_path,
+            "--train_data_dir",
+            tiny_dataset_path,
+            "--output_dir",
+            "x",
+        ]
+    )
+    assert args.resolution == TINY_RESOLUTION and args.seed == 0
+    line = one_error_line(
+        capsys, "python -m pogdiff.index", index_cli.main,
+        ["--from_run", str(tmp_path), "--train_data_dir", tiny_dataset_path, "--output_dir", "x"],
+    )  # fmt: skip
+    assert f"--from_run {str(tmp_path)!r} holds no pogdiff_run.json" in line
+
+
+def option_blocks(help_text: str) -> dict[str, str]:
+    """`--flag` -> its help text, from argparse's --help output."""
+    blocks: dict[str, str] = {}
+    current = None
+    for line in help_text.splitlines():
+        match = re.match(r"^  (-{1,2}[\w-]+)", line)
+        if match:
+            current = match[1]
+            blocks[current] = line
+        elif current and line.startswith("   "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
+
+
+def help_of(fn, argv) -> str:
+    stdout = io.StringIO()
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stdout(stdout):
+        fn(argv)
+    assert exit_info.value.code == 0
+    return stdout.getvalue()
+
+
+def test_help_shows_every_default_and_readable_choices():
+    import train_pogdiff
+
+    index_help = help_of(index_cli.parse_args, ["--help"])
+    assert index_help.startswith("usage: python -m pogdiff.index")
+    trainer_help = help_of(train_pogdiff.parse_args, ["--help"])
+    pogdiff_group = trainer_help[trainer_help.index("PoGDiff (flags that") :]
+    for text in (index_help, help_of(evaluate_pogdiff.parse_args, ["--help"]), pogdiff_group):
+        blocks = option_blocks(text)
+        assert "--psi_terms" in blocks or "--feature_extractor" in blocks
+        missing = [flag for flag, block in blocks.items() if flag != "-h" and "default" not in block.lower()]
+        assert not missing, missing
+    assert "--psi_terms TERMS" in index_help and "{img,txt,txt,img" not in index_help + trainer_help
