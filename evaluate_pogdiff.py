@@ -43,7 +43,14 @@ from tqdm.auto import tqdm
 
 from pipeline_pogdiff import PoGDiffPipeline
 from pogdiff.arguments import show_defaults
-from pogdiff.data import identity_labels, load_image_text_dataset, load_rgb, resolve_columns, row_image_loader
+from pogdiff.data import (
+    identity_labels,
+    load_image_text_dataset,
+    load_rgb,
+    resolve_columns,
+    row_image_loader,
+    sidecar_caption_extension,
+)
 from pogdiff.errors import UserError, model_load_message, report_user_errors
 from pogdiff.features import DEFAULT_FEATURE_EXTRACTOR, centre_on, get_feature_extractor
 from pogdiff.hub import recorded_run_settings, training_resolution
@@ -78,6 +85,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument("--image_column", default=None)
     data.add_argument("--caption_column", default=None)
     data.add_argument("--identity_column", default="identity")
+    data.add_argument(
+        "--caption_extension",
+        default=None,
+        help="Read --train_data_dir as a kohya-style folder (captions in sidecar files with this extension, "
+        "identities from sub-folder names without kohya's N_ repeats prefix), as train_pogdiff.py does.",
+    )
     data.add_argument(
         "--reference_data_dir",
         default=None,
@@ -230,6 +243,7 @@ def load_real_images(args: argparse.Namespace, split: str) -> RealImages:
         train_data_dir=args.train_data_dir,
         cache_dir=args.cache_dir,
         split=split,
+        caption_extension=args.caption_extension,
     )
     return _grouped(dataset, args)
 
@@ -249,13 +263,21 @@ def load_reference_images(args: argparse.Namespace) -> tuple[RealImages | None, 
         # A folder written by `python -m pogdiff.data build` marks held-out rows with split == reference;
         # any other imagefolder is held out as a whole.
         folder = args.reference_data_dir
+        # A kohya-style reference folder is read like the training folder (--caption_extension); one with
+        # imagefolder metadata as an imagefolder.
+        caption_extension = args.caption_extension if sidecar_caption_extension(folder) else None
         try:
             dataset = load_image_text_dataset(
-                train_data_dir=folder, cache_dir=args.cache_dir, split="reference"
+                train_data_dir=folder,
+                cache_dir=args.cache_dir,
+                split="reference",
+                caption_extension=caption_extension,
             )
             return _grouped(dataset, args), f"{folder} (its reference rows)"
         except ValueError:
-            dataset = load_image_text_dataset(train_data_dir=folder, cache_dir=args.cache_dir)
+            dataset = load_image_text_dataset(
+                train_data_dir=folder, cache_dir=args.cache_dir, caption_extension=caption_extension
+            )
             return _grouped(dataset, args), folder
     try:
         return load_real_images(args, "reference"), "reference split"

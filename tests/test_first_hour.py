@@ -247,3 +247,61 @@ def test_help_shows_every_default_and_readable_choices():
         missing = [flag for flag, block in blocks.items() if flag != "-h" and "default" not in block.lower()]
         assert not missing, missing
     assert "--psi_terms TERMS" in index_help and "{img,txt,txt,img" not in index_help + trainer_help
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. A kohya folder means the same to every tool
+
+
+def kohya_folder(root) -> str:
+    """10_carol (3 images, repeats 10) and bob (2 images), each with a .txt caption beside it."""
+    for folder, name, count in (("10_carol", "carol", 3), ("bob", "bob", 2)):
+        (root / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.new(
+                "RGB", (TINY_RESOLUTION, TINY_RESOLUTION), (80 * i, 120, 200 if name == "bob" else 0)
+            ).save(root / folder / f"{i}.png")
+            (root / folder / f"{i}.txt").write_text(f"{name} photo {i}\n")
+    return str(root)
+
+
+def test_evaluate_reads_a_kohya_folder_like_the_trainer(tiny_sd_path, tmp_path):
+    data = kohya_folder(tmp_path / "kohya")
+    common = [
+        "--model", f"m={tiny_sd_path}", "--train_data_dir", data, "--caption_extension", ".txt",
+        "--images_per_identity", "1", "--num_inference_steps", "1", "--feature_extractor", "pixels",
+        "--few_shot_max", "2", "--device", "cpu",
+    ]  # fmt: skip
+    report = evaluate_pogdiff.main([*common, "--output_dir", str(tmp_path / "e1")])
+    assert sorted(report["identities"]) == ["bob", "carol"]
+    assert report["identities"]["carol"]["prompt"] == "An image of carol."
+    assert report["identities"]["carol"]["n_train"] == 3 and report["split"]["few"] == ["bob"]
+    # The captions are the .txt files' text.
+    report = evaluate_pogdiff.main(
+        [*common, "--prompt_from", "caption", "--output_dir", str(tmp_path / "e2")]
+    )
+    assert report["identities"]["bob"]["prompt"] == "bob photo 0"
+
+
+def test_a_kohya_folder_without_caption_extension_names_the_flag(tiny_sd_path, tmp_path, capsys):
+    data = kohya_folder(tmp_path / "kohya")
+    expected = (
+        f"{data!r} is a kohya-style folder (captions in .txt files beside the images, no metadata.jsonl): "
+    )
+    expected += "pass --caption_extension .txt to read its captions and identities."
+
+    argv = train_args(tiny_sd_path, data, tmp_path / "o", "--num_neighbors", "2")
+    assert one_error_line(capsys, None, run_in_process, argv) == f"train_pogdiff.py: error: {expected}"
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_sd_path,
+        "--train_data_dir",
+        data,
+        "--output_dir",
+        str(tmp_path),
+    ]
+    line = one_error_line(capsys, "python -m pogdiff.index", index_cli.main, argv)
+    assert line == f"python -m pogdiff.index: error: {expected}"
+    argv = ["--model", f"m={tiny_sd_path}", "--train_data_dir", data, "--output_dir", str(tmp_path / "e")]
+    line = one_error_line(capsys, "evaluate_pogdiff.py", evaluate_pogdiff.main, argv)
+    assert line == f"evaluate_pogdiff.py: error: {expected}"
