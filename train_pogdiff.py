@@ -111,9 +111,11 @@ from pogdiff.training import (
 from pogdiff.validation import (
     ValidationPrompt,
     auto_validation_prompts,
+    pipeline_guidance_scale,
     prompts_from_user,
     save_validation_grid,
     validation_grid,
+    validation_sampling,
     validation_seed,
 )
 
@@ -466,6 +468,10 @@ def log_validation(
         if weight_dtype != torch.float32
         else contextlib.nullcontext()
     )
+    # The guidance is stated in the grid's title: the pipeline's default (7.5) unless --validation_guidance_scale.
+    sampling_kwargs, guidance_text = validation_sampling(
+        args.validation_guidance_scale, pipeline_guidance_scale(pipeline)
+    )
     samples = []
     for i, prompt in enumerate(prompts):
         generators = [
@@ -477,6 +483,7 @@ def log_validation(
                 [prompt.prompt] * len(generators),
                 num_inference_steps=args.num_validation_inference_steps,
                 generator=generators,
+                **sampling_kwargs,
             ).images
         samples.append(images)
     del pipeline
@@ -486,7 +493,7 @@ def log_validation(
         rows,
         cell=max(args.resolution, MIN_VALIDATION_CELL),
         max_train_images=MAX_VALIDATION_TRAIN_IMAGES,
-        title=f"step {global_step}",
+        title=f"step {global_step}, {guidance_text}, {args.num_validation_inference_steps} DDIM steps",
     )
     path = save_validation_grid(grid, args.output_dir, global_step)
     logger.info(f"Validation grid: {path}")

@@ -9,6 +9,7 @@ and `checkpointing.run_settings` reads the same declarations to know which flags
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from .errors import UserError
@@ -31,6 +32,14 @@ DENSITY_FLAGS = (
 
 def _float_or_none(value: str) -> float | None:
     return None if value.lower() == "none" else float(value)
+
+
+def _non_negative_float(value: str) -> float:
+    """A finite float >= 0 (argparse names the flag when this raises)."""
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
+    return number
 
 
 def add_index_arguments(parser) -> None:
@@ -251,6 +260,13 @@ def add_pogdiff_arguments(parser: argparse.ArgumentParser) -> None:
     )
     pog.add_argument(
         "--num_validation_inference_steps", type=int, default=50, help="DDIM steps of the validation images."
+    )
+    pog.add_argument(
+        "--validation_guidance_scale",
+        type=_non_negative_float,
+        default=None,
+        help="Classifier-free guidance of the validation images (evaluate_pogdiff.py has its own "
+        "--guidance_scale). Default: the pipeline's (7.5 for Stable Diffusion), stated in each grid's title.",
     )
     pog.add_argument(
         "--allow_changed_settings",

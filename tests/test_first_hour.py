@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import re
@@ -305,3 +306,53 @@ def test_a_kohya_folder_without_caption_extension_names_the_flag(tiny_sd_path, t
     argv = ["--model", f"m={tiny_sd_path}", "--train_data_dir", data, "--output_dir", str(tmp_path / "e")]
     line = one_error_line(capsys, "evaluate_pogdiff.py", evaluate_pogdiff.main, argv)
     assert line == f"evaluate_pogdiff.py: error: {expected}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Validation grids: guidance adjustable and stated
+
+
+@pytest.mark.parametrize("given, expected_call, expected_title", [
+    (None, None, "guidance 7.5 (the pipeline's default)"),
+    ("2", 2.0, "guidance 2"),
+])  # fmt: skip
+def test_validation_guidance_scale_is_used_and_stated(
+    given, expected_call, expected_title, tiny_sd_path, tiny_dataset_path, tmp_path, monkeypatch
+):
+    import train_pogdiff
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    calls, titles = [], []
+    original_call, original_grid = PoGDiffPipeline.__call__, train_pogdiff.validation_grid
+
+    @functools.wraps(original_call)  # keeps the signature, whose default guidance the title states
+    def spy_call(self, *args, **kwargs):
+        calls.append(kwargs.get("guidance_scale"))
+        return original_call(self, *args, **kwargs)
+
+    def spy_grid(*args, **kwargs):
+        titles.append(kwargs["title"])
+        return original_grid(*args, **kwargs)
+
+    monkeypatch.setattr(PoGDiffPipeline, "__call__", spy_call)
+    monkeypatch.setattr(train_pogdiff, "validation_grid", spy_grid)
+    extra = ["--objective", "vanilla", "--validation_prompts", "An image of chen.", "--validation_steps", "1",
+             "--num_validation_inference_steps", "1"]  # fmt: skip
+    if given is not None:
+        extra += ["--validation_guidance_scale", given]
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "o", *extra, steps=1))
+    assert calls and set(calls) == {expected_call}
+    assert titles and set(titles) == {f"step 1, {expected_title}, 1 DDIM steps"}
+
+
+def test_validation_guidance_scale_must_be_a_number_at_least_zero(capsys):
+    import train_pogdiff
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_pogdiff.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d",
+                                  "--validation_guidance_scale", "-1"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert (
+        "argument --validation_guidance_scale: must be a finite number >= 0, got '-1'"
+        in capsys.readouterr().err
+    )
