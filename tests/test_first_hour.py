@@ -11,8 +11,12 @@ import contextlib
 import functools
 import io
 import json
+import os
 import re
+import shlex
+from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -20,7 +24,7 @@ import evaluate_pogdiff
 from pogdiff import features, hub
 from pogdiff import index as index_cli
 from pogdiff.errors import UserError, report_user_errors
-from pogdiff.testing import TINY_RESOLUTION
+from pogdiff.testing import TINY_RESOLUTION, run_process_group
 from tests.test_train import run_in_process, train_args
 
 DEFAULT_ENCODER = "facebook/dinov2-base"
@@ -356,3 +360,124 @@ def test_validation_guidance_scale_must_be_a_number_at_least_zero(capsys):
         "argument --validation_guidance_scale: must be a finite number >= 0, got '-1'"
         in capsys.readouterr().err
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The README's commands are the tests' commands
+#
+# Every fenced bash command of README.md is either run here, from a folder that looks like the repository root
+# (symlinks to the scripts and the package), offline, on the tiny model, or skipped for a stated reason. The only
+# changes are these documented substitutions: the Hub model -> the tiny model and its 32 px; the default neighbour
+# encoder / feature extractor (DINOv2, a Hub id) -> the offline `vae` / `pixels`; sizes (steps, identities,
+# images) -> small ones; bf16 -> no mixed precision (CPU). A README command that is neither run nor skipped fails
+# the test, so a new command gets checked.
+
+REPO = Path(__file__).resolve().parent.parent
+
+SKIPPED_README_COMMANDS = {
+    "pip install": "installs packages (needs the network)",
+    "python examples/demo_digits.py": "the demo (6 minutes); tests/test_demo.py runs its --quick size",
+    "python -m pytest": "the test command itself",
+    "accelerate launch --multi_gpu": "a multi-GPU sketch with elided flags (...)",
+    "torchrun --nproc_per_node 8": "a multi-GPU sketch with elided flags (...)",
+    "python examples/study/run_study.py": "the study (1.5 hours); tests/test_study.py runs its ci size",
+    "python benchmarks/": "benchmarks (minutes); tests/test_benchmarks.py runs them at a small size",
+}
+
+# (command prefix, [(text as in the README, substitute)], appended flags), in README order.
+RUN_README_COMMANDS = [
+    ("python -m pogdiff.data build", [
+        ("--majority_ids 10", "--majority_ids 2"), ("--majority_images 30", "--majority_images 6"),
+        ("--minority_ids 40", "--minority_ids 3"),
+    ], []),
+    ("accelerate launch train_pogdiff.py", [
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", "{tiny_sd}"), ("--resolution 512", "--resolution 32"),
+        ("--max_train_steps 12000", "--max_train_steps 2"), ("--mixed_precision bf16", "--mixed_precision no"),
+        ("--checkpointing_steps 1000", "--checkpointing_steps 1"),
+    ], ["--neighbor_encoder", "vae", "--density_epochs", "5"]),
+    ("python -m pogdiff.index --from_run", [], []),
+    ("python evaluate_pogdiff.py", [
+        # vanilla-model is the same training command with --objective vanilla: the run above stands in for it.
+        ("vanilla=vanilla-model", "vanilla=pogdiff-model"), ("--images_per_identity 20", "--images_per_identity 2"),
+    ], ["--feature_extractor", "pixels", "--num_inference_steps", "5"]),
+]  # fmt: skip
+
+
+def readme_commands() -> list[str]:
+    """Every command of README.md's ```bash blocks, continuation lines joined, comments dropped."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(shlex.join(words))
+    return commands
+
+
+def photo_folder(root: Path) -> None:
+    """An identity-per-folder photo collection for `--image_dir photos/`: 2 people with 8 photos, 3 with 4."""
+    rng = np.random.default_rng(0)
+    for k, count in enumerate([8, 8, 4, 4, 4]):
+        folder = root / f"person{k}"
+        folder.mkdir(parents=True)
+        for i in range(count):
+            pixels = np.clip(rng.normal(40 * k + 20, 30, (48, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_path, tmp_path):
+    commands = readme_commands()
+    plan = []
+    for command in commands:
+        skipped = [reason for prefix, reason in SKIPPED_README_COMMANDS.items() if command.startswith(prefix)]
+        runs = [entry for entry in RUN_README_COMMANDS if command.startswith(entry[0])]
+        assert len(skipped) + len(runs) == 1, (
+            f"README command neither run nor skipped by this test: {command}"
+        )
+        if runs:
+            prefix, substitutions, extra = runs[0]
+            for old, new in substitutions:
+                assert old in command, f"the README no longer has {old!r} in: {command}"
+                command = command.replace(old, new.format(tiny_sd=tiny_sd_path))
+            plan.append(shlex.split(command) + extra)
+    # Each command to run is in the README once, in this order.
+    prefixes = [shlex.split(prefix) for prefix, _, _ in RUN_README_COMMANDS]
+    assert [words[: len(prefix)] for words, prefix in zip(plan, prefixes)] == prefixes and len(plan) == len(
+        prefixes
+    )
+
+    # The README's LoRA advice, applied to its training command, is a valid command line (parsed, not run).
+    import train_pogdiff
+
+    train = next(words for words in plan if words[:3] == ["accelerate", "launch", "train_pogdiff.py"])
+    assert (
+        "--use_ema" in train
+        and "Replace `--use_ema` by `--use_lora --rank 16`" in (REPO / "README.md").read_text()
+    )
+    lora = [word for word in train[3:] if word != "--use_ema"] + ["--use_lora", "--rank", "16"]
+    assert train_pogdiff.parse_args(lora).use_lora
+
+    # A folder that looks like the repository root, as the README's commands assume.
+    root = tmp_path / "clone"
+    root.mkdir()
+    for name in ("train_pogdiff.py", "evaluate_pogdiff.py", "pipeline_pogdiff.py", "pogdiff"):
+        (root / name).symlink_to(REPO / name)
+    photo_folder(root / "photos")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": ""}
+    log = []
+    for words in plan:
+        done = run_process_group(words, timeout=600, cwd=root, env=env)
+        last = (done.stdout.strip().splitlines() or done.stderr.strip().splitlines() or [""])[-1]
+        log.append(f"exit {done.returncode} | {last[:100]} | {shlex.join(words)[:120]}")
+        assert done.returncode == 0, f"{shlex.join(words)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    print("\n".join(log))
+    # What each command promised: the dataset, the model with its run record, the index, the evaluation.
+    assert (root / "data" / "my-it2i" / "metadata.jsonl").is_file()
+    assert (
+        json.loads((root / "pogdiff-model" / "pogdiff_run.json").read_text())["settings"]["--resolution"]
+        == 32
+    )
+    assert (root / "index-out" / "index_summary.json").is_file()
+    report = json.loads((root / "eval" / "metrics.json").read_text())
+    assert report["generation"]["resolution"] == 32 and set(report["models"]) == {"vanilla", "pogdiff"}
