@@ -24,6 +24,10 @@ identity too), ``metrics.md`` (the table), a grid per identity under ``grids/`` 
 
 from __future__ import annotations
 
+# First: importing pogdiff quiets transformers' torchvision-fallback notice before diffusers triggers it.
+import pogdiff  # noqa: F401
+
+# isort: split
 import argparse
 import hashlib
 import json

@@ -15,6 +15,10 @@ neighbour table is built once before training (`pogdiff/index.py`) and cached in
 
 from __future__ import annotations
 
+# First: importing pogdiff quiets transformers' torchvision-fallback notice before diffusers triggers it.
+import pogdiff  # noqa: F401
+
+# isort: split
 import argparse
 import contextlib
 import gc

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -481,3 +482,23 @@ def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_pa
     assert (root / "index-out" / "index_summary.json").is_file()
     report = json.loads((root / "eval" / "metrics.json").read_text())
     assert report["generation"]["resolution"] == 32 and set(report["models"]) == {"vanilla", "pogdiff"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. No alarming torchvision notice at start; other transformers messages still pass
+
+
+def test_tools_start_without_the_torchvision_notice_and_other_warnings_pass(caplog):
+    done = run_process_group([sys.executable, "train_pogdiff.py", "--help"], timeout=300, cwd=REPO)
+    assert done.returncode == 0 and "PoGDiff (flags" in done.stdout
+    assert "torchvision" not in done.stderr, done.stderr[-2000:]
+
+    import logging
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `...Pil` ..."
+        )
+        logger.warning("`Foo` requires some other backend.")
+    assert [record.getMessage() for record in caplog.records] == ["`Foo` requires some other backend."]
