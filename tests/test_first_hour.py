@@ -502,3 +502,17 @@ def test_tools_start_without_the_torchvision_notice_and_other_warnings_pass(capl
         )
         logger.warning("`Foo` requires some other backend.")
     assert [record.getMessage() for record in caplog.records] == ["`Foo` requires some other backend."]
+
+
+def test_demo_stages_report_their_progress_bars(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import demo_digits
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    monkeypatch.setattr(demo_digits, "PROGRESS_EVERY_S", 0.0)
+    script = "from tqdm import tqdm\nfor _ in tqdm(range(3), desc='Steps'): pass\nprint('INFO 1/2 not a bar')"
+    demo_digits.run_logged([sys.executable, "-c", script], tmp_path / "train_x.log", False, "pogdiff")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "  pogdiff: Steps 3/3" and len(lines) == len(set(lines)) >= 2
+    assert "INFO 1/2 not a bar" in (tmp_path / "train_x.log").read_text()  # everything still goes to the log
