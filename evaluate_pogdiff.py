@@ -402,27 +402,48 @@ def open_images(paths: Sequence[Path]) -> list[Image.Image]:
     return [load_rgb(str(path)) for path in paths]
 
 
-def _show_row(axes_row, images: Sequence[Image.Image], label: str) -> None:
+def _show_row(axes_row, images: Sequence[Image.Image | None], label: str) -> None:
     for column, axis in enumerate(axes_row):
         axis.set_xticks([])
         axis.set_yticks([])
         for spine in axis.spines.values():
             spine.set_visible(False)
-        if column < len(images):
+        if column < len(images) and images[column] is not None:  # None: a gap between groups
             axis.imshow(np.asarray(images[column]))
     axes_row[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
 
 
-def save_grid(path: Path, rows: list[tuple[str, list[Image.Image]]], title: str, columns: int) -> None:
-    """A figure with one labelled row of images per entry of ``rows``."""
+def save_grid(
+    path: Path,
+    rows: list[tuple[str, list[Image.Image | None]]],
+    title: str,
+    columns: int,
+    column_labels: Sequence[str] | None = None,
+    group_sizes: Sequence[int] | None = None,
+) -> None:
+    """A figure with one labelled row of images per entry of ``rows`` (a None image leaves its cell empty); with
+    ``column_labels`` a label above each column, with ``group_sizes`` (columns per group, e.g. training images then
+    each model) a gap between consecutive groups so they read apart. The figure's size depends only on the counts."""
     columns = max(1, min(columns, max((len(images) for _, images in rows), default=1)))
     figure, axes = plt.subplots(
         len(rows), columns, figsize=(1.3 * columns + 1.6, 1.3 * len(rows) + 0.5), squeeze=False
     )
     for axes_row, (label, images) in zip(axes, rows):
         _show_row(axes_row, images[:columns], label)
+    for axis, column_label in zip(axes[0], column_labels or ()):
+        axis.set_title(column_label, fontsize=8)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
+    if group_sizes and len(group_sizes) > 1 and sum(group_sizes) == columns:
+        # Narrow every cell a little to open a gap of a third of a cell between groups, within the same figure.
+        left, right = axes[0][0].get_position().x0, axes[0][-1].get_position().x1
+        gap = (right - left) / columns / 3
+        width = (right - left - gap * (len(group_sizes) - 1)) / columns
+        group_of = [g for g, size in enumerate(group_sizes) for _ in range(size)]
+        for axes_row in axes:
+            for column, axis in enumerate(axes_row):
+                box = axis.get_position()
+                axis.set_position([left + column * width + group_of[column] * gap, box.y0, width, box.height])
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -583,23 +604,65 @@ def save_grids(
     for identity in tqdm(identities, desc="Grids", leave=False):
         rows = [("train", train.load(train.by_identity[identity][:columns]))]
         rows += [(name, open_images(paths[identity][:columns])) for name, paths in generated_paths.items()]
-        save_grid(output_dir / "grids" / f"{folder_name(identity)}.png", rows, identity, columns)
+        save_grid(
+            output_dir / "grids" / f"{folder_name(identity)}.png",
+            rows,
+            identity_grid_title(identity, len(train.by_identity[identity]), identity in few_shot),
+            columns,
+        )
     if not few_shot:
         logger.info("No few-shot identities: grid_few_shot.png not written.")
         return
     # Overview: a row per few-shot identity, its training images then a few images of every model.
     images_per_identity = len(next(iter(generated_paths.values()))[few_shot[0]])
     per_model = min(images_per_identity, max(1, math.ceil(columns / len(generated_paths))))
+    num_train = max(len(train.by_identity[identity]) for identity in few_shot)
+    groups = [("train", num_train)] + [(name, per_model) for name in generated_paths]
     rows = []
     for identity in few_shot:
-        images = train.load(train.by_identity[identity])
-        for paths in generated_paths.values():
-            images += open_images(paths[identity][:per_model])
-        rows.append((identity, images))
-    title = "few-shot identities: training images, then " + ", ".join(
+        cells = {"train": train.load(train.by_identity[identity])}
+        cells.update(
+            {name: open_images(paths[identity][:per_model]) for name, paths in generated_paths.items()}
+        )
+        rows.append((f"{identity} ({len(cells['train'])})", few_shot_grid_row(groups, cells)))
+    title = "few-shot identities (number of training images): training images, then " + ", ".join(
         f"{per_model} x {name}" for name in generated_paths
     )
-    save_grid(output_dir / "grid_few_shot.png", rows, title, max(len(images) for _, images in rows))
+    save_grid(
+        output_dir / "grid_few_shot.png",
+        rows,
+        title,
+        sum(width for _, width in groups),
+        few_shot_grid_columns(groups),
+        [width for _, width in groups],
+    )
+
+
+def identity_grid_title(identity: str, num_train: int, few_shot: bool) -> str:
+    """The title of an identity's grid: who, and how many training images it had (the number that matters)."""
+    kind = "few-shot" if few_shot else "majority"
+    return f"{identity}: {num_train} training image{'s' if num_train != 1 else ''} ({kind})"
+
+
+def few_shot_grid_columns(groups: Sequence[tuple[str, int]]) -> list[str]:
+    """Column labels of the few-shot overview: each group's name (`train`, then each model) over its first column,
+    its other columns unlabelled."""
+    labels: list[str] = []
+    for name, width in groups:
+        labels += [name] + [""] * (width - 1)
+    return labels
+
+
+def few_shot_grid_row(
+    groups: Sequence[tuple[str, int]], cells: dict[str, list[Image.Image]]
+) -> list[Image.Image | None]:
+    """One overview row laid out as `few_shot_grid_columns`: each group's images, padded with None (an empty
+    cell) to the group's width, so that a column holds one group whatever an identity's image count."""
+    row: list[Image.Image | None] = []
+    for name, width in groups:
+        images = cells[name][:width]
+        row += images + [None] * (width - len(images))
+    return row
 
 
 if __name__ == "__main__":

@@ -516,3 +516,32 @@ def test_demo_stages_report_their_progress_bars(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "  pogdiff: Steps 3/3" and len(lines) == len(set(lines)) >= 2
     assert "INFO 1/2 not a bar" in (tmp_path / "train_x.log").read_text()  # everything still goes to the log
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Pictures that say what they show
+
+
+def test_evaluation_grid_labels_and_groups():
+    groups = [("train", 2), ("vanilla", 3), ("pogdiff", 3)]
+    assert evaluate_pogdiff.few_shot_grid_columns(groups) == ["train", ""] + ["vanilla", "", ""] + [
+        "pogdiff",
+        "",
+        "",
+    ]
+    a = Image.new("RGB", (4, 4))
+    row = evaluate_pogdiff.few_shot_grid_row(groups, {"train": [a], "vanilla": [a] * 5, "pogdiff": [a] * 3})
+    assert row == [a, None, a, a, a, a, a, a]  # one training image: its second column stays empty
+    assert evaluate_pogdiff.identity_grid_title("chen", 2, True) == "chen: 2 training images (few-shot)"
+    assert evaluate_pogdiff.identity_grid_title("alice", 1, False) == "alice: 1 training image (majority)"
+
+
+def test_notebook_labels_each_validation_step_once():
+    notebook = json.loads((REPO / "examples" / "quickstart.ipynb").read_text(encoding="utf-8"))
+    (cell,) = [
+        c
+        for c in notebook["cells"]
+        if c["cell_type"] == "code" and "validation_over_training.png" in "".join(c["source"])
+    ]
+    # The grids carry their own "step N, guidance ..." title; the figure adds no second one.
+    assert 'set_title(f"step {step}"' not in "".join(cell["source"])
