@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -395,7 +396,8 @@ RUN_README_COMMANDS = [
         ("stable-diffusion-v1-5/stable-diffusion-v1-5", "{tiny_sd}"), ("--resolution 512", "--resolution 32"),
         ("--max_train_steps 12000", "--max_train_steps 2"), ("--mixed_precision bf16", "--mixed_precision no"),
         ("--checkpointing_steps 1000", "--checkpointing_steps 1"),
-    ], ["--neighbor_encoder", "vae", "--density_epochs", "5"]),
+        ("--train_batch_size 8 --gradient_accumulation_steps 4", "--train_batch_size 4 --gradient_accumulation_steps 1"),
+    ], ["--neighbor_encoder", "vae", "--density_epochs", "5", "--num_validation_inference_steps", "5"]),
     ("python -m pogdiff.index --from_run", [], []),
     ("python evaluate_pogdiff.py", [
         # vanilla-model is the same training command with --objective vanilla: the run above stands in for it.
@@ -468,9 +470,11 @@ def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_pa
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": ""}
     log = []
     for words in plan:
+        started = time.perf_counter()
         done = run_process_group(words, timeout=600, cwd=root, env=env)
+        seconds = time.perf_counter() - started
         last = (done.stdout.strip().splitlines() or done.stderr.strip().splitlines() or [""])[-1]
-        log.append(f"exit {done.returncode} | {last[:100]} | {shlex.join(words)[:120]}")
+        log.append(f"exit {done.returncode} | {seconds:.0f} s | {last[:100]} | {shlex.join(words)[:120]}")
         assert done.returncode == 0, f"{shlex.join(words)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     print("\n".join(log))
     # What each command promised: the dataset, the model with its run record, the index, the evaluation.
