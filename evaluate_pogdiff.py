@@ -187,6 +187,13 @@ def settings_from_models(args: argparse.Namespace, models: dict[str, str]) -> No
         for name, path in models.items():
             size, source = training_resolution(path)
             if size is None:
+                is_model = any(
+                    os.path.isfile(os.path.join(path, f))
+                    for f in ("model_index.json", "pytorch_lora_weights.safetensors")
+                )
+                if not is_model:
+                    # Not a model at all (a missing folder, a wrong Hub id): what loading it would have said.
+                    raise UserError(model_load_message(f"--model {name}:", path, OSError(source)))
                 raise UserError(
                     f"--model {name}={path}: could not tell the size to generate at ({source}); pass --resolution."
                 )

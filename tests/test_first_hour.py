@@ -179,9 +179,16 @@ def test_evaluate_takes_resolution_and_few_shot_max_from_the_run_record(tmp_path
     with pytest.raises(UserError, match=r"different resolutions \(a 24 px, b 48 px\); pass --resolution"):
         evaluate_pogdiff.settings_from_models(argparse.Namespace(resolution=None, few_shot_max=None),
                                               {"a": first, "b": str(tmp_path / "b")})  # fmt: skip
+    # A model folder whose configs cannot be read asks for --resolution; a missing one is named as loading would.
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="could not tell the size to generate at .*; pass --resolution"):
         evaluate_pogdiff.settings_from_models(
-            argparse.Namespace(resolution=None, few_shot_max=None), {"x": str(tmp_path / "empty")}
+            argparse.Namespace(resolution=None, few_shot_max=None), {"x": str(tmp_path / "lora")}
+        )
+    with pytest.raises(UserError, match=r"^--model x: '.*/missing': no such folder\.$"):
+        evaluate_pogdiff.settings_from_models(
+            argparse.Namespace(resolution=None, few_shot_max=None), {"x": str(tmp_path / "missing")}
         )
 
 
