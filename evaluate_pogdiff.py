@@ -24,6 +24,10 @@ identity too), ``metrics.md`` (the table), a grid per identity under ``grids/`` 
 
 from __future__ import annotations
 
+# First: importing pogdiff quiets transformers' torchvision-fallback notice before diffusers triggers it.
+import pogdiff  # noqa: F401
+
+# isort: split
 import argparse
 import hashlib
 import json
@@ -42,9 +46,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline_pogdiff import PoGDiffPipeline
-from pogdiff.data import identity_labels, load_image_text_dataset, load_rgb, resolve_columns, row_image_loader
+from pogdiff.arguments import show_defaults
+from pogdiff.data import (
+    identity_labels,
+    load_image_text_dataset,
+    load_rgb,
+    resolve_columns,
+    row_image_loader,
+    sidecar_caption_extension,
+)
 from pogdiff.errors import UserError, model_load_message, report_user_errors
 from pogdiff.features import DEFAULT_FEATURE_EXTRACTOR, centre_on, get_feature_extractor
+from pogdiff.hub import recorded_run_settings, training_resolution
 from pogdiff.metrics import aggregate_metrics, identity_metrics, markdown_table, shot_split
 
 matplotlib.use("Agg")
@@ -53,6 +66,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 logger = logging.getLogger("evaluate_pogdiff")
 
 # Settings that change what a generated image looks like: reused images must have been made with them.
+# Few-shot = at most this many training images, when neither the flag nor the models' run records say.
+DEFAULT_FEW_SHOT_MAX = 2
 GENERATION_KEYS = ("model", "num_inference_steps", "guidance_scale", "resolution", "seed", "mixed_precision")
 
 
@@ -75,6 +90,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument("--caption_column", default=None)
     data.add_argument("--identity_column", default="identity")
     data.add_argument(
+        "--caption_extension",
+        default=None,
+        help="Read --train_data_dir as a kohya-style folder (captions in sidecar files with this extension, "
+        "identities from sub-folder names without kohya's N_ repeats prefix), as train_pogdiff.py does.",
+    )
+    data.add_argument(
         "--reference_data_dir",
         default=None,
         help="Held-out real images (imagefolder with an identity column) for DINO and FID. Default: the "
@@ -88,7 +109,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gen.add_argument(
         "--batch_size", type=int, default=8, help="Images per pipeline call and per feature batch."
     )
-    gen.add_argument("--resolution", type=int, default=512)
+    gen.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Size of the generated images. Default: the --resolution each model was trained at (the "
+        "pogdiff_run.json train_pogdiff.py writes), else the model's own size (UNet sample_size x VAE scale factor).",
+    )
     gen.add_argument(
         "--prompt_template",
         default="An image of {name}.",
@@ -109,11 +136,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     met.add_argument("--grecall_threshold", type=float, default=0.7)
     met.add_argument("--grecall_rule", choices=("nearest", "any"), default="nearest")
-    met.add_argument("--few_shot_max", type=int, default=2)
+    met.add_argument(
+        "--few_shot_max",
+        type=int,
+        default=None,
+        help=f"Identities with at most this many training images are few-shot. Default: the models' training "
+        f"--few_shot_max (their pogdiff_run.json), else {DEFAULT_FEW_SHOT_MAX}.",
+    )
     met.add_argument("--grid_columns", type=int, default=8, help="Images per row in the grids.")
     parser.add_argument("--output_dir", default="pogdiff-eval")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    show_defaults(parser)
     args = parser.parse_args(argv)
     if args.images_per_identity < 1 or args.batch_size < 1:
         parser.error("--images_per_identity and --batch_size must be >= 1.")
@@ -136,6 +170,49 @@ def parse_models(specs: Sequence[str]) -> dict[str, str]:
             raise UserError(f"--model name {name!r} is given twice; give each model its own name.")
         models[name] = path
     return models
+
+
+def settings_from_models(args: argparse.Namespace, models: dict[str, str]) -> None:
+    """Fills `--resolution` and `--few_shot_max` when not given, from what the models were trained with.
+
+    The resolution is each model's training --resolution (its run record), else its own size; models that
+    disagree are an error (their images would not be comparable). A fixed 512 would make a small model generate
+    for hours at a size it never saw.
+
+    Raises:
+        UserError: a model's size cannot be read, or the models disagree and no --resolution was given.
+    """
+    if args.resolution is None:
+        sizes = {}
+        for name, path in models.items():
+            size, source = training_resolution(path)
+            if size is None:
+                is_model = any(
+                    os.path.isfile(os.path.join(path, f))
+                    for f in ("model_index.json", "pytorch_lora_weights.safetensors")
+                )
+                if not is_model:
+                    # Not a model at all (a missing folder, a wrong Hub id): what loading it would have said.
+                    raise UserError(model_load_message(f"--model {name}:", path, OSError(source)))
+                raise UserError(
+                    f"--model {name}={path}: could not tell the size to generate at ({source}); pass --resolution."
+                )
+            logger.info("%s: %d px (%s).", name, size, source)
+            sizes[name] = size
+        if len(set(sizes.values())) > 1:
+            found = ", ".join(f"{name} {size} px" for name, size in sizes.items())
+            raise UserError(
+                f"The models have different resolutions ({found}); pass --resolution to generate all at one size."
+            )
+        args.resolution = next(iter(sizes.values()))
+    if args.few_shot_max is None:
+        recorded = {
+            settings.get("--few_shot_max")
+            for settings, _ in filter(None, (recorded_run_settings(path) for path in models.values()))
+        }
+        args.few_shot_max = (
+            recorded.pop() if len(recorded) == 1 and None not in recorded else DEFAULT_FEW_SHOT_MAX
+        )
 
 
 def folder_name(identity: str) -> str:
@@ -177,6 +254,7 @@ def load_real_images(args: argparse.Namespace, split: str) -> RealImages:
         train_data_dir=args.train_data_dir,
         cache_dir=args.cache_dir,
         split=split,
+        caption_extension=args.caption_extension,
     )
     return _grouped(dataset, args)
 
@@ -196,13 +274,21 @@ def load_reference_images(args: argparse.Namespace) -> tuple[RealImages | None, 
         # A folder written by `python -m pogdiff.data build` marks held-out rows with split == reference;
         # any other imagefolder is held out as a whole.
         folder = args.reference_data_dir
+        # A kohya-style reference folder is read like the training folder (--caption_extension); one with
+        # imagefolder metadata as an imagefolder.
+        caption_extension = args.caption_extension if sidecar_caption_extension(folder) else None
         try:
             dataset = load_image_text_dataset(
-                train_data_dir=folder, cache_dir=args.cache_dir, split="reference"
+                train_data_dir=folder,
+                cache_dir=args.cache_dir,
+                split="reference",
+                caption_extension=caption_extension,
             )
             return _grouped(dataset, args), f"{folder} (its reference rows)"
         except ValueError:
-            dataset = load_image_text_dataset(train_data_dir=folder, cache_dir=args.cache_dir)
+            dataset = load_image_text_dataset(
+                train_data_dir=folder, cache_dir=args.cache_dir, caption_extension=caption_extension
+            )
             return _grouped(dataset, args), folder
     try:
         return load_real_images(args, "reference"), "reference split"
@@ -323,27 +409,48 @@ def open_images(paths: Sequence[Path]) -> list[Image.Image]:
     return [load_rgb(str(path)) for path in paths]
 
 
-def _show_row(axes_row, images: Sequence[Image.Image], label: str) -> None:
+def _show_row(axes_row, images: Sequence[Image.Image | None], label: str) -> None:
     for column, axis in enumerate(axes_row):
         axis.set_xticks([])
         axis.set_yticks([])
         for spine in axis.spines.values():
             spine.set_visible(False)
-        if column < len(images):
+        if column < len(images) and images[column] is not None:  # None: a gap between groups
             axis.imshow(np.asarray(images[column]))
     axes_row[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
 
 
-def save_grid(path: Path, rows: list[tuple[str, list[Image.Image]]], title: str, columns: int) -> None:
-    """A figure with one labelled row of images per entry of ``rows``."""
+def save_grid(
+    path: Path,
+    rows: list[tuple[str, list[Image.Image | None]]],
+    title: str,
+    columns: int,
+    column_labels: Sequence[str] | None = None,
+    group_sizes: Sequence[int] | None = None,
+) -> None:
+    """A figure with one labelled row of images per entry of ``rows`` (a None image leaves its cell empty); with
+    ``column_labels`` a label above each column, with ``group_sizes`` (columns per group, e.g. training images then
+    each model) a gap between consecutive groups so they read apart. The figure's size depends only on the counts."""
     columns = max(1, min(columns, max((len(images) for _, images in rows), default=1)))
     figure, axes = plt.subplots(
         len(rows), columns, figsize=(1.3 * columns + 1.6, 1.3 * len(rows) + 0.5), squeeze=False
     )
     for axes_row, (label, images) in zip(axes, rows):
         _show_row(axes_row, images[:columns], label)
+    for axis, column_label in zip(axes[0], column_labels or ()):
+        axis.set_title(column_label, fontsize=8)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
+    if group_sizes and len(group_sizes) > 1 and sum(group_sizes) == columns:
+        # Narrow every cell a little to open a gap of a third of a cell between groups, within the same figure.
+        left, right = axes[0][0].get_position().x0, axes[0][-1].get_position().x1
+        gap = (right - left) / columns / 3
+        width = (right - left - gap * (len(group_sizes) - 1)) / columns
+        group_of = [g for g, size in enumerate(group_sizes) for _ in range(size)]
+        for axes_row in axes:
+            for column, axis in enumerate(axes_row):
+                box = axis.get_position()
+                axis.set_position([left + column * width + group_of[column] * gap, box.y0, width, box.height])
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -353,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     models = parse_models(args.model)
+    settings_from_models(args, models)
     output_dir = Path(args.output_dir)
 
     # ---- Real images: training set (gRecall) and held-out reference (DINO, FID).
@@ -503,23 +611,65 @@ def save_grids(
     for identity in tqdm(identities, desc="Grids", leave=False):
         rows = [("train", train.load(train.by_identity[identity][:columns]))]
         rows += [(name, open_images(paths[identity][:columns])) for name, paths in generated_paths.items()]
-        save_grid(output_dir / "grids" / f"{folder_name(identity)}.png", rows, identity, columns)
+        save_grid(
+            output_dir / "grids" / f"{folder_name(identity)}.png",
+            rows,
+            identity_grid_title(identity, len(train.by_identity[identity]), identity in few_shot),
+            columns,
+        )
     if not few_shot:
         logger.info("No few-shot identities: grid_few_shot.png not written.")
         return
     # Overview: a row per few-shot identity, its training images then a few images of every model.
     images_per_identity = len(next(iter(generated_paths.values()))[few_shot[0]])
     per_model = min(images_per_identity, max(1, math.ceil(columns / len(generated_paths))))
+    num_train = max(len(train.by_identity[identity]) for identity in few_shot)
+    groups = [("train", num_train)] + [(name, per_model) for name in generated_paths]
     rows = []
     for identity in few_shot:
-        images = train.load(train.by_identity[identity])
-        for paths in generated_paths.values():
-            images += open_images(paths[identity][:per_model])
-        rows.append((identity, images))
-    title = "few-shot identities: training images, then " + ", ".join(
+        cells = {"train": train.load(train.by_identity[identity])}
+        cells.update(
+            {name: open_images(paths[identity][:per_model]) for name, paths in generated_paths.items()}
+        )
+        rows.append((f"{identity} ({len(cells['train'])})", few_shot_grid_row(groups, cells)))
+    title = "few-shot identities (number of training images): training images, then " + ", ".join(
         f"{per_model} x {name}" for name in generated_paths
     )
-    save_grid(output_dir / "grid_few_shot.png", rows, title, max(len(images) for _, images in rows))
+    save_grid(
+        output_dir / "grid_few_shot.png",
+        rows,
+        title,
+        sum(width for _, width in groups),
+        few_shot_grid_columns(groups),
+        [width for _, width in groups],
+    )
+
+
+def identity_grid_title(identity: str, num_train: int, few_shot: bool) -> str:
+    """The title of an identity's grid: who, and how many training images it had (the number that matters)."""
+    kind = "few-shot" if few_shot else "majority"
+    return f"{identity}: {num_train} training image{'s' if num_train != 1 else ''} ({kind})"
+
+
+def few_shot_grid_columns(groups: Sequence[tuple[str, int]]) -> list[str]:
+    """Column labels of the few-shot overview: each group's name (`train`, then each model) over its first column,
+    its other columns unlabelled."""
+    labels: list[str] = []
+    for name, width in groups:
+        labels += [name] + [""] * (width - 1)
+    return labels
+
+
+def few_shot_grid_row(
+    groups: Sequence[tuple[str, int]], cells: dict[str, list[Image.Image]]
+) -> list[Image.Image | None]:
+    """One overview row laid out as `few_shot_grid_columns`: each group's images, padded with None (an empty
+    cell) to the group's width, so that a column holds one group whatever an identity's image count."""
+    row: list[Image.Image | None] = []
+    for name, width in groups:
+        images = cells[name][:width]
+        row += images + [None] * (width - len(images))
+    return row
 
 
 if __name__ == "__main__":

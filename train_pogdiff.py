@@ -15,6 +15,10 @@ neighbour table is built once before training (`pogdiff/index.py`) and cached in
 
 from __future__ import annotations
 
+# First: importing pogdiff quiets transformers' torchvision-fallback notice before diffusers triggers it.
+import pogdiff  # noqa: F401
+
+# isort: split
 import argparse
 import contextlib
 import functools
@@ -87,7 +91,7 @@ from pogdiff.data import (
     tokenize,
 )
 from pogdiff.errors import UserError, model_load_message
-from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code
+from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code, save_run_settings
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
 from pogdiff.sampling import (
     EpochSampler,
@@ -114,9 +118,11 @@ from pogdiff.training import (
 from pogdiff.validation import (
     ValidationPrompt,
     auto_validation_prompts,
+    pipeline_guidance_scale,
     prompts_from_user,
     save_validation_grid,
     validation_grid,
+    validation_sampling,
     validation_seed,
 )
 
@@ -469,6 +475,10 @@ def log_validation(
         if weight_dtype != torch.float32
         else contextlib.nullcontext()
     )
+    # The guidance is stated in the grid's title: the pipeline's default (7.5) unless --validation_guidance_scale.
+    sampling_kwargs, guidance_text = validation_sampling(
+        args.validation_guidance_scale, pipeline_guidance_scale(pipeline)
+    )
     samples = []
     for i, prompt in enumerate(prompts):
         generators = [
@@ -480,6 +490,7 @@ def log_validation(
                 [prompt.prompt] * len(generators),
                 num_inference_steps=args.num_validation_inference_steps,
                 generator=generators,
+                **sampling_kwargs,
             ).images
         samples.append(images)
     del pipeline
@@ -489,7 +500,7 @@ def log_validation(
         rows,
         cell=max(args.resolution, MIN_VALIDATION_CELL),
         max_train_images=MAX_VALIDATION_TRAIN_IMAGES,
-        title=f"step {global_step}",
+        title=f"step {global_step}, {guidance_text}, {args.num_validation_inference_steps} DDIM steps",
     )
     path = save_validation_grid(grid, args.output_dir, global_step)
     logger.info(f"Validation grid: {path}")
@@ -1271,6 +1282,8 @@ def main(args: argparse.Namespace) -> Accelerator:
         # The model as saved (EMA weights already copied in); a validation of this very step is reused.
         samples = run_validation(swap_ema=False, model=unet) if validation_prompts else []
         save_pipeline_code(args.output_dir, Path(__file__).with_name("pipeline_pogdiff.py"))
+        # evaluate_pogdiff.py and `python -m pogdiff.index --from_run` read the resolution and index settings here.
+        save_run_settings(args.output_dir, global_step, args.run_settings)
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(
             args,

@@ -32,6 +32,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -189,12 +190,34 @@ class DemoError(RuntimeError):
     """A stage failed; the message says which and where its log is."""
 
 
-def run_logged(command: list[str], log_path: Path, verbose: bool) -> tuple[float, float]:
+# A progress bar's line in a stage's output (tqdm: "Steps:  40%|####      | 80/200 [...]"): the stage's progress.
+PROGRESS_LINE = re.compile(r"^(?P<what>[^|]{1,60}?):\s+\d+%\|.*?\|\s*(?P<done>\d+)/(?P<total>\d+)")
+PROGRESS_EVERY_S = 30.0
+
+
+def progress_update(line: str, label: str) -> tuple[str, bool] | None:
+    """`line` of a stage's output as a one-line progress report (`  pogdiff: Steps 80/200`) and whether that bar is
+    complete; None when it is not a progress bar's line."""
+    match = PROGRESS_LINE.match(line.strip())
+    if match is None:
+        return None
+    report = f"  {label}: {match['what'].strip()} {match['done']}/{match['total']}"
+    return report, match["done"] == match["total"]
+
+
+def run_logged(
+    command: list[str], log_path: Path, verbose: bool, label: str | None = None
+) -> tuple[float, float]:
     """Run `command` in the repository root, its output to `log_path` (and the console with `verbose`).
+
+    Without `verbose`, a stage that runs for minutes still shows it is alive: its progress bars are summarised on
+    the console as `  <label>: Steps 80/200` at most every PROGRESS_EVERY_S seconds (and at their end).
 
     Returns (wall seconds, CPU seconds of the command and its own subprocesses). On failure, prints the log's
     tail and raises `DemoError`.
     """
+    label = label or log_path.stem
+    last_report, last_text = time.perf_counter(), ""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -208,10 +231,20 @@ def run_logged(command: list[str], log_path: Path, verbose: bool) -> tuple[float
             text=True,
             env=os.environ.copy(),
         )
+        # Text mode reads tqdm's carriage-return updates as lines too.
         for line in process.stdout:
             log.write(line)
             if verbose:
                 sys.stdout.write(line)
+                continue
+            update = progress_update(line, label)
+            if update is not None:
+                report, finished = update
+                now = time.perf_counter()
+                # tqdm repeats its last state when it closes: report each state once.
+                if report != last_text and (finished or now - last_report >= PROGRESS_EVERY_S):
+                    print(report, flush=True)
+                    last_report, last_text = now, report
         process.stdout.close()
         # wait4 (not Popen.wait) reports this child's own CPU time, even while another child runs beside it.
         _, status, usage = os.wait4(process.pid, 0)
@@ -564,9 +597,11 @@ def finetune(
     for method, command in runs.items():
         commands[f"train_{method}"] = display(command)
         print(f"  {method}: {display(command)}")
+        print(f"  {method}: log: {out / 'logs' / f'train_{method}.log'}", flush=True)
     with ThreadPoolExecutor(max_workers=len(runs)) as pool:
         futures = {
-            m: pool.submit(run_logged, c, out / "logs" / f"train_{m}.log", verbose) for m, c in runs.items()
+            m: pool.submit(run_logged, c, out / "logs" / f"train_{m}.log", verbose, m)
+            for m, c in runs.items()
         }
         times = {m: future.result() for m, future in futures.items()}
     for method, (wall, cpu) in times.items():
@@ -587,7 +622,8 @@ def evaluate(
     )
     commands["evaluate"] = display(command)
     print(f"  {display(command)}")
-    wall, cpu = run_logged(command, out / "logs" / "evaluate.log", verbose)
+    print(f"  log: {out / 'logs' / 'evaluate.log'}", flush=True)
+    wall, cpu = run_logged(command, out / "logs" / "evaluate.log", verbose, "evaluate")
     print(f"  done in {wall:.0f} s wall, {cpu:.0f} s CPU (log: logs/evaluate.log)")
     return json.loads((out / "eval" / "metrics.json").read_text(encoding="utf-8"))
 

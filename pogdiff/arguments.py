@@ -9,6 +9,7 @@ and `checkpointing.run_settings` reads the same declarations to know which flags
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from .errors import UserError
@@ -31,6 +32,14 @@ DENSITY_FLAGS = (
 
 def _float_or_none(value: str) -> float | None:
     return None if value.lower() == "none" else float(value)
+
+
+def _non_negative_float(value: str) -> float:
+    """A finite float >= 0 (argparse names the flag when this raises)."""
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value!r}")
+    return number
 
 
 def add_index_arguments(parser) -> None:
@@ -65,7 +74,10 @@ def add_index_arguments(parser) -> None:
         type=str,
         default="img,txt",
         choices=PSI_TERMS,
-        help="Factors of psi (paper Table 6 ablation): image similarity, inverse text density; none = vanilla.",
+        # The choices contain commas, so argparse's `{img,txt,txt,img,...}` would be unreadable.
+        metavar="TERMS",
+        help="Factors of psi (paper Table 6 ablation): 'img,txt' (both; 'txt,img' is the same), 'img' (image "
+        "similarity only), 'txt' (inverse text density only) or 'none' (= vanilla).",
     )
     parser.add_argument(
         "--density_latent_dim", type=int, default=16, help="Latent size of the text-density VAE."
@@ -106,6 +118,25 @@ def add_index_arguments(parser) -> None:
         default=2,
         help="Identities with at most this many images count as minority (few-shot).",
     )
+
+
+def show_defaults(container) -> None:
+    """Appends the default to the help of every flag of `container` (a parser or an argument group) whose help does
+    not mention one already, so that `--help` shows every default (as ArgumentDefaultsHelpFormatter would, but for
+    one group only: the trainer's upstream flags keep upstream's help)."""
+    actions = getattr(container, "_group_actions", None) or container._actions
+    for action in actions:
+        if (
+            not action.option_strings
+            or action.default is argparse.SUPPRESS
+            or action.help is argparse.SUPPRESS
+        ):
+            continue
+        help_text = action.help or ""
+        if "default" in help_text.lower():
+            continue
+        shown = "off" if isinstance(action, argparse._StoreTrueAction) else "%(default)s"
+        action.help = f"{help_text} (default: {shown})".strip()
 
 
 def index_build_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -231,6 +262,13 @@ def add_pogdiff_arguments(parser: argparse.ArgumentParser) -> None:
         "--num_validation_inference_steps", type=int, default=50, help="DDIM steps of the validation images."
     )
     pog.add_argument(
+        "--validation_guidance_scale",
+        type=_non_negative_float,
+        default=None,
+        help="Classifier-free guidance of the validation images (evaluate_pogdiff.py has its own "
+        "--guidance_scale). Default: the pipeline's (7.5 for Stable Diffusion), stated in each grid's title.",
+    )
+    pog.add_argument(
         "--allow_changed_settings",
         action="store_true",
         help="Resume even when the checkpoint was written with settings that change the result (they are listed "
@@ -249,6 +287,7 @@ def add_pogdiff_arguments(parser: argparse.ArgumentParser) -> None:
         default="to_k,to_q,to_v,to_out.0",
         help="Comma-separated UNet module names that get LoRA adapters.",
     )
+    show_defaults(pog)
 
 
 def check_pogdiff_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -276,6 +276,25 @@ def _caption_folder_dataset(folder: str, caption_extension: str) -> datasets.Dat
     return datasets.Dataset.from_dict(columns, features=info.features, info=info, split=datasets.Split.TRAIN)
 
 
+def sidecar_caption_extension(folder: str | os.PathLike) -> str | None:
+    """The extension of caption files beside the images of a folder without imagefolder metadata (kohya-style),
+    e.g. ".txt"; None when the folder has a metadata file or no image has a text file of the same name beside it."""
+    stems: dict[str, set[str]] = {}
+    for root, dirnames, names in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in names:
+            if name in METADATA_FILE_NAMES:
+                return None
+            stem, extension = os.path.splitext(os.path.join(root, name))
+            stems.setdefault(stem, set()).add(extension.lower())
+    for extensions in stems.values():
+        if extensions & set(IMAGE_EXTENSIONS):
+            for candidate in (".txt", ".caption"):
+                if candidate in extensions:
+                    return candidate
+    return None
+
+
 def load_image_text_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -336,6 +355,14 @@ def load_image_text_dataset(
             ):
                 raise EmptyDatasetError(train_data_dir)
             check_metadata_files(train_data_dir)
+            # imagefolder would read a kohya folder as images with a `label` column and no captions, and the
+            # error would come later as a missing 'text' column; name the flag that reads it instead.
+            sidecar = sidecar_caption_extension(train_data_dir)
+            if sidecar is not None:
+                raise UserError(
+                    f"{train_data_dir!r} is a kohya-style folder (captions in {sidecar} files beside the images, no "
+                    f"metadata.jsonl): pass --caption_extension {sidecar} to read its captions and identities."
+                )
             dataset_dict = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     except EmptyDatasetError as err:
         raise UserError(

@@ -34,6 +34,18 @@ from .errors import UserError
 DEFAULT_FEATURE_EXTRACTOR = "facebook/dinov2-base"
 _ALIASES = {"dinov2": DEFAULT_FEATURE_EXTRACTOR}
 
+# What each tool's user can pass instead of a Hub id when the Hub is out of reach: the error of a tool names
+# its own flag and its own choices (evaluate_pogdiff.py's --feature_extractor has `pixels`; the trainer's and
+# the index's --neighbor_encoder have the base model's `vae`).
+FACE_CHOICE = "face (dlib, `pip install dlib-bin face_recognition_models`)"
+FEATURE_EXTRACTOR_OFFLINE_CHOICES = f"pixels (offline, tests only), {FACE_CHOICE} or module:function"
+NEIGHBOR_ENCODER_OFFLINE_CHOICES = (
+    f"vae (the base model's own VAE, no download), {FACE_CHOICE} or module:function"
+)
+# One HEAD request decides whether an uncached Hub model can be fetched at all; huggingface_hub's own lookup
+# retries a dead network for about 100 s before transformers raises a chain of tracebacks.
+HUB_PROBE_TIMEOUT_S = 10.0
+
 
 def _normalize_rows(features: torch.Tensor) -> torch.Tensor:
     """float32 rows scaled to unit L2 norm; all-zero rows stay zero."""
@@ -91,6 +103,89 @@ class PixelFeatureExtractor(FeatureExtractor):
         return torch.from_numpy(np.stack(rows))
 
 
+class HubModelUnavailableError(UserError, OSError):
+    """A Hub model that is neither a local folder nor cached, and cannot be downloaded now (offline mode or no
+    network). An OSError too, as transformers' own loading errors are, so callers catching OSError keep working."""
+
+
+def hub_offline() -> bool:
+    """True when offline mode is set (`HF_HUB_OFFLINE`, or transformers' `TRANSFORMERS_OFFLINE`).
+
+    huggingface_hub reads the variable once at import; the environment is read too so that a value set later in
+    the process (a test, a notebook cell) counts as well.
+    """
+    from huggingface_hub import constants
+
+    truthy = {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE) or any(
+        os.environ.get(name, "").upper() in truthy for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _hub_reachable(model_id: str) -> Exception | None:
+    """None when one HEAD request for the model's config.json reaches the Hub (whatever the status: a 401 or
+    404 is reported by the load itself, with its own message); else the network error. No retries."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    session = get_session()
+    # huggingface_hub's HTTP client library (httpx or its fork) raises its own TransportError for a network
+    # failure; it is looked up on the session's module so that no particular client library is imported here.
+    client_module = importlib.import_module(type(session).__module__.split(".")[0])
+    network_errors = (OSError, getattr(client_module, "TransportError", OSError))
+    try:
+        session.head(
+            hf_hub_url(model_id, "config.json"),
+            headers=build_hf_headers(),
+            timeout=HUB_PROBE_TIMEOUT_S,
+            follow_redirects=True,
+        )
+    except network_errors as error:
+        return error
+    return None
+
+
+def check_hub_model_available(model_id: str, flag: str, offline_choices: str) -> None:
+    """Decides, before anything is loaded, whether the Hugging Face model `model_id` (given with `flag`) can load.
+
+    A local folder or a model whose `config.json` is in the local Hugging Face cache passes. Otherwise, in offline
+    mode (`HF_HUB_OFFLINE=1`) or when one request cannot reach the Hub, a `HubModelUnavailableError` says so in
+    one line, naming `flag` and the choices that work offline (`offline_choices`), without network retries.
+
+    Raises:
+        HubModelUnavailableError: as above, or `model_id` looks like a path to a folder that does not exist, or it
+            is not a valid Hub id.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    if os.path.isdir(model_id):
+        return
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise HubModelUnavailableError(f"{flag} {model_id!r}: no such folder.")
+    instead = f"or pass {flag} {offline_choices}"
+    try:
+        cached = try_to_load_from_cache(model_id, "config.json")
+    except HFValidationError as error:
+        raise HubModelUnavailableError(
+            f"{flag} {model_id!r} is neither a folder nor a Hugging Face model id ({error}); give a Hub id such as "
+            f"{DEFAULT_FEATURE_EXTRACTOR}, a folder, {instead}."
+        ) from error
+    if isinstance(cached, str):
+        return
+    if hub_offline():
+        raise HubModelUnavailableError(
+            f"{flag} {model_id!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is "
+            f"set, so it cannot be downloaded: download it once online (`hf download {model_id}`), {instead}."
+        )
+    error = _hub_reachable(model_id)
+    if error is not None:
+        raise HubModelUnavailableError(
+            f"{flag} {model_id!r} is not in the Hugging Face cache and the Hub cannot be reached ({error}): "
+            f"connect to the internet, download it once elsewhere (`hf download {model_id}`), {instead}."
+        )
+
+
 class HFFeatureExtractor(FeatureExtractor):
     """A Hugging Face vision backbone (default DINOv2-base): the CLS token of ``last_hidden_state``.
 
@@ -101,8 +196,16 @@ class HFFeatureExtractor(FeatureExtractor):
 
     centre_on_real = False
 
-    def __init__(self, model_id: str, device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(
+        self,
+        model_id: str,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        flag: str = "--feature_extractor",
+        offline_choices: str = FEATURE_EXTRACTOR_OFFLINE_CHOICES,
+    ):
         super().__init__(batch_size)
+        check_hub_model_available(model_id, flag, offline_choices)
         from transformers import AutoImageProcessor, AutoModel
 
         self.name = model_id
@@ -111,12 +214,11 @@ class HFFeatureExtractor(FeatureExtractor):
             self.processor = AutoImageProcessor.from_pretrained(model_id)
             self.model = AutoModel.from_pretrained(model_id)
         except OSError as error:
-            raise OSError(
-                f"Could not load the feature extractor {model_id!r}: it is not a local folder and not in the "
-                "local Hugging Face cache, and it could not be downloaded (offline?). Download it once on a "
-                "machine with internet access (`hf download "
-                f"{model_id}`), or pass --feature_extractor pixels (offline, tests only), face (dlib, "
-                f"needs `pip install dlib-bin face_recognition_models`) or module:function. Cause: {error}"
+            # Reached only online (the check above handles offline and an unreachable Hub): a wrong id, a gated
+            # model without a token, a folder without the model's files.
+            raise HubModelUnavailableError(
+                f"{flag} {model_id!r} could not be loaded as a Hugging Face image model ({error}). Check the id, "
+                f"your token (`hf auth login`) and the network, or pass {flag} {offline_choices}."
             ) from error
         self.model.to(self.device).eval()
 
@@ -243,9 +345,17 @@ def _load_callable(spec: str) -> Callable[..., Any]:
 
 
 def get_feature_extractor(
-    spec: str = DEFAULT_FEATURE_EXTRACTOR, device: str | torch.device = "cpu", batch_size: int = 32
+    spec: str = DEFAULT_FEATURE_EXTRACTOR,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    flag: str = "--feature_extractor",
+    offline_choices: str = FEATURE_EXTRACTOR_OFFLINE_CHOICES,
 ) -> FeatureExtractor:
-    """Builds the feature extractor named by ``spec`` (see the module docstring for the choices)."""
+    """Builds the feature extractor named by ``spec`` (see the module docstring for the choices).
+
+    ``flag`` and ``offline_choices`` are what an error about an unavailable Hub model tells the user to change:
+    the calling tool's own flag and the choices it offers offline.
+    """
     spec = _ALIASES.get(spec, spec)
     if spec == "pixels":
         return PixelFeatureExtractor(batch_size=batch_size)
@@ -254,7 +364,9 @@ def get_feature_extractor(
     # A local folder may contain ':' only on Windows drive letters; a Hub id never does.
     if ":" in spec and not os.path.isdir(spec):
         return CallableFeatureExtractor(_load_callable(spec), name=spec, batch_size=batch_size)
-    return HFFeatureExtractor(spec, device=device, batch_size=batch_size)
+    return HFFeatureExtractor(
+        spec, device=device, batch_size=batch_size, flag=flag, offline_choices=offline_choices
+    )
 
 
 def centre_on(features: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

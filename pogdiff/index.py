@@ -455,9 +455,16 @@ def _build_index(
             device=device,
         )
     else:
-        from .features import get_feature_extractor
+        from .features import NEIGHBOR_ENCODER_OFFLINE_CHOICES, get_feature_extractor
 
-        encoder = get_feature_extractor(params["neighbor_encoder"], device=device, batch_size=batch_size)
+        # Errors name the trainer's and the index CLI's flag and their offline choices (`vae`, not `pixels`).
+        encoder = get_feature_extractor(
+            params["neighbor_encoder"],
+            device=device,
+            batch_size=batch_size,
+            flag="--neighbor_encoder",
+            offline_choices=NEIGHBOR_ENCODER_OFFLINE_CHOICES,
+        )
     image_embeddings = encode_images(
         get_image, len(texts), encoder, batch_size, desc=f"Image embeddings ({params['neighbor_encoder']})"
     )
@@ -734,39 +741,108 @@ def plot_index(index: PoGDiffIndex, summary: dict[str, Any], output_dir: str | o
 # Command line
 
 
+# Settings `--from_run` takes from a training run's record: every one that enters the index's cache key or psi.
+RUN_SETTINGS_FOR_INDEX = (
+    "pretrained_model_name_or_path",
+    "revision",
+    "variant",
+    "resolution",
+    "seed",
+    "image_column",
+    "caption_column",
+    "identity_column",
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from .arguments import show_defaults
+    from .checkpointing import index_flag_dests
+    from .hub import recorded_run_settings, training_resolution
+
     parser = argparse.ArgumentParser(
-        description="Build (or load) PoGDiff's neighbour / text-density index, print its summary, plot it."
+        prog="python -m pogdiff.index",
+        description="Build (or load) PoGDiff's neighbour / text-density index, print its summary, plot it.",
     )
     parser.add_argument(
-        "--pretrained_model_name_or_path", required=True, help="Base model (Hub id or folder)."
+        "--from_run",
+        default=None,
+        help="A train_pogdiff.py --output_dir (or one of its checkpoints): every index setting its pogdiff_run.json "
+        "recorded (base model, revision, variant, --resolution, --seed, columns, neighbour, psi and density flags) "
+        "becomes this command's default, so that it builds the index the trainer built. Flags given here still win.",
     )
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--variant", default=None)
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="Base model (Hub id or folder); required without --from_run.",
+    )
+    parser.add_argument("--revision", default=None, help="Revision of the base model.")
+    parser.add_argument("--variant", default=None, help="Variant of the base model's files (e.g. fp16).")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--dataset_name", default=None, help="A Hugging Face dataset (Hub name).")
     data.add_argument("--train_data_dir", default=None, help="A local imagefolder with metadata.jsonl.")
-    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--dataset_config_name", default=None, help="The dataset's config.")
     parser.add_argument(
         "--caption_extension",
         default=None,
         help="Read --train_data_dir as a kohya-style folder (captions in sidecar files), as train_pogdiff.py does.",
     )
     parser.add_argument("--cache_dir", default=None, help="Where datasets and models are cached.")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--caption_column", default="text")
+    parser.add_argument("--image_column", default="image", help="Image column.")
+    parser.add_argument("--caption_column", default="text", help="Caption column.")
     parser.add_argument(
         "--identity_column",
         default="identity",
         help="Identity column; when absent the caption is the identity.",
     )
-    parser.add_argument("--resolution", type=int, default=512, help="Image size for the `vae` encoder.")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Image size for the `vae` encoder (it enters the cache key). Default: the run's --resolution with "
+        "--from_run, else the base model's own size (UNet sample_size x VAE scale factor).",
+    )
     add_index_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seeds the text-density VAE (the run's with --from_run)."
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="Batch size of the encoders.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where the encoders run."
+    )
     parser.add_argument("--output_dir", required=True, help="Index cache, summary JSON and plots go here.")
-    return parser.parse_args(argv)
+    show_defaults(parser)
+
+    # --from_run first: the run's settings become the defaults, so flags given explicitly still override them.
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--from_run", default=None)
+    from_run = early.parse_known_args(argv)[0].from_run
+    recorded = None
+    if from_run is not None:
+        recorded = recorded_run_settings(from_run)
+        if recorded is None:
+            raise UserError(
+                f"--from_run {from_run!r} holds no pogdiff_run.json (neither its own nor a checkpoint's): give the "
+                "--output_dir of a finished train_pogdiff.py run or one of its checkpoint folders."
+            )
+        settings = recorded[0]
+        dests = (*RUN_SETTINGS_FOR_INDEX, *index_flag_dests())
+        parser.set_defaults(**{dest: settings[f"--{dest}"] for dest in dests if f"--{dest}" in settings})
+    args = parser.parse_args(argv)
+    args.run_record = recorded
+    if args.pretrained_model_name_or_path is None:
+        parser.error(
+            "give --pretrained_model_name_or_path (the base model) or --from_run (a training output)."
+        )
+    if args.resolution is None:
+        # Only the `vae` encoder uses it, but it is part of the cache key: the model's own size, not a fixed 512.
+        args.resolution, source = training_resolution(args.pretrained_model_name_or_path)
+        if args.resolution is None:
+            raise UserError(
+                f"--resolution: could not read the size of {args.pretrained_model_name_or_path!r} ({source}); "
+                "pass --resolution (the trainer's --resolution) or --from_run."
+            )
+        logger.info("--resolution %d (%s).", args.resolution, source)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -779,9 +855,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row_image_loader,
     )
 
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
     psi = PsiParams.from_args(args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     dataset = load_image_text_dataset(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
@@ -807,6 +883,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "Pass --caption_column with a column of strings."
         )
     fingerprint = dataset_fingerprint(dataset)
+    if args.run_record is not None and args.run_record[0].get("data_fingerprint") not in (None, fingerprint):
+        logger.warning(
+            "The data differs from the data the run in %s trained on (fingerprint %s, now %s): this index is not "
+            "the one the trainer built. Pass the same --train_data_dir / --dataset_name (the run may have used "
+            "--max_train_samples).",
+            args.from_run,
+            args.run_record[0]["data_fingerprint"],
+            fingerprint,
+        )
 
     index = build_or_load_index(
         row_image_loader(dataset, image_column),

@@ -24,10 +24,12 @@ and sizes, so every box is testable exactly. PIL and the standard library only; 
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
@@ -42,6 +44,25 @@ SEED_STRIDE = 1000
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
 SEPARATOR_COLOR = (96, 96, 96)
+
+
+def pipeline_guidance_scale(pipeline: Any) -> float:
+    """The classifier-free guidance scale `pipeline` samples at when none is passed (7.5 for Stable Diffusion):
+    the default of its `__call__`, read rather than copied so that it follows the pipeline."""
+    return float(inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default)
+
+
+def validation_sampling(
+    guidance_scale: float | None, default_guidance_scale: float
+) -> tuple[dict[str, float], str]:
+    """The keyword arguments of a validation's pipeline call, and the title text that states the guidance used.
+
+    `guidance_scale` None keeps the pipeline's own default (`default_guidance_scale`), and the title says so: a
+    grid sampled at 7.5 next to an evaluation at another scale would otherwise be read as a change in the model.
+    """
+    if guidance_scale is None:
+        return {}, f"guidance {default_guidance_scale:g} (the pipeline's default)"
+    return {"guidance_scale": guidance_scale}, f"guidance {guidance_scale:g}"
 
 
 @dataclass(frozen=True)
