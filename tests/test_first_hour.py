@@ -387,7 +387,8 @@ SKIPPED_README_COMMANDS = {
     "pip install": "installs packages (needs the network)",
     "python examples/demo_digits.py": "the demo (6 minutes); tests/test_demo.py runs its --quick size",
     "python -m pytest": "the test command itself",
-    "accelerate launch --multi_gpu": "a multi-GPU sketch with elided flags (...)",
+    "accelerate launch --config_file examples/accelerate/": "a multi-GPU sketch with elided flags (...); "
+    "tests/test_sharded.py runs examples/accelerate/fsdp.yaml on 2 CPU processes",
     "torchrun --nproc_per_node 8": "a multi-GPU sketch with elided flags (...)",
     "python examples/study/run_study.py": "the study (1.5 hours); tests/test_study.py runs its ci size",
     "python benchmarks/": "benchmarks (minutes); tests/test_benchmarks.py runs them at a small size",
