@@ -63,11 +63,13 @@ from pogdiff.arguments import add_pogdiff_arguments, check_pogdiff_args, index_b
 from pogdiff.checkpointing import (
     check_resume_settings,
     checkpoint_step,
+    claim_output_dir_for_new_run,
     lock_output_dir,
     read_run_record,
     run_settings,
     save_checkpoint,
     select_resume_checkpoint,
+    set_aside_newer_checkpoints,
 )
 from pogdiff.data import (
     INTERPOLATION_MODES,
@@ -85,7 +87,7 @@ from pogdiff.data import (
     row_image_loader,
     tokenize,
 )
-from pogdiff.errors import UserError, model_load_message
+from pogdiff.errors import UserError, model_load_message, user_error_message
 from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
 from pogdiff.sampling import (
@@ -421,10 +423,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"{'/'.join(action.option_strings) or action.dest} must be a finite number, got {value}."
             )
-    for flag in ("checkpointing_steps", "checkpoints_total_limit"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag} must be >= 1, got {value}.")
     check_pogdiff_args(parser, args)
     return args
 
@@ -557,11 +555,14 @@ def main(args: argparse.Namespace) -> Accelerator:
 
     # The checkpoint to resume from is settled first: its recorded seed drives every draw below, and a wrong
     # path fails before any model is loaded.
-    resume_dir = (
-        select_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.is_main_process)
-        if args.resume_from_checkpoint
-        else None
-    )
+    if args.resume_from_checkpoint:
+        resume_dir = select_resume_checkpoint(
+            args.resume_from_checkpoint, args.output_dir, accelerator.is_main_process
+        )
+    else:
+        resume_dir = None
+        # A new run never writes over another run's checkpoints (its own checkpoint-N would replace theirs).
+        claim_output_dir_for_new_run(args.output_dir, args.overwrite_output_dir, accelerator.is_main_process)
     resume_record = read_run_record(resume_dir) if resume_dir is not None else None
 
     # Every random draw of the run (sample order, crops, noise, timesteps, neighbours) derives from this seed,
@@ -798,6 +799,15 @@ def main(args: argparse.Namespace) -> Accelerator:
     )
     if resume_dir is not None:
         check_resume_settings(resume_dir, resume_record, args.run_settings, args.allow_changed_settings)
+        if args.resume_from_checkpoint != "latest" and accelerator.is_main_process:
+            # An explicitly resumed older checkpoint starts another course of the run: the newer checkpoints
+            # of the first course are kept, renamed out of rotation and out of `latest`'s reach.
+            for old, new in set_aside_newer_checkpoints(args.output_dir, resume_dir):
+                logger.warning(
+                    f"Resuming {os.path.basename(os.path.normpath(resume_dir))} while {old} is newer: {old} is "
+                    f"kept as {os.path.join(args.output_dir, new)} (never pruned; --resume_from_checkpoint latest "
+                    "ignores it). Delete it once you no longer need it."
+                )
 
     empty_rows = empty_caption_rows(captions)
     if empty_rows:
@@ -1294,7 +1304,7 @@ def run(input_args: list[str] | None = None) -> None:
     except (UserError, FileNotFoundError) as e:
         if os.environ.get("POGDIFF_TRACEBACK"):
             raise
-        message = f"\ntrain_pogdiff.py: error: {e}\n(set POGDIFF_TRACEBACK=1 to see the traceback)"
+        message = user_error_message("train_pogdiff.py", e)
     # Leaving the except clause dropped the traceback and with it main's frame; collect any reference cycle
     # that still holds a model before the process group goes.
     gc.collect()

@@ -316,6 +316,74 @@ def lock_output_dir(output_dir: str) -> FileLock:
     return lock
 
 
+def describe_output_dir_run(output_dir: str, names: list[str]) -> str:
+    """The run whose checkpoints `names` are, in a phrase: "checkpoint-1, checkpoint-2; the newest is step 2 of
+    an --objective vanilla run with --seed 0". Never fails: a missing or unreadable record is said as such."""
+    newest = names[-1]
+    try:
+        record = read_run_record(os.path.join(output_dir, newest))
+    except (OSError, ValueError):
+        record = None
+    settings = record.get("settings") if isinstance(record, dict) else None
+    if not isinstance(settings, dict):
+        return f"{', '.join(names)}; the newest, {newest}, has no readable {RUN_RECORD}"
+    return (
+        f"{', '.join(names)}; the newest is step {checkpoint_step(newest)} of an --objective "
+        f"{settings.get('--objective')} run with --seed {settings.get('--seed')}"
+    )
+
+
+def claim_output_dir_for_new_run(output_dir: str, overwrite: bool, is_main_process: bool) -> None:
+    """A new run (no --resume_from_checkpoint) starts only in an output folder without another run's checkpoints.
+
+    Otherwise its checkpoint-N would replace the other run's, rotation would prune the rest, and `latest` would
+    later resume a mix of both runs. With `overwrite` (--overwrite_output_dir, the user's consent) the other
+    run's checkpoints are removed first, saying so; without it this is a UserError naming that run and the
+    choices. Call it with the output folder's lock held.
+    """
+    names = checkpoint_dirs(output_dir)
+    if not names:
+        return
+    if not overwrite:
+        raise UserError(
+            f"--output_dir {output_dir!r} holds the checkpoints of another run ({describe_output_dir_run(output_dir, names)}). "
+            "Resume that run with --resume_from_checkpoint latest, pass --overwrite_output_dir to delete its "
+            "checkpoints and start a new run there, or give this run another --output_dir."
+        )
+    if is_main_process:
+        for name in names:
+            remove_checkpoint(output_dir, name)
+        logger.warning(
+            f"--overwrite_output_dir: removed the checkpoints of the previous run in {output_dir} "
+            f"({', '.join(names)}) before starting a new run."
+        )
+
+
+def set_aside_newer_checkpoints(output_dir: str, resume_dir: str) -> list[tuple[str, str]]:
+    """Rename the checkpoints of `output_dir` newer than `resume_dir` to `superseded-checkpoint-N`; return
+    (old, new) names.
+
+    Resuming an older checkpoint starts another course of the run. The newer checkpoints of the first course
+    are kept, never pruned nor overwritten (they may be the work the user wants back), but out of the way:
+    otherwise `--resume_from_checkpoint latest` after a crash would pick one of them and mix the two courses,
+    and this run's checkpoint-N would replace them. Main process only.
+    """
+    step = checkpoint_step(os.path.basename(os.path.normpath(resume_dir)))
+    moved = []
+    for name in checkpoint_dirs(output_dir):
+        if step is None or checkpoint_step(name) <= step:
+            continue
+        target, n = f"superseded-{name}", 1
+        while os.path.exists(os.path.join(output_dir, target)):
+            n += 1
+            target = f"superseded-{name}.{n}"
+        os.replace(os.path.join(output_dir, name), os.path.join(output_dir, target))
+        moved.append((name, target))
+    if moved:
+        fsync_dir(output_dir)
+    return moved
+
+
 # Test-only: the process SIGKILLs itself once checkpoint N is written under its temporary name, before the
 # rename (the instant at which a save is most fragile); tests/test_reliability.py sets it.
 KILL_AFTER_TMP_CHECKPOINT_ENV = "POGDIFF_TEST_KILL_AFTER_TMP_CHECKPOINT"
@@ -343,7 +411,8 @@ def save_checkpoint(
         fsync_tree(tmp)
         if os.environ.get(KILL_AFTER_TMP_CHECKPOINT_ENV) == str(global_step):
             os.kill(os.getpid(), signal.SIGKILL)
-        # A checkpoint-N already here means this run resumed from an older checkpoint, which is still there.
+        # A checkpoint-N already here is a damaged one that `latest` skipped (an explicit resume of an older
+        # checkpoint set the newer ones aside first, so no good checkpoint is replaced here).
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(output_dir)

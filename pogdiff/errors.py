@@ -21,6 +21,15 @@ class UserError(ValueError):
     """Bad input (data, flags, paths, models) with a message that names what to fix."""
 
 
+def user_error_message(prog: str, error: BaseException) -> str:
+    """What a command-line tool prints for a `UserError`: the POGDIFF_TRACEBACK hint, then `<prog>: error: ...`.
+
+    The error line comes last on purpose: it is the line a user reads (and the last line a log shows), also
+    under `accelerate launch --quiet`, which adds nothing after the script's own output.
+    """
+    return f"\n({TRACEBACK_ENV}=1 shows the traceback of this error)\n{prog}: error: {error}"
+
+
 def report_user_errors(prog: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)`, with a `UserError` printed as `<prog>: error: <message>` and exit status 2.
 
@@ -31,7 +40,7 @@ def report_user_errors(prog: str, fn: Callable[..., T], *args: Any, **kwargs: An
     except UserError as error:
         if os.environ.get(TRACEBACK_ENV):
             raise
-        print(f"\n{prog}: error: {error}\n(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+        print(user_error_message(prog, error), file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,0 +1,276 @@
+"""Nothing lost, nothing silent, part 2 (issue 27): one run per output folder, explicit resumes of an older
+checkpoint, a declared range for every numeric flag, one line under `accelerate launch`, data read faithfully.
+
+Most checks are unit or parse-time tests; the few training runs are in-process on the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from test_train import run_in_process, train_args, train_pogdiff_parser_actions
+
+from pogdiff.checkpointing import (
+    checkpoint_dirs,
+    claim_output_dir_for_new_run,
+    set_aside_newer_checkpoints,
+)
+from pogdiff.errors import UserError
+from pogdiff.testing import run_process_group
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def error_line(capsys) -> str:
+    """The `error:` line of stderr; there must be no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return next(line for line in err.splitlines() if " error: " in line)
+
+
+def parse(*flags: str):
+    import train_pogdiff
+
+    return train_pogdiff.parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *flags])
+
+
+def fake_checkpoints(folder: Path, *steps: int, objective: str = "vanilla", seed: int = 0) -> None:
+    for step in steps:
+        ckpt = folder / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        record = {"global_step": step, "settings": {"--objective": objective, "--seed": seed}, "files": {}}
+        (ckpt / "pogdiff_run.json").write_text(json.dumps(record))
+
+
+# ---- items 1 and 2: a new run never mixes with another run's checkpoints; an older resume loses nothing ------
+
+
+def test_a_new_run_in_a_folder_with_checkpoints_is_refused_naming_the_run(tmp_path):
+    fake_checkpoints(tmp_path, 2, 4, objective="cbdm", seed=7)
+    with pytest.raises(UserError) as info:
+        claim_output_dir_for_new_run(str(tmp_path), overwrite=False, is_main_process=True)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"--output_dir {str(tmp_path)!r} holds the checkpoints of another run")
+    assert (
+        "checkpoint-2, checkpoint-4; the newest is step 4 of an --objective cbdm run with --seed 7" in message
+    )
+    for choice in ("--resume_from_checkpoint latest", "--overwrite_output_dir", "another --output_dir"):
+        assert choice in message
+    assert checkpoint_dirs(str(tmp_path)) == ["checkpoint-2", "checkpoint-4"]  # nothing touched
+
+
+def test_a_new_run_with_an_unreadable_record_is_still_refused(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "pogdiff_run.json").write_text("{not json")
+    with pytest.raises(UserError, match="the newest, checkpoint-3, has no readable pogdiff_run.json"):
+        claim_output_dir_for_new_run(str(tmp_path), overwrite=False, is_main_process=True)
+
+
+def test_overwrite_output_dir_removes_the_other_runs_checkpoints_saying_so(tmp_path, caplog):
+    from accelerate.state import PartialState
+
+    PartialState()  # accelerate's logger needs a state, as in the trainer
+    fake_checkpoints(tmp_path, 1, 2)
+    (tmp_path / "superseded-checkpoint-9").mkdir()  # not a checkpoint of rotation: left alone
+    caplog.set_level(logging.WARNING)
+    claim_output_dir_for_new_run(str(tmp_path), overwrite=True, is_main_process=True)
+    assert checkpoint_dirs(str(tmp_path)) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["superseded-checkpoint-9"]
+    assert any("--overwrite_output_dir" in r.getMessage() and "checkpoint-1, checkpoint-2" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    # An empty (or new) folder needs no consent.
+    claim_output_dir_for_new_run(str(tmp_path / "new"), overwrite=False, is_main_process=True)
+
+
+def test_overwrite_output_dir_and_resume_are_exclusive(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse("--overwrite_output_dir", "--resume_from_checkpoint", "latest")
+    assert info.value.code == 2
+    assert "give one of them" in error_line(capsys)
+
+
+def test_resuming_an_older_checkpoint_sets_newer_ones_aside(tmp_path):
+    fake_checkpoints(tmp_path, 1, 2, 3, 4)
+    (tmp_path / "superseded-checkpoint-4").mkdir()  # an earlier set-aside is never overwritten
+    moved = set_aside_newer_checkpoints(str(tmp_path), str(tmp_path / "checkpoint-2"))
+    assert moved == [
+        ("checkpoint-3", "superseded-checkpoint-3"),
+        ("checkpoint-4", "superseded-checkpoint-4.2"),
+    ]
+    assert checkpoint_dirs(str(tmp_path)) == ["checkpoint-1", "checkpoint-2"]
+    assert (tmp_path / "superseded-checkpoint-4.2" / "pogdiff_run.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_sd_path, tiny_dataset_path, tmp_path_factory) -> Path:
+    """Two vanilla steps, a checkpoint after each (copied before use)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    run_in_process(
+        train_args(
+            tiny_sd_path, tiny_dataset_path, out, "--objective", "vanilla", "--checkpointing_steps", "1"
+        )
+    )
+    return out
+
+
+def test_trainer_refuses_a_new_run_over_another_runs_checkpoints(
+    two_checkpoints, tiny_sd_path, tiny_dataset_path, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(SystemExit) as info:
+        run_in_process(train_args(tiny_sd_path, tiny_dataset_path, out, "--objective", "pogdiff"))
+    assert info.value.code == 2
+    line = error_line(capsys)
+    assert line.startswith(
+        f"train_pogdiff.py: error: --output_dir {str(out)!r} holds the checkpoints of another"
+    )
+    assert "the newest is step 2 of an --objective vanilla run with --seed 0" in line
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_trainer_resuming_an_older_checkpoint_keeps_the_newer_one(
+    two_checkpoints, tiny_sd_path, tiny_dataset_path, tmp_path, caplog
+):
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    newer = (out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    caplog.set_level(logging.INFO)
+    run_in_process(
+        train_args(
+            tiny_sd_path, tiny_dataset_path, out, "--objective", "vanilla", "--checkpointing_steps", "1",
+            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "checkpoint-1", "--noise_offset", "0.1",
+            "--allow_changed_settings", steps=2,
+        )
+    )  # fmt: skip
+    # Today: checkpoint-2 of the first course was replaced by this run's and the rotation went on silently.
+    kept = out / "superseded-checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert kept.read_bytes() == newer
+    assert checkpoint_dirs(str(out)) == ["checkpoint-2"]  # this run's step 2; checkpoint-1 rotated out
+    assert (out / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != newer
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("checkpoint-2 is kept as" in m and "superseded-checkpoint-2" in m for m in warnings), warnings
+
+
+# ---- items 5 and 8: every numeric flag has a declared range, checked at parse time ----------------------------
+
+
+def test_every_numeric_flag_has_a_declared_range():
+    from pogdiff.arguments import FLAG_RANGES, _float_or_none
+
+    actions = train_pogdiff_parser_actions()
+    numeric = {a.dest for a in actions if a.type in (int, float, _float_or_none)}
+    assert numeric - FLAG_RANGES.keys() == set(), "declare a range in pogdiff.arguments.FLAG_RANGES"
+    assert FLAG_RANGES.keys() - {a.dest for a in actions} == set(), "a range for a flag that does not exist"
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--max_grad_norm", "-1", "--max_grad_norm must be > 0, got -1.0"),
+        ("--max_grad_norm", "0", "--max_grad_norm must be > 0, got 0.0"),
+        ("--snr_gamma", "-1", "--snr_gamma must be > 0, got -1.0"),
+        ("--snr_gamma", "0", "--snr_gamma must be > 0, got 0.0"),
+        ("--lora_alpha", "0", "--lora_alpha must be > 0, got 0"),
+        ("--max_train_steps", "0", "--max_train_steps must be >= 1, got 0"),
+        ("--max_train_steps", "-1", "--max_train_steps must be >= 1, got -1"),
+        ("--max_train_samples", "0", "--max_train_samples must be >= 1, got 0"),
+        ("--max_train_samples", "-1", "--max_train_samples must be >= 1, got -1"),
+        ("--few_shot_max", "-1", "--few_shot_max must be >= 0, got -1"),
+        ("--learning_rate", "-1e-4", "--learning_rate must be > 0, got -0.0001"),
+        ("--adam_beta1", "1.5", "--adam_beta1 must be in [0, 1), got 1.5"),
+        ("--adam_beta2", "1", "--adam_beta2 must be in [0, 1), got 1.0"),
+        ("--adam_epsilon", "-1e-8", "--adam_epsilon must be > 0, got -1e-08"),
+        ("--adam_weight_decay", "-0.01", "--adam_weight_decay must be >= 0, got -0.01"),
+        ("--train_batch_size", "0", "--train_batch_size must be >= 1, got 0"),
+        ("--train_batch_size", "-1", "--train_batch_size must be >= 1, got -1"),
+        ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps must be >= 1, got 0"),
+        ("--rank", "0", "--rank must be >= 1, got 0"),
+        ("--rank", "-1", "--rank must be >= 1, got -1"),
+        ("--dataloader_num_workers", "-1", "--dataloader_num_workers must be >= 0, got -1"),
+        ("--seed", "-1", "--seed must be in [0, 4294967295], got -1"),
+        ("--sampling_power", "1000", "--sampling_power must be in [-10, 10], got 1000.0"),
+        ("--num_train_epochs", "0", "--num_train_epochs must be >= 1, got 0"),
+        ("--density_w_min", "0", "--density_w_min must be in (0, 1], got 0.0"),
+    ],
+)
+def test_out_of_range_flags_are_one_line_at_parse_time(flag, value, expected, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(f"{flag}={value}")  # "=": argparse takes "-1e-4" for an option otherwise
+    assert info.value.code == 2
+    line = error_line(capsys)
+    assert line.split(" error: ", 1)[1].startswith(expected), line
+
+
+def test_range_edges_are_accepted():
+    args = parse(
+        "--few_shot_max", "0", "--adam_beta1", "0", "--adam_weight_decay", "0", "--dataloader_num_workers", "0",
+        "--seed", "0", "--sampling_power", "-1", "--max_train_steps", "1", "--lr_scheduler", "cosine",
+        "--report_to", "all", "--lr_warmup_steps", "0",
+    )  # fmt: skip
+    assert args.few_shot_max == 0 and args.sampling_power == -1.0 and args.lora_alpha == args.rank
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (("--lr_scheduler", "cosine_annealing"), "--lr_scheduler must be one of linear, cosine,"),
+        (("--report_to", ""), "--report_to must name a tracker"),
+        (("--report_to", "tensorbord"), "--report_to 'tensorbord' is not a tracker accelerate knows"),
+    ],
+)
+def test_scheduler_and_tracker_names_are_checked(flags, expected, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(*flags)
+    assert info.value.code == 2
+    assert expected in error_line(capsys)
+
+
+def test_report_to_a_tracker_that_is_not_installed(capsys, monkeypatch):
+    import accelerate.tracking
+
+    # As on a machine without wandb (whether or not this one has it): accelerate would train without tracking.
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    with pytest.raises(SystemExit) as info:
+        parse("--report_to", "wandb")
+    assert info.value.code == 2
+    assert "--report_to wandb: the wandb package is not installed" in error_line(capsys)
+
+
+# ---- item 7: under `accelerate launch` the error line is the last thing the user reads ------------------------
+
+
+def test_the_error_line_comes_after_the_traceback_hint():
+    from pogdiff.errors import user_error_message
+
+    lines = user_error_message("train_pogdiff.py", UserError("--flag is wrong.")).splitlines()
+    assert lines[-1] == "train_pogdiff.py: error: --flag is wrong."
+    assert "POGDIFF_TRACEBACK=1" in lines[-2]
+
+
+@pytest.mark.e2e
+def test_accelerate_launch_quiet_ends_with_the_error_line(tmp_path):
+    """accelerate's simple launcher re-raises a failed child as a CalledProcessError traceback after the child's
+    output unless `--quiet`, which makes it exit 1 and print nothing more (accelerate/commands/launch.py,
+    `_run_subprocess`); the README's command carries `--quiet`, and the trainer prints its error line last."""
+    out = tmp_path / "out"
+    fake_checkpoints(out, 3, objective="pogdiff", seed=1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = run_process_group(
+        [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1", "--cpu",
+         str(REPO / "train_pogdiff.py"), "--pretrained_model_name_or_path", str(tmp_path / "no-model"),
+         "--train_data_dir", str(tmp_path / "no-data"), "--output_dir", str(out)],
+        cwd=REPO, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"train_pogdiff.py: error: --output_dir {str(out)!r} holds the checkpoints"), last
