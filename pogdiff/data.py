@@ -91,6 +91,37 @@ def check_metadata_files(folder: str | os.PathLike) -> None:
                         )
 
 
+def unlisted_images(folder: str | os.PathLike) -> list[str]:
+    """Image files under `folder` (paths relative to it) that no `metadata.jsonl` lists as `file_name`.
+
+    imagefolder reads a folder with metadata files row by row, so it silently leaves such images out. Only
+    images at or below a folder holding a metadata.jsonl are considered (the ones it would have covered).
+    Call after `check_metadata_files` (every line is then a JSON object).
+    """
+    listed: set[str] = set()
+    covered: list[str] = []
+    for root, _, names in os.walk(folder):
+        if "metadata.jsonl" not in names:
+            continue
+        covered.append(os.path.normpath(root))
+        with open(os.path.join(root, "metadata.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    file_name = json.loads(line).get("file_name")
+                    if isinstance(file_name, str):
+                        listed.add(os.path.normpath(os.path.join(root, file_name)))
+    unlisted = []
+    for root, _, names in os.walk(folder):
+        norm_root = os.path.normpath(root)
+        if not any(norm_root == c or norm_root.startswith(c + os.sep) for c in covered):
+            continue
+        for name in sorted(names):
+            path = os.path.normpath(os.path.join(root, name))
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and path not in listed:
+                unlisted.append(os.path.relpath(path, folder))
+    return sorted(unlisted)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # kohya-style folders: captions in files beside the images, identities (and repeats) from sub-folder names
 # ----------------------------------------------------------------------------------------------------------
@@ -337,6 +368,17 @@ def load_image_text_dataset(
                 raise EmptyDatasetError(train_data_dir)
             check_metadata_files(train_data_dir)
             dataset_dict = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+            # imagefolder drops an image that metadata.jsonl does not list without a word: say so, once.
+            unlisted = unlisted_images(train_data_dir)
+            if unlisted:
+                shown = ", ".join(unlisted[:5]) + (", ..." if len(unlisted) > 5 else "")
+                logger.warning(
+                    "%d image(s) in %s are not listed in its metadata.jsonl and are not trained on (%s). Add a "
+                    "row for each, or move them out of the folder.",
+                    len(unlisted),
+                    train_data_dir,
+                    shown,
+                )
     except EmptyDatasetError as err:
         raise UserError(
             f"No images found in {source!r}: the folder holds no image or metadata files. Point the flag "
@@ -437,6 +479,14 @@ def identity_labels(dataset: datasets.Dataset, identity_column: str | None, capt
     feature = plain.features[column]
     if isinstance(feature, datasets.ClassLabel):
         return [feature.int2str(int(v)) for v in values]
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing:
+        # str(None) would make "None" one more identity, pooling every unlabelled image into it.
+        raise UserError(
+            f"Row {missing[0]} of the training set has no identity: its {column!r} value is missing or null "
+            f"({len(missing)} of {len(values)} rows are). Fill in every row's {column!r}, or drop the column to "
+            "use each caption as its identity."
+        )
     return [str(v) for v in values]
 
 
@@ -481,6 +531,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode.startswith("I;16") or mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float64)
+        if mode == "F" and not np.isfinite(values).all():
+            # NaN would pass min/max scaling as NaN and come out black (inf would wash out every other pixel).
+            bad = int((~np.isfinite(values)).sum())
+            raise ValueError(f"{bad} of {values.size} pixels of this float image are NaN or infinite")
         lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         if mode.startswith("I;16"):
             scale, offset = 255.0 / 65535.0, 0.0

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_index import MeanColour, _assert_tensors_equal, _build
+from test_index import rows as rows  # noqa: F401 (the fixture)
 from test_train import run_in_process, train_args, train_pogdiff_parser_actions
 
 from pogdiff.checkpointing import (
@@ -274,3 +276,143 @@ def test_accelerate_launch_quiet_ends_with_the_error_line(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.rstrip().splitlines()[-1]
     assert last.startswith(f"train_pogdiff.py: error: --output_dir {str(out)!r} holds the checkpoints"), last
+
+
+# ---- item 6: data read faithfully ---------------------------------------------------------------------------
+
+
+def copy_data(tiny_dataset_path: str, tmp_path: Path) -> tuple[Path, list[dict]]:
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_dataset_path, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    return folder, rows
+
+
+def test_an_image_missing_from_metadata_is_counted_and_said_once(tiny_dataset_path, tmp_path, caplog):
+    from pogdiff.data import load_image_text_dataset
+
+    folder, rows = copy_data(tiny_dataset_path, tmp_path)
+    extra = folder / rows[0]["file_name"]
+    shutil.copy(extra, folder / "forgotten-1.png")
+    shutil.copy(extra, folder / "forgotten-2.png")
+    caplog.set_level(logging.WARNING)
+    dataset = load_image_text_dataset(train_data_dir=str(folder))
+    assert len(dataset) == len(rows)  # imagefolder still reads the listed rows only
+    about = [r.getMessage() for r in caplog.records if "not listed in its metadata.jsonl" in r.getMessage()]
+    assert len(about) == 1, about
+    assert about[0].startswith("2 image(s) in") and "forgotten-1.png, forgotten-2.png" in about[0]
+
+
+def test_a_fully_listed_folder_gives_no_warning(tiny_dataset_path, caplog):
+    from pogdiff.data import unlisted_images
+
+    assert unlisted_images(tiny_dataset_path) == []
+
+
+def test_a_null_identity_is_an_error_not_the_identity_none(tiny_sd_path, tiny_dataset_path, tmp_path, capsys):
+    folder, rows = copy_data(tiny_dataset_path, tmp_path)
+    rows[3]["identity"] = None
+    rows[7]["identity"] = None
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit) as info:
+        run_in_process(train_args(tiny_sd_path, str(folder), tmp_path / "o"))
+    assert info.value.code == 2
+    line = error_line(capsys)
+    assert "Row 3 of the training set has no identity: its 'identity' value is missing or null (2 of" in line
+
+
+def test_a_float_tiff_with_nan_is_refused_naming_the_file(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pogdiff.data import load_rgb
+
+    values = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    good, bad = tmp_path / "good.tif", tmp_path / "nan.tif"
+    Image.fromarray(values, mode="F").save(good)
+    values[2, 3] = np.nan
+    Image.fromarray(values, mode="F").save(bad)
+    assert np.asarray(load_rgb(str(good))).max() == 255
+    with pytest.raises(UserError) as info:
+        load_rgb(str(bad))
+    assert str(info.value).startswith(
+        f"Cannot decode image {bad}: 1 of 64 pixels of this float image are NaN"
+    )
+
+
+# ---- item 3: checkpoint content is verified, not only its size ------------------------------------------------
+
+
+def same_size_garbage(path: Path, offset: int | None = None) -> None:
+    """Overwrite 64 bytes in the middle of `path` (a bad sector, a stray write): the size stays the same."""
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2 if offset is None else offset
+    data[start : start + 64] = bytes((b + 1) % 256 for b in data[start : start + 64])
+    path.write_bytes(bytes(data))
+
+
+def test_the_run_record_holds_a_hash_per_file_and_checkpoint_problem_checks_it(tmp_path):
+    from pogdiff.checkpointing import checkpoint_problem, file_sha256, write_run_record
+
+    folder = tmp_path / "checkpoint-3"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text('{"sample_size": 8}')
+    (folder / "scheduler.txt").write_bytes(bytes(range(256)) * 4)
+    write_run_record(str(folder), 3, {"--seed": 0})
+    record = json.loads((folder / "pogdiff_run.json").read_text())
+    assert record["sha256"] == {
+        "scheduler.txt": file_sha256(str(folder / "scheduler.txt")),
+        "unet/config.json": file_sha256(str(folder / "unet" / "config.json")),
+    }
+    assert checkpoint_problem(str(folder)) is None
+    (folder / "unet" / "config.json").write_text('{"sample_size": 9}')  # same size, other content
+    problem = checkpoint_problem(str(folder))
+    assert problem is not None and problem.startswith(f"{folder / 'unet' / 'config.json'} does not match the")
+
+
+def test_a_run_record_without_settings_is_a_damaged_checkpoint(tmp_path):
+    from pogdiff.checkpointing import checkpoint_problem
+
+    (tmp_path / "pogdiff_run.json").write_text("{}")
+    assert "is not a run record train_pogdiff.py wrote" in checkpoint_problem(str(tmp_path))
+
+
+def test_latest_falls_back_past_same_size_corruption_naming_the_file(
+    two_checkpoints, tiny_sd_path, tiny_dataset_path, tmp_path, caplog
+):
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints, out)
+    same_size_garbage(out / "checkpoint-2" / "optimizer.bin")
+    caplog.set_level(logging.INFO)
+    run_in_process(
+        train_args(
+            tiny_sd_path, tiny_dataset_path, out, "--objective", "vanilla", "--checkpointing_steps", "1",
+            "--resume_from_checkpoint", "latest",
+        )
+    )  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "checkpoint-2" in m
+        and "optimizer.bin does not match the SHA-256" in m
+        and "Resuming from checkpoint-1" in m
+        for m in warnings
+    ), warnings
+    assert any(f"Resuming from checkpoint {out / 'checkpoint-1'}" in r.getMessage() for r in caplog.records)
+    # Step 2 was trained again from checkpoint-1, so checkpoint-2 is whole again.
+    from pogdiff.checkpointing import checkpoint_problem
+
+    assert checkpoint_problem(str(out / "checkpoint-2")) is None
+
+
+def test_a_same_size_damaged_index_cache_is_rebuilt_not_a_cache_hit(rows, tiny_sd_path, tmp_path, caplog):
+    first, _ = _build(rows, tiny_sd_path, tmp_path, MeanColour())
+    tensors = tmp_path / f"pogdiff-index-{first.config['key'][:16]}" / "index.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-64:] = bytes(64)  # 64 zero bytes at the end of the tensor data: still a readable safetensors file
+    tensors.write_bytes(bytes(data))
+    encoder = MeanColour()
+    with caplog.at_level(logging.WARNING, logger="pogdiff.index"):
+        again, _ = _build(rows, tiny_sd_path, tmp_path, encoder)
+    assert "does not match the SHA-256" in caplog.text and "rebuilding it" in caplog.text
+    assert encoder.calls > 0
+    _assert_tensors_equal(first, again)
