@@ -21,13 +21,27 @@ class UserError(ValueError):
     """Bad input (data, flags, paths, models) with a message that names what to fix."""
 
 
+def _own_message(error: BaseException) -> str:
+    """`error`'s message, without the worker traceback torch puts in front of an error raised in a DataLoader
+    worker (`torch._utils.ExceptionWrapper.reraise` rebuilds it as `UserError("Caught UserError in DataLoader
+    worker process 0.\nOriginal Traceback ...\npogdiff.errors.UserError: <message>")`)."""
+    text = str(error)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        kind, sep, message = last.partition(": ")
+        if sep and kind.rsplit(".", 1)[-1] == type(error).__name__:
+            where = text.split("\n", 1)[0].removeprefix(f"Caught {type(error).__name__} ").rstrip(".")
+            return f"{message} ({where})"
+    return text
+
+
 def user_error_message(prog: str, error: BaseException) -> str:
     """What a command-line tool prints for a `UserError`: the POGDIFF_TRACEBACK hint, then `<prog>: error: ...`.
 
     The error line comes last on purpose: it is the line a user reads (and the last line a log shows), also
     under `accelerate launch --quiet`, which adds nothing after the script's own output.
     """
-    return f"\n({TRACEBACK_ENV}=1 shows the traceback of this error)\n{prog}: error: {error}"
+    return f"\n({TRACEBACK_ENV}=1 shows the traceback of this error)\n{prog}: error: {_own_message(error)}"
 
 
 def report_user_errors(prog: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

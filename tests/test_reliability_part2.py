@@ -416,3 +416,29 @@ def test_a_same_size_damaged_index_cache_is_rebuilt_not_a_cache_hit(rows, tiny_s
     assert "does not match the SHA-256" in caplog.text and "rebuilding it" in caplog.text
     assert encoder.calls > 0
     _assert_tensors_equal(first, again)
+
+
+# ---- item 10: an error raised in a DataLoader worker is still one line -----------------------------------------
+
+
+def test_an_error_from_a_dataloader_worker_is_one_line_without_the_worker_traceback():
+    from torch._utils import ExceptionWrapper
+
+    from pogdiff.errors import user_error_message
+
+    try:
+        try:
+            raise OSError("cannot identify image file")
+        except OSError as cause:
+            raise UserError("Cannot decode image bad.png (row 3 of the training set): broken.") from cause
+    except UserError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 1")  # what a worker sends back
+    with pytest.raises(UserError) as info:
+        wrapped.reraise()
+    assert "Traceback" in str(info.value)  # how torch rebuilds it in the main process
+    message = user_error_message("train_pogdiff.py", info.value)
+    assert "Traceback" not in message and "OSError" not in message
+    assert message.splitlines()[-1] == (
+        "train_pogdiff.py: error: Cannot decode image bad.png (row 3 of the training set): broken. "
+        "(in DataLoader worker process 1)"
+    )
