@@ -639,14 +639,20 @@ def main(args: argparse.Namespace) -> Accelerator:
 
         unet.requires_grad_(False)
         unet.to(accelerator.device, dtype=weight_dtype)
-        unet.add_adapter(
-            LoraConfig(
-                r=args.rank,
-                lora_alpha=args.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
+        try:
+            unet.add_adapter(
+                LoraConfig(
+                    r=args.rank,
+                    lora_alpha=args.lora_alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
+                )
             )
-        )
+        except ValueError as error:  # peft's NoMatchingPeftModuleError: it names the modules, not the flag
+            raise TrainingError(
+                f"--lora_target_modules {args.lora_target_modules!r}: {' '.join(str(error).split())} Give "
+                "comma-separated names of UNet modules (the default: to_k,to_q,to_v,to_out.0)."
+            ) from error
         if accelerator.mixed_precision == "fp16":
             # Trainable LoRA parameters stay fp32: the fp16 grad scaler cannot unscale fp16 gradients.
             cast_training_params(unet, dtype=torch.float32)

@@ -268,6 +268,10 @@ def check_pogdiff_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(str(error))
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
+    if not any(m.strip() for m in args.lora_target_modules.split(",")):
+        parser.error(
+            f"--lora_target_modules must name at least one UNet module, got {args.lora_target_modules!r}."
+        )
     if args.cache_latents and (not args.center_crop or args.random_flip):
         parser.error(
             "--cache_latents encodes each image once, so its transforms must be deterministic: add --center_crop "

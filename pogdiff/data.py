@@ -142,6 +142,9 @@ def normalize_caption_extension(caption_extension: str) -> str:
     return extension
 
 
+MAX_KOHYA_REPEATS = 2**31 - 1
+
+
 def parse_kohya_folder(name: str) -> tuple[str, int]:
     """kohya's sub-folder name `<repeats>_<name>` -> (name, repeats); any other name -> (name, 1).
 
@@ -149,7 +152,8 @@ def parse_kohya_folder(name: str) -> tuple[str, int]:
     underscore always counts as repeats.
 
     Raises:
-        UserError: the folder asks for 0 repeats (its images would never be drawn).
+        UserError: the folder asks for 0 repeats (its images would never be drawn), or more than
+            `MAX_KOHYA_REPEATS`.
     """
     match = KOHYA_FOLDER_PATTERN.fullmatch(name)
     if match is None:
@@ -159,6 +163,12 @@ def parse_kohya_folder(name: str) -> tuple[str, int]:
         raise UserError(
             f"Folder {name!r} asks for {repeats} repeats (kohya's `N_name`), so its images would never be "
             "drawn; rename it with N >= 1, or drop the number to repeat once."
+        )
+    if repeats > MAX_KOHYA_REPEATS:
+        # The repeats column is int64 (and a draw weight): a longer number would fail deep inside datasets.
+        raise UserError(
+            f"Folder {name!r} asks for {match['repeats']} repeats (kohya's `N_name`), more than "
+            f"{MAX_KOHYA_REPEATS}; rename it with a smaller N (repeats are relative draw weights, e.g. 10)."
         )
     return match["name"], repeats
 

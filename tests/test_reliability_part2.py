@@ -442,3 +442,41 @@ def test_an_error_from_a_dataloader_worker_is_one_line_without_the_worker_traceb
         "train_pogdiff.py: error: Cannot decode image bad.png (row 3 of the training set): broken. "
         "(in DataLoader worker process 1)"
     )
+
+
+# ---- item 8, the rest: LoRA target modules, kohya repeats ------------------------------------------------------
+
+
+def test_lora_target_modules_that_match_nothing_name_the_flag(
+    tiny_sd_path, tiny_dataset_path, tmp_path, capsys
+):
+    with pytest.raises(SystemExit) as info:
+        run_in_process(
+            train_args(
+                tiny_sd_path,
+                tiny_dataset_path,
+                tmp_path / "o",
+                "--use_lora",
+                "--lora_target_modules",
+                "to_kk",
+            )
+        )
+    assert info.value.code == 2
+    line = error_line(capsys)
+    assert line.startswith(
+        "train_pogdiff.py: error: --lora_target_modules 'to_kk': Target modules {'to_kk'} not"
+    )
+    with pytest.raises(SystemExit) as info:
+        parse("--use_lora", "--lora_target_modules", " , ")
+    assert info.value.code == 2
+    assert "--lora_target_modules must name at least one UNet module" in error_line(capsys)
+
+
+def test_a_kohya_repeats_prefix_too_large_is_one_line():
+    from pogdiff.data import parse_kohya_folder
+
+    assert parse_kohya_folder("2147483647_alice") == ("alice", 2**31 - 1)
+    with pytest.raises(
+        UserError, match=r"Folder '99999999999999999999_alice' asks for 99999999999999999999 rep"
+    ):
+        parse_kohya_folder("99999999999999999999_alice")
