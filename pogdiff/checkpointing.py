@@ -349,10 +349,16 @@ def lock_output_dir(output_dir: str) -> FileLock:
 
     The lock is an OS file lock: a run that dies (even by kill -9) releases it, so it never needs cleaning.
     """
-    os.makedirs(output_dir, exist_ok=True)
     lock = FileLock(os.path.join(output_dir, OUTPUT_LOCK))
     try:
+        os.makedirs(output_dir, exist_ok=True)
         lock.acquire(timeout=0)
+    except (NotADirectoryError, FileExistsError, PermissionError) as error:
+        # A path under a file, or a folder this user cannot write: say which, before any model is loaded.
+        raise UserError(
+            f"--output_dir {output_dir!r} cannot be used: {error.strerror} ({error.filename}). Give a folder you "
+            "can write to."
+        ) from None
     except Timeout:
         raise UserError(
             f"Another train_pogdiff.py run is using --output_dir {output_dir!r} (it holds "

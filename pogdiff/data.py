@@ -66,12 +66,22 @@ def check_metadata_files(folder: str | os.PathLike) -> None:
     """Every `metadata.jsonl` under `folder` is UTF-8 text of one JSON object per line; else a ValueError that
     names the file and the line (imagefolder would fail deep inside datasets with neither)."""
     for root, _, names in os.walk(folder):
+        present = [name for name in METADATA_FILE_NAMES if name in names]
+        if len(present) > 1:
+            # imagefolder would fail with a traceback that names neither file.
+            raise UserError(
+                f"{root} holds {' and '.join(present)}: imagefolder reads one metadata file per folder. Keep one."
+            )
         for name in names:
             if name != "metadata.jsonl":
                 continue
             path = os.path.join(root, name)
             with open(path, "rb") as f:
                 lines = f.read().split(b"\n")
+            if not any(line.strip() for line in lines):
+                raise UserError(
+                    f"{path} is empty: add one JSON row per image (file_name, text, ...), or remove the file."
+                )
             for number, raw in enumerate(lines, start=1):
                 try:
                     text = raw.decode("utf-8")
@@ -612,7 +622,15 @@ def load_rgb(image: Any, path_hint: str | None = None) -> Image.Image:
                 opened.load()
                 decoded = ImageOps.exif_transpose(opened)
         return to_rgb(decoded)
-    except (OSError, UnidentifiedImageError, ValueError, TypeError, SyntaxError) as err:
+    # DecompressionBombError (an image over PIL's pixel limit, e.g. 20000x20000) is none of the others.
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        TypeError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    ) as err:
         where = (
             " ".join(x for x in (path, f"({path_hint})" if path_hint else None) if x) or "<in-memory image>"
         )

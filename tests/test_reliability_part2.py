@@ -480,3 +480,46 @@ def test_a_kohya_repeats_prefix_too_large_is_one_line():
         UserError, match=r"Folder '99999999999999999999_alice' asks for 99999999999999999999 rep"
     ):
         parse_kohya_folder("99999999999999999999_alice")
+
+
+# ---- item 9, the cheap ones: metadata files, huge images, an unusable output folder -----------------------------
+
+
+def test_an_empty_metadata_jsonl_is_one_line(tiny_dataset_path, tmp_path):
+    from pogdiff.data import load_image_text_dataset
+
+    folder, _ = copy_data(tiny_dataset_path, tmp_path)
+    (folder / "metadata.jsonl").write_text("\n")
+    with pytest.raises(UserError, match=r"metadata.jsonl is empty: add one JSON row per image"):
+        load_image_text_dataset(train_data_dir=str(folder))
+
+
+def test_two_metadata_files_in_one_folder_are_one_line(tiny_dataset_path, tmp_path):
+    from pogdiff.data import load_image_text_dataset
+
+    folder, _ = copy_data(tiny_dataset_path, tmp_path)
+    (folder / "metadata.csv").write_text("file_name,text\n")
+    with pytest.raises(UserError, match=r"holds metadata.jsonl and metadata.csv: imagefolder reads one"):
+        load_image_text_dataset(train_data_dir=str(folder))
+
+
+def test_an_image_over_pils_pixel_limit_names_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from pogdiff.data import load_rgb
+
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is then over twice the limit: a "bomb"
+    with pytest.raises(
+        UserError, match=rf"Cannot decode image {path}: Image size \(4096 pixels\) exceeds limit"
+    ):
+        load_rgb(str(path))
+
+
+def test_an_output_dir_under_a_file_is_one_line(tmp_path):
+    from pogdiff.checkpointing import lock_output_dir
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match=r"--output_dir .*a-file/out' cannot be used: Not a directory"):
+        lock_output_dir(str(tmp_path / "a-file" / "out"))
