@@ -87,7 +87,13 @@ from pogdiff.data import (
     row_image_loader,
     tokenize,
 )
-from pogdiff.errors import UserError, model_load_message, user_error_message
+from pogdiff.errors import (
+    MODEL_PARTS,
+    UserError,
+    missing_model_parts,
+    model_load_message,
+    user_error_message,
+)
 from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
 from pogdiff.sampling import (
@@ -595,6 +601,15 @@ def main(args: argparse.Namespace) -> Accelerator:
         raise TrainingError(
             model_load_message("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, error)
         ) from error
+    if os.path.isdir(args.pretrained_model_name_or_path):
+        missing = missing_model_parts(args.pretrained_model_name_or_path)
+        if missing:
+            raise TrainingError(
+                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} lacks "
+                f"{', '.join(part + '/' for part in missing)}: a diffusers Stable Diffusion folder has "
+                f"{', '.join(part + '/' for part in MODEL_PARTS)} beside model_index.json. Save or download the "
+                "whole model again."
+            )
     tokenizer = CLIPTokenizer.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
     )
@@ -616,9 +631,15 @@ def main(args: argparse.Namespace) -> Accelerator:
         vae = AutoencoderKL.from_pretrained(
             args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
         )
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision
-    )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision
+        )
+    except OSError as error:  # e.g. a truncated weights file: diffusers names the file, not the remedy
+        raise TrainingError(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its UNet did not load "
+            f"({' '.join(str(error).split())}). The file may be truncated or corrupt: save or download it again."
+        ) from error
 
     # Freeze vae and text_encoder and set unet to trainable
     vae.requires_grad_(False)

@@ -79,3 +79,13 @@ def model_load_message(flag: str, name_or_path: str, error: Exception) -> str:
             "unset HF_HUB_OFFLINE."
         )
     return f"{flag} {name_or_path!r} could not be loaded ({error}). Check the Hub id, your token and the network."
+
+
+# The subfolders `train_pogdiff.py` loads from a local Stable Diffusion folder (beside model_index.json).
+MODEL_PARTS = ("scheduler", "tokenizer", "text_encoder", "vae", "unet")
+
+
+def missing_model_parts(folder: str) -> list[str]:
+    """The `MODEL_PARTS` subfolders `folder` lacks (transformers fails on a missing tokenizer/ with
+    "OverflowError: int too big to convert", which names neither the folder nor the part)."""
+    return [part for part in MODEL_PARTS if not os.path.isdir(os.path.join(folder, part))]

@@ -523,3 +523,23 @@ def test_an_output_dir_under_a_file_is_one_line(tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(UserError, match=r"--output_dir .*a-file/out' cannot be used: Not a directory"):
         lock_output_dir(str(tmp_path / "a-file" / "out"))
+
+
+@pytest.mark.parametrize("damage", ["no-tokenizer", "truncated-unet"])
+def test_an_incomplete_base_model_folder_is_one_line(
+    damage, tiny_sd_path, tiny_dataset_path, tmp_path, capsys
+):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd_path, model)
+    if damage == "no-tokenizer":  # today: "OverflowError: int too big to convert"
+        shutil.rmtree(model / "tokenizer")
+        expected = f"--pretrained_model_name_or_path {str(model)!r} lacks tokenizer/: a diffusers Stable"
+    else:  # today: an OSError traceback
+        weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+        expected = f"--pretrained_model_name_or_path {str(model)!r}: its UNet did not load (Unable to load"
+    with pytest.raises(SystemExit) as info:
+        run_in_process(train_args(str(model), tiny_dataset_path, tmp_path / "o"))
+    assert info.value.code == 2
+    assert error_line(capsys).startswith(f"train_pogdiff.py: error: {expected}")
