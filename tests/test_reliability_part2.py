@@ -543,3 +543,12 @@ def test_an_incomplete_base_model_folder_is_one_line(
         run_in_process(train_args(str(model), tiny_dataset_path, tmp_path / "o"))
     assert info.value.code == 2
     assert error_line(capsys).startswith(f"train_pogdiff.py: error: {expected}")
+
+
+def test_a_bad_identity_regex_in_the_builder_is_one_line(tmp_path):
+    from pogdiff.longtail import _scan_image_dir
+
+    with pytest.raises(
+        UserError, match=r"--identity_regex '\(\?P<identity>\[a-z' is not a valid regular expr"
+    ):
+        _scan_image_dir(str(tmp_path), "regex", "(?P<identity>[a-z")
