@@ -552,3 +552,12 @@ def test_a_bad_identity_regex_in_the_builder_is_one_line(tmp_path):
         UserError, match=r"--identity_regex '\(\?P<identity>\[a-z' is not a valid regular expr"
     ):
         _scan_image_dir(str(tmp_path), "regex", "(?P<identity>[a-z")
+
+
+def test_push_to_hub_offline_is_refused_before_training(tiny_sd_path, tiny_dataset_path, tmp_path, capsys):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest.py
+    with pytest.raises(SystemExit) as info:
+        run_in_process(train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "o", "--push_to_hub"))
+    assert info.value.code == 2
+    assert "error: --push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set" in error_line(capsys)
+    assert not (tmp_path / "o").exists()
