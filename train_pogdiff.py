@@ -518,15 +518,6 @@ def main(args: argparse.Namespace) -> Accelerator:
             "You cannot use both --report_to=wandb and --hub_token: the token would be exposed. "
             "Authenticate with `hf auth login` instead."
         )
-    if args.push_to_hub:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            # create_repo would fail with a traceback; better before training than after it.
-            raise TrainingError(
-                "--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set: unset it, or drop "
-                "--push_to_hub and upload --output_dir later (`hf upload`)."
-            )
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise TrainingError(f"--output_dir {args.output_dir!r} is a file, not a folder: give a folder path.")
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
@@ -597,9 +588,19 @@ def main(args: argparse.Namespace) -> Accelerator:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub:
-            repo_id = create_repo(
-                repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
-            ).repo_id
+            from huggingface_hub.errors import OfflineModeIsEnabled
+
+            try:
+                repo_id = create_repo(
+                    repo_id=args.hub_model_id or Path(args.output_dir).name,
+                    exist_ok=True,
+                    token=args.hub_token,
+                ).repo_id
+            except OfflineModeIsEnabled:  # before training, in one line, rather than a traceback
+                raise TrainingError(
+                    "--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set: unset it, or drop "
+                    "--push_to_hub and upload --output_dir later (`hf upload`)."
+                ) from None
 
     # Load scheduler, tokenizer and models.
     try:

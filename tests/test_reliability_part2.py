@@ -560,4 +560,4 @@ def test_push_to_hub_offline_is_refused_before_training(tiny_sd_path, tiny_datas
         run_in_process(train_args(tiny_sd_path, tiny_dataset_path, tmp_path / "o", "--push_to_hub"))
     assert info.value.code == 2
     assert "error: --push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set" in error_line(capsys)
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o" / "unet").exists()  # nothing trained
