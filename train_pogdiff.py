@@ -68,11 +68,13 @@ from pogdiff.arguments import add_pogdiff_arguments, check_pogdiff_args, index_b
 from pogdiff.checkpointing import (
     check_resume_settings,
     checkpoint_step,
+    claim_output_dir_for_new_run,
     lock_output_dir,
     read_run_record,
     run_settings,
     save_checkpoint,
     select_resume_checkpoint,
+    set_aside_newer_checkpoints,
 )
 from pogdiff.data import (
     INTERPOLATION_MODES,
@@ -90,7 +92,13 @@ from pogdiff.data import (
     row_image_loader,
     tokenize,
 )
-from pogdiff.errors import UserError, model_load_message
+from pogdiff.errors import (
+    MODEL_PARTS,
+    UserError,
+    missing_model_parts,
+    model_load_message,
+    user_error_message,
+)
 from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code, save_run_settings
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
 from pogdiff.sampling import (
@@ -430,10 +438,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"{'/'.join(action.option_strings) or action.dest} must be a finite number, got {value}."
             )
-    for flag in ("checkpointing_steps", "checkpoints_total_limit"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag} must be >= 1, got {value}.")
     check_pogdiff_args(parser, args)
     return args
 
@@ -579,11 +583,14 @@ def main(args: argparse.Namespace) -> Accelerator:
 
     # The checkpoint to resume from is settled first: its recorded seed drives every draw below, and a wrong
     # path fails before any model is loaded.
-    resume_dir = (
-        select_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator.is_main_process)
-        if args.resume_from_checkpoint
-        else None
-    )
+    if args.resume_from_checkpoint:
+        resume_dir = select_resume_checkpoint(
+            args.resume_from_checkpoint, args.output_dir, accelerator.is_main_process
+        )
+    else:
+        resume_dir = None
+        # A new run never writes over another run's checkpoints (its own checkpoint-N would replace theirs).
+        claim_output_dir_for_new_run(args.output_dir, args.overwrite_output_dir, accelerator.is_main_process)
     resume_record = read_run_record(resume_dir) if resume_dir is not None else None
 
     # Every random draw of the run (sample order, crops, noise, timesteps, neighbours) derives from this seed,
@@ -603,9 +610,19 @@ def main(args: argparse.Namespace) -> Accelerator:
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub:
-            repo_id = create_repo(
-                repo_id=args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
-            ).repo_id
+            from huggingface_hub.errors import OfflineModeIsEnabled
+
+            try:
+                repo_id = create_repo(
+                    repo_id=args.hub_model_id or Path(args.output_dir).name,
+                    exist_ok=True,
+                    token=args.hub_token,
+                ).repo_id
+            except OfflineModeIsEnabled:  # before training, in one line, rather than a traceback
+                raise TrainingError(
+                    "--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set: unset it, or drop "
+                    "--push_to_hub and upload --output_dir later (`hf upload`)."
+                ) from None
 
     # Load scheduler, tokenizer and models.
     try:
@@ -616,6 +633,15 @@ def main(args: argparse.Namespace) -> Accelerator:
         raise TrainingError(
             model_load_message("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, error)
         ) from error
+    if os.path.isdir(args.pretrained_model_name_or_path):
+        missing = missing_model_parts(args.pretrained_model_name_or_path)
+        if missing:
+            raise TrainingError(
+                f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} lacks "
+                f"{', '.join(part + '/' for part in missing)}: a diffusers Stable Diffusion folder has "
+                f"{', '.join(part + '/' for part in MODEL_PARTS)} beside model_index.json. Save or download the "
+                "whole model again."
+            )
     tokenizer = CLIPTokenizer.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
     )
@@ -637,9 +663,15 @@ def main(args: argparse.Namespace) -> Accelerator:
         vae = AutoencoderKL.from_pretrained(
             args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
         )
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision
-    )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision
+        )
+    except OSError as error:  # e.g. a truncated weights file: diffusers names the file, not the remedy
+        raise TrainingError(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r}: its UNet did not load "
+            f"({' '.join(str(error).split())}). The file may be truncated or corrupt: save or download it again."
+        ) from error
 
     # Freeze vae and text_encoder and set unet to trainable
     vae.requires_grad_(False)
@@ -660,14 +692,20 @@ def main(args: argparse.Namespace) -> Accelerator:
 
         unet.requires_grad_(False)
         unet.to(accelerator.device, dtype=weight_dtype)
-        unet.add_adapter(
-            LoraConfig(
-                r=args.rank,
-                lora_alpha=args.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
+        try:
+            unet.add_adapter(
+                LoraConfig(
+                    r=args.rank,
+                    lora_alpha=args.lora_alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=[m.strip() for m in args.lora_target_modules.split(",") if m.strip()],
+                )
             )
-        )
+        except ValueError as error:  # peft's NoMatchingPeftModuleError: it names the modules, not the flag
+            raise TrainingError(
+                f"--lora_target_modules {args.lora_target_modules!r}: {' '.join(str(error).split())} Give "
+                "comma-separated names of UNet modules (the default: to_k,to_q,to_v,to_out.0)."
+            ) from error
         if accelerator.mixed_precision == "fp16":
             # Trainable LoRA parameters stay fp32: the fp16 grad scaler cannot unscale fp16 gradients.
             cast_training_params(unet, dtype=torch.float32)
@@ -824,6 +862,15 @@ def main(args: argparse.Namespace) -> Accelerator:
     )
     if resume_dir is not None:
         check_resume_settings(resume_dir, resume_record, args.run_settings, args.allow_changed_settings)
+        if args.resume_from_checkpoint != "latest" and accelerator.is_main_process:
+            # An explicitly resumed older checkpoint starts another course of the run: the newer checkpoints
+            # of the first course are kept, renamed out of rotation and out of `latest`'s reach.
+            for old, new in set_aside_newer_checkpoints(args.output_dir, resume_dir):
+                logger.warning(
+                    f"Resuming {os.path.basename(os.path.normpath(resume_dir))} while {old} is newer: {old} is "
+                    f"kept as {os.path.join(args.output_dir, new)} (never pruned; --resume_from_checkpoint latest "
+                    "ignores it). Delete it once you no longer need it."
+                )
 
     empty_rows = empty_caption_rows(captions)
     if empty_rows:
@@ -1328,7 +1375,7 @@ def run(input_args: list[str] | None = None) -> None:
     except (UserError, FileNotFoundError) as e:
         if os.environ.get("POGDIFF_TRACEBACK"):
             raise
-        message = f"\ntrain_pogdiff.py: error: {e}\n(set POGDIFF_TRACEBACK=1 to see the traceback)"
+        message = user_error_message("train_pogdiff.py", e)
     # Leaving the except clause dropped the traceback and with it main's frame; collect any reference cycle
     # that still holds a model before the process group goes.
     gc.collect()

@@ -275,6 +275,12 @@ def add_pogdiff_arguments(parser: argparse.ArgumentParser) -> None:
         "in a warning); the run then no longer equals an uninterrupted one.",
     )
     pog.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run (without a resume) in an output folder (--output_dir) that holds another run's "
+        "checkpoints: they are deleted first. Without it such a run is refused, so that two runs never mix.",
+    )
+    pog.add_argument(
         "--use_lora",
         action="store_true",
         help="Train LoRA adapters on the UNet (peft) instead of all weights.",
@@ -292,25 +298,19 @@ def add_pogdiff_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_pogdiff_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Validates the flags of `add_pogdiff_arguments` (fills `--sampling_power` and `--lora_alpha`); a bad value
-    ends the program through `parser.error`, naming the flag."""
+    ends the program through `parser.error`, naming the flag. Numeric ranges of every flag are `FLAG_RANGES`'."""
+    check_flag_ranges(parser, args)
     try:
         PsiParams.from_args(args)
         args.sampling_power = sampling_power(args.sampling, args.sampling_power)
     except UserError as error:
         parser.error(str(error))
-    if not 0.0 <= args.caption_dropout_prob < 1.0:
-        parser.error(f"--caption_dropout_prob must be in [0, 1), got {args.caption_dropout_prob}.")
-    for flag in (
-        "num_neighbors",
-        "validation_steps",
-        "num_validation_images",
-        "num_validation_inference_steps",
-    ):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag} must be >= 1, got {value}.")
     if args.lora_alpha is None:
         args.lora_alpha = args.rank
+    if not any(m.strip() for m in args.lora_target_modules.split(",")):
+        parser.error(
+            f"--lora_target_modules must name at least one UNet module, got {args.lora_target_modules!r}."
+        )
     if args.cache_latents and (not args.center_crop or args.random_flip):
         parser.error(
             "--cache_latents encodes each image once, so its transforms must be deterministic: add --center_crop "
@@ -318,5 +318,174 @@ def check_pogdiff_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         )
     if args.use_lora and args.use_ema:
         parser.error("--use_ema is for full fine-tuning; with --use_lora leave it off.")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error(
+            "--overwrite_output_dir deletes the checkpoints of --output_dir and --resume_from_checkpoint continues "
+            "one: give one of them."
+        )
     if args.caption_extension is not None and args.train_data_dir is None:
         parser.error("--caption_extension reads a --train_data_dir folder; give --train_data_dir.")
+
+
+# ---- Valid ranges of every numeric flag, declared once ----------------------------------------------------------
+#
+# argparse checks a number's type only: `--max_grad_norm -1` (gradient ascent), `--snr_gamma 0` (loss 0) or
+# `--gradient_accumulation_steps 0` (ZeroDivisionError much later) would parse. Every int / float flag of
+# `train_pogdiff.py` and of `add_index_arguments` has its range here (a test checks that none is missing), and
+# `check_flag_ranges` refuses a value outside it at parse time, naming the flag.
+
+
+class Bounds:
+    """A closed, open or half-open interval; None is unbounded on that side."""
+
+    def __init__(
+        self,
+        low: float | None = None,
+        high: float | None = None,
+        *,
+        low_open: bool = False,
+        high_open: bool = False,
+        why: str = "",
+    ) -> None:
+        self.low, self.high, self.low_open, self.high_open, self.why = low, high, low_open, high_open, why
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{low}, {high}{right}"
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _at_least(low: float, why: str = "") -> Bounds:
+    return Bounds(low, why=why)
+
+
+def _above(low: float, why: str = "") -> Bounds:
+    return Bounds(low, low_open=True, why=why)
+
+
+_COUNT = _at_least(1)
+_PROBABILITY = Bounds(0, 1, high_open=True)
+# n ** (p - 1) stays a finite float64 for any identity size n below 1e9 when |p - 1| <= 11.
+_SAMPLING_POWER = Bounds(-10, 10, why="n^(p-1) must stay a finite number for every identity size n")
+
+FLAG_RANGES: dict[str, Bounds] = {
+    # train_text_to_image.py's flags
+    "input_perturbation": _at_least(0),
+    "max_train_samples": _COUNT,
+    "seed": Bounds(0, 2**32 - 1, why="numpy's seeds are 32-bit"),
+    "resolution": _at_least(8, why="the VAE downsamples by 8"),
+    "train_batch_size": _COUNT,
+    "num_train_epochs": _COUNT,
+    "max_train_steps": _at_least(1, why="0 steps would save the base model as the result"),
+    "gradient_accumulation_steps": _COUNT,
+    "learning_rate": _above(0, why="a learning rate <= 0 does not train"),
+    "lr_warmup_steps": _at_least(0),
+    "snr_gamma": _above(0, why="Min-SNR weights min(SNR, gamma) / SNR: 0 zeroes the loss, < 0 flips it"),
+    "dream_detail_preservation": _above(0),
+    "dataloader_num_workers": _at_least(0),
+    "adam_beta1": _PROBABILITY,
+    "adam_beta2": _PROBABILITY,
+    "adam_weight_decay": _at_least(0),
+    "adam_epsilon": _above(0),
+    "max_grad_norm": _above(0, why="clipping to a norm <= 0 zeroes or reverses every update"),
+    "local_rank": _at_least(-1),
+    "checkpointing_steps": _COUNT,
+    "checkpoints_total_limit": _COUNT,
+    "noise_offset": _at_least(0),
+    "validation_epochs": _COUNT,
+    # PoGDiff's (add_index_arguments first)
+    "num_neighbors": _COUNT,
+    "psi_a1": _at_least(0),
+    "psi_a2": _at_least(0),
+    "psi_a3": _above(0),
+    "density_latent_dim": _COUNT,
+    "density_hidden_dim": _COUNT,
+    "density_epochs": _COUNT,
+    "density_lr": _above(0),
+    "density_num_samples": _COUNT,
+    "density_temperature": _above(0),
+    "density_w_min": Bounds(0, 1, low_open=True, why="the weights have mean 1"),
+    "density_w_max": _at_least(1, why="the weights have mean 1"),
+    "few_shot_max": _at_least(0),
+    "caption_dropout_prob": _PROBABILITY,
+    "sampling_power": _SAMPLING_POWER,
+    "cbdm_tau": _at_least(0),
+    "cbdm_gamma": _at_least(0),
+    "validation_steps": _COUNT,
+    "num_validation_images": _COUNT,
+    "num_validation_inference_steps": _COUNT,
+    "rank": _COUNT,
+    "lora_alpha": _above(0, why="LoRA's update is scaled by alpha / rank: 0 never trains"),
+}
+
+
+def range_errors(actions: list[argparse.Action], args: argparse.Namespace) -> list[str]:
+    """One message per flag of `actions` whose value (not None) lies outside its `FLAG_RANGES` bounds."""
+    errors = []
+    for action in actions:
+        bounds = FLAG_RANGES.get(action.dest)
+        value = getattr(args, action.dest, None)
+        if bounds is None or value is None or value in bounds:
+            continue
+        flag = "/".join(action.option_strings) or action.dest
+        errors.append(
+            f"{flag} must be {bounds.describe()}, got {value}" + (f" ({bounds.why})." if bounds.why else ".")
+        )
+    return errors
+
+
+def _report_to_error(report_to: str) -> str | None:
+    """Why accelerate cannot log to `--report_to` (an empty or unknown name, or a tracker not installed)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = [name.strip() for name in report_to.split(",")]
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    if not report_to.strip() or not all(names):
+        return f"--report_to must name a tracker ({', '.join(known)} or all), got {report_to!r}."
+    if names == ["all"]:
+        return None
+    installed = {str(tracker) for tracker in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            return f"--report_to {name!r} is not a tracker accelerate knows: use one of {', '.join(known)} or all."
+        if name not in installed:
+            # accelerate would only log this at debug level and train without any tracking.
+            return f"--report_to {name}: the {name} package is not installed. Install it, or use another tracker."
+    if len(names) > 1:
+        return f"--report_to takes one tracker (or all), got {report_to!r}."
+    return None
+
+
+def check_flag_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, through `parser.error` (one line, exit 2), any numeric flag outside its declared range, an unknown
+    `--lr_scheduler` and a `--report_to` that cannot log."""
+    errors = range_errors(parser._actions, args)
+    if errors:
+        parser.error(errors[0])
+    scheduler = getattr(args, "lr_scheduler", None)
+    if scheduler is not None:
+        from diffusers.optimization import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        if scheduler not in names:
+            parser.error(f"--lr_scheduler must be one of {', '.join(names)}, got {scheduler!r}.")
+    report_to = getattr(args, "report_to", None)
+    if report_to is not None:
+        problem = _report_to_error(report_to)
+        if problem:
+            parser.error(problem)

@@ -2,24 +2,27 @@
 
 `train_pogdiff.py` saves the training state with `accelerator.save_state` into `.tmp-checkpoint-N`, then:
 
-1. `write_run_record`: `pogdiff_run.json` with the run's settings (`run_settings`) and every file's size;
+1. `write_run_record`: `pogdiff_run.json` with the run's settings (`run_settings`), every file's size and its
+   SHA-256 (read back right after the save, files hashed in parallel);
 2. `fsync_tree`: every file and folder of it reaches the disk;
 3. rename to `checkpoint-N` (atomic), `fsync_dir` on the output folder;
 4. `prune_checkpoints`: only now are checkpoints beyond `--checkpoints_total_limit` removed.
 
 So a kill at any instant leaves every checkpoint that was complete before, and `checkpoint_problem` tells a
-complete folder from a damaged one (missing or truncated files) without loading it. accelerate's own
+complete folder from a damaged one (missing, truncated or same-size corrupted files) without loading it. accelerate's own
 `total_limit` removes old checkpoints *before* writing the new one, hence this module.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import signal
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from accelerate.logging import get_logger
@@ -188,16 +191,39 @@ def _files_with_sizes(folder: str) -> dict[str, int]:
     return sizes
 
 
-def write_run_record(folder: str, global_step: int, settings: dict[str, Any]) -> None:
-    """Write `pogdiff_run.json` into a just-saved checkpoint folder: the step, the settings, each file's size.
+HASH_KEY = "sha256"
+_HASH_CHUNK = 8 << 20
 
-    Call it after everything else is in `folder`: the sizes are what `checkpoint_problem` checks against.
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file, streamed in 8 MiB chunks (hashlib releases the GIL on them: threads overlap)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hashes(folder: str, rels: list[str]) -> dict[str, str]:
+    paths = [os.path.join(folder, rel) for rel in rels]
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:
+        return dict(zip(rels, pool.map(file_sha256, paths)))
+
+
+def write_run_record(folder: str, global_step: int, settings: dict[str, Any]) -> None:
+    """Write `pogdiff_run.json` into a just-saved checkpoint folder: the step, the settings, each file's size
+    and SHA-256.
+
+    Call it after everything else is in `folder`: sizes and hashes are what `checkpoint_problem` checks. The
+    size alone misses same-size damage (a bad sector, a stray write), which would otherwise be resumed from.
     """
+    files = _files_with_sizes(folder)
     record = {
         "format": RUN_RECORD_FORMAT,
         "global_step": global_step,
         "settings": settings,
-        "files": _files_with_sizes(folder),
+        "files": files,
+        HASH_KEY: _hashes(folder, sorted(files)),
     }
     with open(os.path.join(folder, RUN_RECORD), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
@@ -215,9 +241,10 @@ def read_run_record(folder: str) -> dict[str, Any] | None:
 def checkpoint_problem(folder: str) -> str | None:
     """Why `folder` cannot be resumed from (naming the file), or None when it looks complete.
 
-    Cheap, no tensor is loaded: every file the run record lists must exist with its recorded size, every
-    `.safetensors` header must cover its file, and every torch-saved file (`.bin`, `.pkl`, `.pt`: zip archives)
-    must have its central directory, which a truncated write loses.
+    No tensor is loaded: every file the run record lists must exist with its recorded size and (for records
+    that have them) its recorded SHA-256, every `.safetensors` header must cover its file, and every
+    torch-saved file (`.bin`, `.pkl`, `.pt`: zip archives) must have its central directory, which a truncated
+    write loses. Hashing reads the checkpoint once, at disk speed.
     """
     record_path = os.path.join(folder, RUN_RECORD)
     try:
@@ -225,13 +252,31 @@ def checkpoint_problem(folder: str) -> str | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return f"{record_path} is not valid JSON ({e})"
     if record is not None:
-        for rel, size in record.get("files", {}).items():
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("settings"), dict)
+            and isinstance(record.get("files"), dict)
+            and isinstance(record.get(HASH_KEY, {}), dict)
+        ):
+            return f"{record_path} is not a run record train_pogdiff.py wrote (no settings or file list)"
+        for rel, size in record["files"].items():
             path = os.path.join(folder, rel)
             if not os.path.isfile(path):
                 return f"{path} is missing"
             actual = os.path.getsize(path)
             if actual != size:
                 return f"{path} has {actual} bytes, {size} when saved (truncated or overwritten)"
+        # Checkpoints written before hashes were recorded have none: their sizes are all there is to check.
+        saved = record.get(HASH_KEY, {})
+        for rel in saved:
+            if not os.path.isfile(os.path.join(folder, rel)):
+                return f"{os.path.join(folder, rel)} is missing"
+        for rel, digest in _hashes(folder, sorted(saved)).items():
+            if digest != saved[rel]:
+                return (
+                    f"{os.path.join(folder, rel)} does not match the SHA-256 recorded when it was saved "
+                    "(same size, other content: corrupted or overwritten)"
+                )
     for rel in sorted(_files_with_sizes(folder)):
         path = os.path.join(folder, rel)
         if rel.endswith(".safetensors"):
@@ -304,16 +349,90 @@ def lock_output_dir(output_dir: str) -> FileLock:
 
     The lock is an OS file lock: a run that dies (even by kill -9) releases it, so it never needs cleaning.
     """
-    os.makedirs(output_dir, exist_ok=True)
     lock = FileLock(os.path.join(output_dir, OUTPUT_LOCK))
     try:
+        os.makedirs(output_dir, exist_ok=True)
         lock.acquire(timeout=0)
+    except (NotADirectoryError, FileExistsError, PermissionError) as error:
+        # A path under a file, or a folder this user cannot write: say which, before any model is loaded.
+        raise UserError(
+            f"--output_dir {output_dir!r} cannot be used: {error.strerror} ({error.filename}). Give a folder you "
+            "can write to."
+        ) from None
     except Timeout:
         raise UserError(
             f"Another train_pogdiff.py run is using --output_dir {output_dir!r} (it holds "
             f"{os.path.join(output_dir, OUTPUT_LOCK)}). Wait for it to finish, or give this run another --output_dir."
         ) from None
     return lock
+
+
+def describe_output_dir_run(output_dir: str, names: list[str]) -> str:
+    """The run whose checkpoints `names` are, in a phrase: "checkpoint-1, checkpoint-2; the newest is step 2 of
+    an --objective vanilla run with --seed 0". Never fails: a missing or unreadable record is said as such."""
+    newest = names[-1]
+    try:
+        record = read_run_record(os.path.join(output_dir, newest))
+    except (OSError, ValueError):
+        record = None
+    settings = record.get("settings") if isinstance(record, dict) else None
+    if not isinstance(settings, dict):
+        return f"{', '.join(names)}; the newest, {newest}, has no readable {RUN_RECORD}"
+    return (
+        f"{', '.join(names)}; the newest is step {checkpoint_step(newest)} of an --objective "
+        f"{settings.get('--objective')} run with --seed {settings.get('--seed')}"
+    )
+
+
+def claim_output_dir_for_new_run(output_dir: str, overwrite: bool, is_main_process: bool) -> None:
+    """A new run (no --resume_from_checkpoint) starts only in an output folder without another run's checkpoints.
+
+    Otherwise its checkpoint-N would replace the other run's, rotation would prune the rest, and `latest` would
+    later resume a mix of both runs. With `overwrite` (--overwrite_output_dir, the user's consent) the other
+    run's checkpoints are removed first, saying so; without it this is a UserError naming that run and the
+    choices. Call it with the output folder's lock held.
+    """
+    names = checkpoint_dirs(output_dir)
+    if not names:
+        return
+    if not overwrite:
+        raise UserError(
+            f"--output_dir {output_dir!r} holds the checkpoints of another run ({describe_output_dir_run(output_dir, names)}). "
+            "Resume that run with --resume_from_checkpoint latest, pass --overwrite_output_dir to delete its "
+            "checkpoints and start a new run there, or give this run another --output_dir."
+        )
+    if is_main_process:
+        for name in names:
+            remove_checkpoint(output_dir, name)
+        logger.warning(
+            f"--overwrite_output_dir: removed the checkpoints of the previous run in {output_dir} "
+            f"({', '.join(names)}) before starting a new run."
+        )
+
+
+def set_aside_newer_checkpoints(output_dir: str, resume_dir: str) -> list[tuple[str, str]]:
+    """Rename the checkpoints of `output_dir` newer than `resume_dir` to `superseded-checkpoint-N`; return
+    (old, new) names.
+
+    Resuming an older checkpoint starts another course of the run. The newer checkpoints of the first course
+    are kept, never pruned nor overwritten (they may be the work the user wants back), but out of the way:
+    otherwise `--resume_from_checkpoint latest` after a crash would pick one of them and mix the two courses,
+    and this run's checkpoint-N would replace them. Main process only.
+    """
+    step = checkpoint_step(os.path.basename(os.path.normpath(resume_dir)))
+    moved = []
+    for name in checkpoint_dirs(output_dir):
+        if step is None or checkpoint_step(name) <= step:
+            continue
+        target, n = f"superseded-{name}", 1
+        while os.path.exists(os.path.join(output_dir, target)):
+            n += 1
+            target = f"superseded-{name}.{n}"
+        os.replace(os.path.join(output_dir, name), os.path.join(output_dir, target))
+        moved.append((name, target))
+    if moved:
+        fsync_dir(output_dir)
+    return moved
 
 
 # Test-only: the process SIGKILLs itself once checkpoint N is written under its temporary name, before the
@@ -343,7 +462,8 @@ def save_checkpoint(
         fsync_tree(tmp)
         if os.environ.get(KILL_AFTER_TMP_CHECKPOINT_ENV) == str(global_step):
             os.kill(os.getpid(), signal.SIGKILL)
-        # A checkpoint-N already here means this run resumed from an older checkpoint, which is still there.
+        # A checkpoint-N already here is a damaged one that `latest` skipped (an explicit resume of an older
+        # checkpoint set the newer ones aside first, so no good checkpoint is replaced here).
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(output_dir)

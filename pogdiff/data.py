@@ -66,12 +66,22 @@ def check_metadata_files(folder: str | os.PathLike) -> None:
     """Every `metadata.jsonl` under `folder` is UTF-8 text of one JSON object per line; else a ValueError that
     names the file and the line (imagefolder would fail deep inside datasets with neither)."""
     for root, _, names in os.walk(folder):
+        present = [name for name in METADATA_FILE_NAMES if name in names]
+        if len(present) > 1:
+            # imagefolder would fail with a traceback that names neither file.
+            raise UserError(
+                f"{root} holds {' and '.join(present)}: imagefolder reads one metadata file per folder. Keep one."
+            )
         for name in names:
             if name != "metadata.jsonl":
                 continue
             path = os.path.join(root, name)
             with open(path, "rb") as f:
                 lines = f.read().split(b"\n")
+            if not any(line.strip() for line in lines):
+                raise UserError(
+                    f"{path} is empty: add one JSON row per image (file_name, text, ...), or remove the file."
+                )
             for number, raw in enumerate(lines, start=1):
                 try:
                     text = raw.decode("utf-8")
@@ -89,6 +99,37 @@ def check_metadata_files(folder: str | os.PathLike) -> None:
                         raise UserError(
                             f"{path} line {number} is not a JSON object (got {type(row).__name__})."
                         )
+
+
+def unlisted_images(folder: str | os.PathLike) -> list[str]:
+    """Image files under `folder` (paths relative to it) that no `metadata.jsonl` lists as `file_name`.
+
+    imagefolder reads a folder with metadata files row by row, so it silently leaves such images out. Only
+    images at or below a folder holding a metadata.jsonl are considered (the ones it would have covered).
+    Call after `check_metadata_files` (every line is then a JSON object).
+    """
+    listed: set[str] = set()
+    covered: list[str] = []
+    for root, _, names in os.walk(folder):
+        if "metadata.jsonl" not in names:
+            continue
+        covered.append(os.path.normpath(root))
+        with open(os.path.join(root, "metadata.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    file_name = json.loads(line).get("file_name")
+                    if isinstance(file_name, str):
+                        listed.add(os.path.normpath(os.path.join(root, file_name)))
+    unlisted = []
+    for root, _, names in os.walk(folder):
+        norm_root = os.path.normpath(root)
+        if not any(norm_root == c or norm_root.startswith(c + os.sep) for c in covered):
+            continue
+        for name in sorted(names):
+            path = os.path.normpath(os.path.join(root, name))
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and path not in listed:
+                unlisted.append(os.path.relpath(path, folder))
+    return sorted(unlisted)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,6 +152,9 @@ def normalize_caption_extension(caption_extension: str) -> str:
     return extension
 
 
+MAX_KOHYA_REPEATS = 2**31 - 1
+
+
 def parse_kohya_folder(name: str) -> tuple[str, int]:
     """kohya's sub-folder name `<repeats>_<name>` -> (name, repeats); any other name -> (name, 1).
 
@@ -118,7 +162,8 @@ def parse_kohya_folder(name: str) -> tuple[str, int]:
     underscore always counts as repeats.
 
     Raises:
-        UserError: the folder asks for 0 repeats (its images would never be drawn).
+        UserError: the folder asks for 0 repeats (its images would never be drawn), or more than
+            `MAX_KOHYA_REPEATS`.
     """
     match = KOHYA_FOLDER_PATTERN.fullmatch(name)
     if match is None:
@@ -128,6 +173,12 @@ def parse_kohya_folder(name: str) -> tuple[str, int]:
         raise UserError(
             f"Folder {name!r} asks for {repeats} repeats (kohya's `N_name`), so its images would never be "
             "drawn; rename it with N >= 1, or drop the number to repeat once."
+        )
+    if repeats > MAX_KOHYA_REPEATS:
+        # The repeats column is int64 (and a draw weight): a longer number would fail deep inside datasets.
+        raise UserError(
+            f"Folder {name!r} asks for {match['repeats']} repeats (kohya's `N_name`), more than "
+            f"{MAX_KOHYA_REPEATS}; rename it with a smaller N (repeats are relative draw weights, e.g. 10)."
         )
     return match["name"], repeats
 
@@ -364,6 +415,17 @@ def load_image_text_dataset(
                     f"metadata.jsonl): pass --caption_extension {sidecar} to read its captions and identities."
                 )
             dataset_dict = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+            # imagefolder drops an image that metadata.jsonl does not list without a word: say so, once.
+            unlisted = unlisted_images(train_data_dir)
+            if unlisted:
+                shown = ", ".join(unlisted[:5]) + (", ..." if len(unlisted) > 5 else "")
+                logger.warning(
+                    "%d image(s) in %s are not listed in its metadata.jsonl and are not trained on (%s). Add a "
+                    "row for each, or move them out of the folder.",
+                    len(unlisted),
+                    train_data_dir,
+                    shown,
+                )
     except EmptyDatasetError as err:
         raise UserError(
             f"No images found in {source!r}: the folder holds no image or metadata files. Point the flag "
@@ -464,6 +526,14 @@ def identity_labels(dataset: datasets.Dataset, identity_column: str | None, capt
     feature = plain.features[column]
     if isinstance(feature, datasets.ClassLabel):
         return [feature.int2str(int(v)) for v in values]
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing:
+        # str(None) would make "None" one more identity, pooling every unlabelled image into it.
+        raise UserError(
+            f"Row {missing[0]} of the training set has no identity: its {column!r} value is missing or null "
+            f"({len(missing)} of {len(values)} rows are). Fill in every row's {column!r}, or drop the column to "
+            "use each caption as its identity."
+        )
     return [str(v) for v in values]
 
 
@@ -508,6 +578,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode.startswith("I;16") or mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float64)
+        if mode == "F" and not np.isfinite(values).all():
+            # NaN would pass min/max scaling as NaN and come out black (inf would wash out every other pixel).
+            bad = int((~np.isfinite(values)).sum())
+            raise ValueError(f"{bad} of {values.size} pixels of this float image are NaN or infinite")
         lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         if mode.startswith("I;16"):
             scale, offset = 255.0 / 65535.0, 0.0
@@ -575,7 +649,15 @@ def load_rgb(image: Any, path_hint: str | None = None) -> Image.Image:
                 opened.load()
                 decoded = ImageOps.exif_transpose(opened)
         return to_rgb(decoded)
-    except (OSError, UnidentifiedImageError, ValueError, TypeError, SyntaxError) as err:
+    # DecompressionBombError (an image over PIL's pixel limit, e.g. 20000x20000) is none of the others.
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        TypeError,
+        SyntaxError,
+        Image.DecompressionBombError,
+    ) as err:
         where = (
             " ".join(x for x in (path, f"({path_hint})" if path_hint else None) if x) or "<in-memory image>"
         )

@@ -21,6 +21,29 @@ class UserError(ValueError):
     """Bad input (data, flags, paths, models) with a message that names what to fix."""
 
 
+def _own_message(error: BaseException) -> str:
+    """`error`'s message, without the worker traceback torch puts in front of an error raised in a DataLoader
+    worker (`torch._utils.ExceptionWrapper.reraise` rebuilds it as `UserError("Caught UserError in DataLoader
+    worker process 0.\nOriginal Traceback ...\npogdiff.errors.UserError: <message>")`)."""
+    text = str(error)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        kind, sep, message = last.partition(": ")
+        if sep and kind.rsplit(".", 1)[-1] == type(error).__name__:
+            where = text.split("\n", 1)[0].removeprefix(f"Caught {type(error).__name__} ").rstrip(".")
+            return f"{message} ({where})"
+    return text
+
+
+def user_error_message(prog: str, error: BaseException) -> str:
+    """What a command-line tool prints for a `UserError`: the POGDIFF_TRACEBACK hint, then `<prog>: error: ...`.
+
+    The error line comes last on purpose: it is the line a user reads (and the last line a log shows), also
+    under `accelerate launch --quiet`, which adds nothing after the script's own output.
+    """
+    return f"\n({TRACEBACK_ENV}=1 shows the traceback of this error)\n{prog}: error: {_own_message(error)}"
+
+
 def report_user_errors(prog: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)`, with a `UserError` printed as `<prog>: error: <message>` and exit status 2.
 
@@ -31,7 +54,7 @@ def report_user_errors(prog: str, fn: Callable[..., T], *args: Any, **kwargs: An
     except UserError as error:
         if os.environ.get(TRACEBACK_ENV):
             raise
-        print(f"\n{prog}: error: {error}\n(set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
+        print(user_error_message(prog, error), file=sys.stderr)
         sys.exit(2)
 
 
@@ -56,3 +79,13 @@ def model_load_message(flag: str, name_or_path: str, error: Exception) -> str:
             "unset HF_HUB_OFFLINE."
         )
     return f"{flag} {name_or_path!r} could not be loaded ({error}). Check the Hub id, your token and the network."
+
+
+# The subfolders `train_pogdiff.py` loads from a local Stable Diffusion folder (beside model_index.json).
+MODEL_PARTS = ("scheduler", "tokenizer", "text_encoder", "vae", "unet")
+
+
+def missing_model_parts(folder: str) -> list[str]:
+    """The `MODEL_PARTS` subfolders `folder` lacks (transformers fails on a missing tokenizer/ with
+    "OverflowError: int too big to convert", which names neither the folder nor the part)."""
+    return [part for part in MODEL_PARTS if not os.path.isdir(os.path.join(folder, part))]

@@ -98,6 +98,7 @@ class PoGDiffIndex:
         save_file(tensors, str(folder / _TENSORS_FILE), metadata={"format": "pt"})
         meta = {
             "format_version": INDEX_FORMAT_VERSION,
+            _TENSORS_HASH_KEY: _sha256(folder / _TENSORS_FILE),
             "identity_names": self.identity_names,
             "config": self.config,
         }
@@ -115,8 +116,25 @@ class PoGDiffIndex:
                 f"The PoGDiff index in {folder} has format version {meta.get('format_version')}, this code "
                 f"reads version {INDEX_FORMAT_VERSION}. Delete the folder so that it is rebuilt."
             )
+        # Same-size damage (zeroed or stray bytes) can still parse as safetensors: the recorded hash catches it.
+        recorded = meta.get(_TENSORS_HASH_KEY)
+        if recorded is not None and _sha256(folder / _TENSORS_FILE) != recorded:
+            raise ValueError(
+                f"{folder / _TENSORS_FILE} does not match the SHA-256 recorded when it was saved"
+            )
         tensors = load_file(str(folder / _TENSORS_FILE))
         return cls(identity_names=list(meta["identity_names"]), config=meta["config"], **tensors)
+
+
+_TENSORS_HASH_KEY = "tensors_sha256"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 _TENSOR_DTYPES: dict[str, torch.dtype] = {

@@ -339,7 +339,12 @@ def _scan_image_dir(
             raise UserError(
                 "--identity_from regex needs --identity_regex with a named group (?P<identity>...)."
             )
-        pattern = re.compile(identity_regex)
+        try:
+            pattern = re.compile(identity_regex)
+        except re.error as error:  # re's own traceback names neither the flag nor the pattern
+            raise UserError(
+                f"--identity_regex {identity_regex!r} is not a valid regular expression: {error}."
+            ) from None
         if "identity" not in pattern.groupindex:
             raise UserError(f"--identity_regex {identity_regex!r} has no named group (?P<identity>...).")
     elif identity_from != "folder":
