@@ -400,7 +400,7 @@ RUN_README_COMMANDS = [
         ("--majority_ids 10", "--majority_ids 2"), ("--majority_images 30", "--majority_images 6"),
         ("--minority_ids 40", "--minority_ids 3"),
     ], []),
-    ("accelerate launch train_pogdiff.py", [
+    ("accelerate launch --quiet train_pogdiff.py", [
         ("stable-diffusion-v1-5/stable-diffusion-v1-5", "{tiny_sd}"), ("--resolution 512", "--resolution 32"),
         ("--max_train_steps 12000", "--max_train_steps 2"), ("--mixed_precision bf16", "--mixed_precision no"),
         ("--checkpointing_steps 1000", "--checkpointing_steps 1"),
@@ -461,12 +461,12 @@ def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_pa
     # The README's LoRA advice, applied to its training command, is a valid command line (parsed, not run).
     import train_pogdiff
 
-    train = next(words for words in plan if words[:3] == ["accelerate", "launch", "train_pogdiff.py"])
+    train = next(words for words in plan if words[:4] == ["accelerate", "launch", "--quiet", "train_pogdiff.py"])
     assert (
         "--use_ema" in train
         and "Replace `--use_ema` by `--use_lora --rank 16`" in (REPO / "README.md").read_text()
     )
-    lora = [word for word in train[3:] if word != "--use_ema"] + ["--use_lora", "--rank", "16"]
+    lora = [word for word in train[4:] if word != "--use_ema"] + ["--use_lora", "--rank", "16"]
     assert train_pogdiff.parse_args(lora).use_lora
 
     # A folder that looks like the repository root, as the README's commands assume.
