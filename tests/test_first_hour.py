@@ -461,7 +461,9 @@ def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_pa
     # The README's LoRA advice, applied to its training command, is a valid command line (parsed, not run).
     import train_pogdiff
 
-    train = next(words for words in plan if words[:4] == ["accelerate", "launch", "--quiet", "train_pogdiff.py"])
+    train = next(
+        words for words in plan if words[:4] == ["accelerate", "launch", "--quiet", "train_pogdiff.py"]
+    )
     assert (
         "--use_ema" in train
         and "Replace `--use_ema` by `--use_lora --rank 16`" in (REPO / "README.md").read_text()
