@@ -393,7 +393,8 @@ FLAG_RANGES: dict[str, Bounds] = {
     "num_train_epochs": _COUNT,
     "max_train_steps": _at_least(1, why="0 steps would save the base model as the result"),
     "gradient_accumulation_steps": _COUNT,
-    "learning_rate": _above(0, why="a learning rate <= 0 does not train"),
+    # 0 is allowed: a run that must not move the weights (e.g. to check validation or a pipeline) uses it.
+    "learning_rate": _at_least(0, why="a negative learning rate climbs the loss"),
     "lr_warmup_steps": _at_least(0),
     "snr_gamma": _above(0, why="Min-SNR weights min(SNR, gamma) / SNR: 0 zeroes the loss, < 0 flips it"),
     "dream_detail_preservation": _above(0),

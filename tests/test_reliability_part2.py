@@ -187,7 +187,7 @@ def test_every_numeric_flag_has_a_declared_range():
         ("--max_train_samples", "0", "--max_train_samples must be >= 1, got 0"),
         ("--max_train_samples", "-1", "--max_train_samples must be >= 1, got -1"),
         ("--few_shot_max", "-1", "--few_shot_max must be >= 0, got -1"),
-        ("--learning_rate", "-1e-4", "--learning_rate must be > 0, got -0.0001"),
+        ("--learning_rate", "-1e-4", "--learning_rate must be >= 0, got -0.0001"),
         ("--adam_beta1", "1.5", "--adam_beta1 must be in [0, 1), got 1.5"),
         ("--adam_beta2", "1", "--adam_beta2 must be in [0, 1), got 1.0"),
         ("--adam_epsilon", "-1e-8", "--adam_epsilon must be > 0, got -1e-08"),
