@@ -29,6 +29,7 @@ is about (`--captions identity` uses one caption per identity instead, where mos
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
@@ -194,10 +195,11 @@ def _mem_available_bytes() -> int | None:
         return None
 
 
-def _tree_rss_bytes(root: int) -> int:
-    """Summed RSS of `root` and its descendants (the launcher and the trainer), read from /proc."""
+def _tree_usage(root: int) -> tuple[int, float]:
+    """Summed RSS (bytes) and CPU time (user + system, s) of `root` and its live descendants, from /proc."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    usage: dict[int, tuple[int, float]] = {}
+    page, tick = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -206,15 +208,17 @@ def _tree_rss_bytes(root: int) -> int:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
+        # After the command name: state, ppid, ..., utime (11), stime (12), ..., rss in pages (21).
         pid, ppid = int(entry), int(fields[1])
         children.setdefault(ppid, []).append(pid)
-        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    total, todo = 0, [root]
+        usage[pid] = (int(fields[21]) * page, (int(fields[11]) + int(fields[12])) / tick)
+    rss, cpu, todo = 0, 0.0, [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        rss += usage.get(pid, (0, 0.0))[0]
+        cpu += usage.get(pid, (0, 0.0))[1]
         todo.extend(children.get(pid, []))
-    return total
+    return rss, cpu
 
 
 @dataclass
@@ -224,6 +228,9 @@ class Launch:
     peak_tree_rss_bytes: int  # sampled sum over the process tree
     peak_process_rss_bytes: int  # the kernel's high-water mark of the largest process of the tree
     reason: str | None
+    # (time.time(), CPU seconds of the tree so far), every 0.5 s: CPU time per step is what a shared machine's
+    # other jobs disturb least (waiting for a core counts in wall time, not in CPU time).
+    cpu_samples: list[tuple[float, float]]
 
 
 def launch(command: list[str], log_path: Path, timeout: float, min_available_gib: float, env: dict) -> Launch:
@@ -234,7 +241,7 @@ def launch(command: list[str], log_path: Path, timeout: float, min_available_gib
     recorded as such instead of letting the kernel's OOM killer choose among everyone's processes.
     """
     start = time.perf_counter()
-    peak_tree, reason = 0, None
+    peak_tree, reason, cpu_samples = 0, None, []
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + shlex.join(command) + "\n")
         log.flush()
@@ -247,7 +254,9 @@ def launch(command: list[str], log_path: Path, timeout: float, min_available_gib
                 pid, status, usage = os.wait4(process.pid, os.WNOHANG)
                 if pid:
                     break
-                peak_tree = max(peak_tree, _tree_rss_bytes(process.pid))
+                rss, cpu = _tree_usage(process.pid)
+                peak_tree = max(peak_tree, rss)
+                cpu_samples.append((time.time(), cpu))
                 available = _mem_available_bytes()
                 if available is not None and available < min_available_gib * GIB:
                     reason = (
@@ -270,7 +279,8 @@ def launch(command: list[str], log_path: Path, timeout: float, min_available_gib
             " (killed by SIGKILL: out of memory?)" if returncode == -9 else ""
         )
     # ru_maxrss (KiB on Linux) of the waited-for launcher covers its waited-for children: the trainer's peak.
-    return Launch(returncode, time.perf_counter() - start, peak_tree, usage.ru_maxrss * 1024, reason)
+    peak_process = usage.ru_maxrss * 1024
+    return Launch(returncode, time.perf_counter() - start, peak_tree, peak_process, reason, cpu_samples)
 
 
 def trainer_logs(output_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
@@ -291,6 +301,23 @@ def step_times(logs: dict, warmup: int) -> list[float]:
     after the step, so consecutive stamps bound one step (data loading, forwards, backward, optimizer, EMA)."""
     stamps = [wall for _, wall, _ in logs.get("train_loss", [])]
     return [b - a for a, b in zip(stamps[max(warmup, 1) - 1 :], stamps[max(warmup, 1) :])]
+
+
+def step_cpu_times(logs: dict, warmup: int, cpu_samples: list[tuple[float, float]]) -> list[float]:
+    """CPU seconds of the process tree during each step after the first `warmup` (the steps of `step_times`),
+    interpolated from the 0.5 s samples at the trainer's `train_loss` stamps."""
+    if len(cpu_samples) < 2:
+        return []
+    times, cpus = zip(*cpu_samples)
+
+    def cpu_at(t: float) -> float:
+        i = min(max(bisect.bisect_left(times, t), 1), len(times) - 1)
+        t0, t1, c0, c1 = times[i - 1], times[i], cpus[i - 1], cpus[i]
+        return c0 + (c1 - c0) * (min(max(t, t0), t1) - t0) / max(t1 - t0, 1e-9)
+
+    stamps = [wall for _, wall, _ in logs.get("train_loss", [])]
+    first = max(warmup, 1)
+    return [cpu_at(b) - cpu_at(a) for a, b in zip(stamps[first - 1 :], stamps[first:])]
 
 
 def trained_weights(output_dir: Path) -> Path | None:
@@ -384,6 +411,9 @@ def run_training(args, config: Config, model: Path, data: Path, out: Path, steps
     record["steps_logged"] = len(logs.get("train_loss", []))
     record["step_times_s"] = times
     record["step_s"] = statistics.fmean(times) if times else None
+    cpu_times = step_cpu_times(logs, args.warmup, result.cpu_samples)
+    record["step_cpu_times_s"] = cpu_times
+    record["step_cpu_s"] = statistics.fmean(cpu_times) if cpu_times else None
     skipped = [v for _, _, v in logs.get("frac_skipped", [])]
     record["frac_skipped"] = statistics.fmean(skipped) if skipped else None
     record["train_loss"] = [v for _, _, v in logs.get("train_loss", [])]
@@ -511,13 +541,15 @@ def git_commit() -> dict:
 
 
 def add_ratios(runs: dict[str, dict]) -> None:
-    """ratio_to_vanilla: a run's mean step time over the vanilla run's of the same group."""
+    """ratio_to_vanilla (wall) and cpu_ratio_to_vanilla: a run's mean step time over the vanilla run's of the
+    same group."""
     for record in runs.values():
         vanilla = runs.get(f"{record['group']}-vanilla")
-        if record["name"] != RESUME and vanilla and vanilla.get("step_s") and record.get("step_s"):
-            record["ratio_to_vanilla"] = record["step_s"] / vanilla["step_s"]
-        else:
-            record["ratio_to_vanilla"] = None
+        for key, ratio in (("step_s", "ratio_to_vanilla"), ("step_cpu_s", "cpu_ratio_to_vanilla")):
+            if record["name"] != RESUME and vanilla and vanilla.get(key) and record.get(key):
+                record[ratio] = record[key] / vanilla[key]
+            else:
+                record[ratio] = None
 
 
 def _fmt(value, spec: str) -> str:
@@ -532,8 +564,9 @@ def markdown_report(summary: dict) -> str:
         f"run; {m['cpu']}, {m['cpu_count']} cores, {_fmt(m['ram_gib'], '.0f')} GiB RAM; commit "
         f"{str(summary['git']['commit'])[:10]}.",
         "",
-        "| configuration | objective | step s | ratio to vanilla | rows skipped | peak GiB | wall s | pass |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| configuration | objective | step s (wall) | ratio to vanilla | step CPU s | CPU ratio | rows skipped "
+        "| peak GiB | wall s | pass |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name in CONFIG_NAMES:
         r = summary["runs"].get(name)
@@ -544,7 +577,8 @@ def markdown_report(summary: dict) -> str:
             status += f" (weights equal to {RESUME_OF}'s: {r['weights'].get('equal')})"
         lines.append(
             f"| {name} | {r['objective']} | {_fmt(r.get('step_s'), '.2f')} | "
-            f"{_fmt(r.get('ratio_to_vanilla'), '.3f')} | {_fmt(r.get('frac_skipped'), '.2f')} | "
+            f"{_fmt(r.get('ratio_to_vanilla'), '.3f')} | {_fmt(r.get('step_cpu_s'), '.2f')} | "
+            f"{_fmt(r.get('cpu_ratio_to_vanilla'), '.3f')} | {_fmt(r.get('frac_skipped'), '.2f')} | "
             f"{_fmt(r.get('peak_gib'), '.1f')} | {_fmt(r.get('wall_s'), '.0f')} | {status} |"
         )
     return "\n".join(lines) + "\n"
