@@ -13,8 +13,8 @@ from the result with `PoGDiffPipeline` (few DDIM steps). `resume` stops a run at
 it, and compares the final weights with the uninterrupted run of the same configuration.
 
     python benchmarks/bench_real_size.py --preset tiny --output_dir outputs/real-size-tiny
-    nice -n 5 python benchmarks/bench_real_size.py --preset sd15 --resolution 256 --steps 3 --warmup 1 \
-        --output_dir benchmarks/results/cpu-2core/real-size-sd15 > real-size.log 2>&1 &
+    nice -n 5 python benchmarks/bench_real_size.py --preset sd15 --resolution 128 --warmup 1 --steps 2 \
+        --output_dir benchmarks/results/cpu-2core/real-size-sd15-128 > real-size.log 2>&1 &
 
 The models (`--scratch_dir/model-<preset>`) are built once and reused. Each configuration's result is written
 to `<output_dir>/runs/<name>.json` as soon as it finishes; a later invocation skips configurations that already
