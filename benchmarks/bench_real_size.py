@@ -34,6 +34,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -393,7 +394,13 @@ def _env() -> dict:
     }
 
 
-def run_training(args, config: Config, model: Path, data: Path, out: Path, steps: int, extra=()) -> dict:
+def run_training(
+    args, config: Config, model: Path, data: Path, out: Path, steps: int, extra=(), fresh: bool = True
+) -> dict:
+    if fresh:
+        # A new run starts from an empty folder: TensorBoard events (and checkpoints) left there by an earlier
+        # invocation would otherwise be read as this run's steps.
+        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     command = trainer_command(args, config, model, data, out, steps, extra)
     result = launch(command, out.parent / f"{out.name}.log", args.timeout_s, args.min_available_gib, _env())
@@ -467,7 +474,7 @@ def run_resume(args, model: Path, data: Path, runs: Path) -> dict:
     if first["passed"]:
         print(f"[{time.strftime('%H:%M:%S')}] {RESUME}: resumed to step {steps} ...", flush=True)
         extra = ("--checkpointing_steps", str(middle), "--resume_from_checkpoint", "latest")
-        second = run_training(args, config, model, data, out, steps, extra)
+        second = run_training(args, config, model, data, out, steps, extra, fresh=False)
         # The resumed run's TensorBoard folder also holds the first part's events: steps 1..steps in all.
         record.update({k: second[k] for k in ("command", "returncode", "wall_s", "peak_gib", "reason")})
         record["passed"] = second["passed"]

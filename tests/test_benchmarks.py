@@ -181,6 +181,9 @@ def test_bench_real_size_tiny(tmp_path, capsys):
     again = bench_real_size.main(argv)
     assert "lora-pogdiff: result exists, skipped" in capsys.readouterr().out
     assert again["runs"] == summary["runs"]
+    # --rerun trains again in the same scratch folder: only the new run's steps are read.
+    rerun = bench_real_size.main([*argv[:-5], "lora-vanilla", *argv[-4:], "--rerun"])
+    assert rerun["runs"]["lora-vanilla"]["passed"] and rerun["runs"]["lora-vanilla"]["steps_logged"] == 2
 
 
 @pytest.mark.e2e
