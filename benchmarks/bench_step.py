@@ -97,12 +97,18 @@ PRESETS: dict[str, Preset] = {
 # Models and data
 
 
-def sd15_components(seed: int = 0) -> dict:
+def sd15_components(seed: int = 0, special_token_ids=None) -> dict:
     """SD1.5-sized UNet, VAE, text encoder and scheduler built from configs with random weights (no download).
 
     The sizes are Stable Diffusion 1.5's (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M parameters), so
     step time and memory match a real SD1.5 fine-tune; the weights are random, which does not change either.
+    `special_token_ids`: a tokenizer whose bos / eos / pad ids the text encoder gets instead of CLIP's (the
+    text encoder pools at the eos token, so it must be the tokenizer's own).
     """
+    bos, eos, pad = 49406, 49407, 49407
+    if special_token_ids is not None:
+        tok = special_token_ids
+        bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -117,9 +123,9 @@ def sd15_components(seed: int = 0) -> dict:
             max_position_embeddings=77,
             hidden_act="quick_gelu",
             projection_dim=768,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
         )
     )
     torch.manual_seed(seed + 1)

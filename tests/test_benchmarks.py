@@ -2,11 +2,12 @@
 
 import json
 import math
+import sys
 
 import pytest
 import torch
 
-from benchmarks import bench_index, bench_step
+from benchmarks import bench_index, bench_real_size, bench_step
 from pogdiff.psi import PsiParams
 from pogdiff.training import draw_pogdiff_neighbors
 
@@ -143,3 +144,74 @@ def test_long_tailed_text_embeddings_counts():
     distinct, inverse = torch.unique(embeddings, dim=0, return_inverse=True)
     assert len(distinct) == 100
     assert torch.equal(counts, torch.bincount(inverse)[inverse])
+
+
+# ---- bench_real_size.py: the real trainer through accelerate launch, on the tiny model ----------------------
+
+
+def check_real_size_summary(summary: dict, output_dir, names: list[str]) -> None:
+    assert summary == json.loads((output_dir / "bench_real_size.json").read_text())
+    assert list(summary["runs"]) == names
+    assert summary["machine"]["cpu_count"] >= 1 and summary["machine"]["ram_gib"] > 0
+    assert summary["git"]["commit"] and summary["resolution"] == 32
+    for name, run in summary["runs"].items():
+        assert run["passed"], (name, run.get("reason"))
+        assert run["returncode"] == 0 and run["wall_s"] > 0 and run["peak_gib"] > 0
+        if name != "resume":
+            assert run["generate"]["passed"] and (output_dir / "runs" / f"{name}.json").is_file()
+            assert len(run["step_times_s"]) == summary["steps"] and run["step_s"] > 0
+            assert run["ratio_to_vanilla"] > 0
+    table = (output_dir / "bench_real_size.md").read_text()
+    assert all(f"| {name} |" in table for name in names) and "FAIL" not in table
+
+
+def test_bench_real_size_tiny(tmp_path, capsys):
+    out, scratch = tmp_path / "results", tmp_path / "scratch"
+    argv = ["--preset", "tiny", "--warmup", "1", "--steps", "1", "--inference_steps", "1",
+            "--configs", "lora-vanilla,lora-pogdiff", "--output_dir", str(out), "--scratch_dir", str(scratch)]  # fmt: skip
+    summary = bench_real_size.main(argv)
+    check_real_size_summary(summary, out, ["lora-vanilla", "lora-pogdiff"])
+    runs = summary["runs"]
+    assert runs["lora-vanilla"]["ratio_to_vanilla"] == 1.0 and runs["lora-vanilla"]["frac_skipped"] is None
+    # Every image has its own caption: no neighbour shares it, so no row skips the neighbour forward.
+    assert runs["lora-pogdiff"]["frac_skipped"] == 0.0
+    assert (scratch / "runs-tiny-32px" / "lora-pogdiff.png").is_file()
+    # Resumable: a second invocation keeps the finished results and launches nothing.
+    capsys.readouterr()
+    again = bench_real_size.main(argv)
+    assert "lora-pogdiff: result exists, skipped" in capsys.readouterr().out
+    assert again["runs"] == summary["runs"]
+    # --rerun trains again in the same scratch folder: only the new run's steps are read.
+    rerun = bench_real_size.main([*argv[:-5], "lora-vanilla", *argv[-4:], "--rerun"])
+    assert rerun["runs"]["lora-vanilla"]["passed"] and rerun["runs"]["lora-vanilla"]["steps_logged"] == 2
+
+
+@pytest.mark.e2e
+def test_bench_real_size_tiny_every_configuration(tmp_path):
+    out = tmp_path / "results"
+    argv = ["--preset", "tiny", "--warmup", "1", "--steps", "2", "--inference_steps", "1",
+            "--output_dir", str(out), "--scratch_dir", str(tmp_path / "scratch")]  # fmt: skip
+    summary = bench_real_size.main(argv)
+    check_real_size_summary(summary, out, bench_real_size.CONFIG_NAMES)
+    # Stopped at its middle checkpoint and resumed: the same weights as the uninterrupted run.
+    assert summary["runs"]["resume"]["weights"]["equal"] is True
+    assert summary["runs"]["full-ema-pogdiff-ngrad"]["objective"] == "pogdiff --neighbor_grad"
+
+
+def test_real_size_step_times_skip_the_warmup():
+    logs = {"train_loss": [(1, 10.0, 0.1), (2, 12.5, 0.1), (3, 13.0, 0.1), (4, 16.0, 0.1)]}
+    assert bench_real_size.step_times(logs, warmup=1) == [2.5, 0.5, 3.0]
+    assert bench_real_size.step_times(logs, warmup=2) == [0.5, 3.0]
+
+
+def test_real_size_launch_is_stopped_when_memory_runs_short(tmp_path):
+    """A run that would exhaust a shared machine's memory is stopped and recorded as a fail, with why."""
+    result = bench_real_size.launch(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        tmp_path / "log.txt",
+        timeout=120,
+        min_available_gib=1e9,  # more than any machine has: stopped at the first check
+        env=None,
+    )
+    assert result.returncode == -9 and result.wall_s < 30
+    assert result.reason.startswith("stopped: the machine's available memory fell below")
