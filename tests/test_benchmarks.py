@@ -168,9 +168,11 @@ def check_real_size_summary(summary: dict, output_dir, names: list[str]) -> None
 def test_bench_real_size_tiny(tmp_path, capsys):
     out, scratch = tmp_path / "results", tmp_path / "scratch"
     argv = ["--preset", "tiny", "--warmup", "1", "--steps", "1", "--inference_steps", "1",
-            "--configs", "lora-vanilla,lora-pogdiff", "--output_dir", str(out), "--scratch_dir", str(scratch)]  # fmt: skip
+            "--configs", "lora-vanilla,lora-pogdiff,resume", "--output_dir", str(out), "--scratch_dir", str(scratch)]  # fmt: skip
     summary = bench_real_size.main(argv)
-    check_real_size_summary(summary, out, ["lora-vanilla", "lora-pogdiff"])
+    check_real_size_summary(summary, out, ["lora-vanilla", "lora-pogdiff", "resume"])
+    # Stopped at its middle checkpoint and resumed: the same weights as the uninterrupted run.
+    assert summary["runs"]["resume"]["weights"]["equal"] is True
     runs = summary["runs"]
     assert runs["lora-vanilla"]["ratio_to_vanilla"] == 1.0 and runs["lora-vanilla"]["frac_skipped"] is None
     # Every image has its own caption: no neighbour shares it, so no row skips the neighbour forward.
@@ -186,16 +188,12 @@ def test_bench_real_size_tiny(tmp_path, capsys):
     assert rerun["runs"]["lora-vanilla"]["passed"] and rerun["runs"]["lora-vanilla"]["steps_logged"] == 2
 
 
-@pytest.mark.e2e
-def test_bench_real_size_tiny_every_configuration(tmp_path):
-    out = tmp_path / "results"
-    argv = ["--preset", "tiny", "--warmup", "1", "--steps", "2", "--inference_steps", "1",
-            "--output_dir", str(out), "--scratch_dir", str(tmp_path / "scratch")]  # fmt: skip
-    summary = bench_real_size.main(argv)
-    check_real_size_summary(summary, out, bench_real_size.CONFIG_NAMES)
-    # Stopped at its middle checkpoint and resumed: the same weights as the uninterrupted run.
-    assert summary["runs"]["resume"]["weights"]["equal"] is True
-    assert summary["runs"]["full-ema-pogdiff-ngrad"]["objective"] == "pogdiff --neighbor_grad"
+def test_bench_real_size_declares_every_configuration():
+    """The full grid (run at real size, not in the suite: each configuration is one more trainer launch)."""
+    configs = {c.name: c for c in bench_real_size.CONFIGS}
+    assert set(bench_real_size.CONFIG_NAMES) == set(configs) | {bench_real_size.RESUME}
+    assert configs["full-ema-pogdiff-ngrad"].label == "pogdiff --neighbor_grad"
+    assert {c.group for c in configs.values()} == {"lora", "full", "full-ema"}
 
 
 def test_real_size_step_times_skip_the_warmup():
