@@ -122,6 +122,7 @@ from pogdiff.training import (
     make_neighbor_forward,
     noised_batch,
     objective_step,
+    sharded_engine,
 )
 from pogdiff.validation import (
     ValidationPrompt,
@@ -736,7 +737,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                 ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
             # FSDP and DeepSpeed save the sharded model themselves, every rank its part (and load it back
             # before the load hook runs, which then sees no model).
-            if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            if sharded_engine(accelerator):
                 return
             for model in models:
                 if args.use_lora:
@@ -980,7 +981,7 @@ def main(args: argparse.Namespace) -> Accelerator:
     )
     # FSDP2 replaces the module's parameters by sharded DTensors (and points the optimizer at them): clipping and
     # the end-of-run checks must read the prepared module's parameters, not the ones collected before.
-    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    sharded = sharded_engine(accelerator)
     params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
     neighbor_forward = None
     if args.objective == "pogdiff":

@@ -569,6 +569,14 @@ def any_process(flag: bool, accelerator) -> bool:
     return bool(count.item() > 0)
 
 
+def sharded_engine(accelerator) -> bool:
+    """Whether the trained model is split over the ranks (FSDP, DeepSpeed): then every forward, save and gather
+    is a collective, and accelerate saves and loads the model itself."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
 def full_model(accelerator, model, model_cls):
     """The trained `model` as a plain, whole module for saving or sampling; a collective under a sharded engine.
 
@@ -576,10 +584,8 @@ def full_model(accelerator, model, model_cls):
     gathered), and the main process gets a fresh `model_cls` built from the model's config holding them (None
     elsewhere). Otherwise it is `accelerator.unwrap_model(model)` itself, on every rank, with no communication.
     """
-    from accelerate.utils import DistributedType
-
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if not sharded_engine(accelerator):
         return unwrapped
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
@@ -742,6 +748,7 @@ __all__ = [
     "ObjectiveSettings",
     "any_process",
     "full_model",
+    "sharded_engine",
     "min_snr_weights",
     "objective_step",
     "t2h_targets",
