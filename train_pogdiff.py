@@ -46,7 +46,7 @@ from accelerate.utils import (
     broadcast_object_list,
     set_seed,
 )
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import (
     EMAModel,
@@ -60,10 +60,9 @@ from diffusers.utils.import_utils import is_xformers_available
 from huggingface_hub import create_repo, upload_folder
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import ContextManagers
 
-from pipeline_pogdiff import PoGDiffPipeline
+import pipeline_pogdiff
 from pogdiff.arguments import add_pogdiff_arguments, check_pogdiff_args, index_build_kwargs
 from pogdiff.checkpointing import (
     check_resume_settings,
@@ -87,18 +86,17 @@ from pogdiff.data import (
     first_caption,
     identity_labels,
     load_image_text_dataset,
-    preprocess_image,
+    preprocess_image_and_crop,
     resolve_columns,
     row_image_loader,
-    tokenize,
 )
 from pogdiff.errors import (
-    MODEL_PARTS,
     UserError,
     missing_model_parts,
     model_load_message,
     user_error_message,
 )
+from pogdiff.families import ModelFamily, add_time_ids, cat_conditioning, detect_family
 from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code, save_run_settings
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
 from pogdiff.sampling import (
@@ -449,9 +447,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def log_validation(
+    family: ModelFamily,
     vae,
-    text_encoder,
-    tokenizer,
+    text_encoders,
     unet,
     noise_scheduler,
     args,
@@ -462,15 +460,15 @@ def log_validation(
     seed: int,
     train_images: list[list[Image.Image]],
 ) -> list[list[Image.Image]]:
-    """Sample every validation prompt `--num_validation_images` times through PoGDiffPipeline, with the same seeds
+    """Sample every validation prompt `--num_validation_images` times through the family's PoGDiff pipeline
+    (`PoGDiffPipeline`, `PoGDiffXLPipeline`), with the same seeds
     at every validation, and save and log one labelled grid (`output_dir/validation/step-N.png`): a row per
     prompt with its identity, its number of training images and `train_images` (per prompt) beside the samples.
     Returns the samples, per prompt."""
     logger.info(f"Running validation on {len(prompts)} prompts...")
-    pipeline = PoGDiffPipeline(
+    pipeline = getattr(pipeline_pogdiff, family.pogdiff_pipeline_name)(
         vae=accelerator.unwrap_model(vae),
-        text_encoder=accelerator.unwrap_model(text_encoder),
-        tokenizer=tokenizer,
+        **family.pipeline_components(text_encoders),
         unet=accelerator.unwrap_model(unet, keep_torch_compile=False),
         scheduler=noise_scheduler,
     )
@@ -634,18 +632,23 @@ def main(args: argparse.Namespace) -> Accelerator:
         raise TrainingError(
             model_load_message("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, error)
         ) from error
+    # The model family (SD 1.x/2.x, SDXL) decides the text encoders, the conditioning and the pipeline classes.
+    family = detect_family(args.pretrained_model_name_or_path, args.revision, cache_dir=args.cache_dir)
+    logger.info(f"Model family: {family.name} ({family.pipeline_class_name}).")
     if os.path.isdir(args.pretrained_model_name_or_path):
-        missing = missing_model_parts(args.pretrained_model_name_or_path)
+        missing = missing_model_parts(args.pretrained_model_name_or_path, family.model_parts)
         if missing:
             raise TrainingError(
                 f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path!r} lacks "
-                f"{', '.join(part + '/' for part in missing)}: a diffusers Stable Diffusion folder has "
-                f"{', '.join(part + '/' for part in MODEL_PARTS)} beside model_index.json. Save or download the "
-                "whole model again."
+                f"{', '.join(part + '/' for part in missing)}: a diffusers {family.pipeline_class_name} folder has "
+                f"{', '.join(part + '/' for part in family.model_parts)} beside model_index.json. Save or download "
+                "the whole model again."
             )
-    tokenizer = CLIPTokenizer.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
-    )
+    if args.dream_training and family.micro_conditioning:
+        raise TrainingError(
+            f"--dream_training is not available for {family.pipeline_class_name} models (diffusers' DREAM helper "
+            "calls the UNet without SDXL's added conditioning); drop the flag."
+        )
 
     def deepspeed_zero_init_disabled_context_manager():
         """Keep the frozen text encoder and VAE whole under ZeRO-3: only the UNet is sharded."""
@@ -655,11 +658,8 @@ def main(args: argparse.Namespace) -> Accelerator:
         return [deepspeed_plugin.zero3_init_context_manager(enable=False)]
 
     with ContextManagers(deepspeed_zero_init_disabled_context_manager()):
-        text_encoder = CLIPTextModel.from_pretrained(
-            args.pretrained_model_name_or_path,
-            subfolder="text_encoder",
-            revision=args.revision,
-            variant=args.variant,
+        text_encoders = family.load_text_encoders(
+            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant
         )
         vae = AutoencoderKL.from_pretrained(
             args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
@@ -674,9 +674,9 @@ def main(args: argparse.Namespace) -> Accelerator:
             f"({' '.join(str(error).split())}). The file may be truncated or corrupt: save or download it again."
         ) from error
 
-    # Freeze vae and text_encoder and set unet to trainable
+    # Freeze vae and text encoders and set unet to trainable
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    text_encoders.requires_grad_(False)
     unet.train()
 
     # For mixed precision, frozen weights (VAE, text encoder, and the frozen UNet base under LoRA) are cast to
@@ -741,7 +741,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                 return
             for model in models:
                 if args.use_lora:
-                    save_lora(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir)
+                    save_lora(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir, family=family)
                 else:
                     accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
                         os.path.join(output_dir, "unet")
@@ -767,7 +767,7 @@ def main(args: argparse.Namespace) -> Accelerator:
             if args.use_lora:
                 from peft.utils import set_peft_model_state_dict
 
-                lora_state_dict, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
+                lora_state_dict, _ = family.pipeline_class().lora_state_dict(input_dir)
                 unet_state_dict = {
                     k.replace("unet.", "", 1): v for k, v in lora_state_dict.items() if k.startswith("unet.")
                 }
@@ -924,13 +924,14 @@ def main(args: argparse.Namespace) -> Accelerator:
         dataset,
         image_column,
         row_captions,
-        tokenizer,
+        text_encoders.tokenize,
         seed=seed,
         resolution=args.resolution,
         center_crop=args.center_crop,
         random_flip=args.random_flip,
         interpolation=args.image_interpolation_mode,
         cached=args.cache_latents,
+        micro_conditioning=family.micro_conditioning,
     )
     if args.sampling == "density":
         sampling_weights = density_sampling_weights(index.txt_log_weights)
@@ -1003,8 +1004,10 @@ def main(args: argparse.Namespace) -> Accelerator:
         else:
             ema_unet.to(accelerator.device)
 
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoders.to(accelerator.device, dtype=weight_dtype)
+    # SDXL's VAE overflows in float16: it stays in float32 (as in diffusers' SDXL script) unless the family
+    # says its VAE is safe in half precision.
+    vae.to(accelerator.device, dtype=weight_dtype if family.vae_half_precision else torch.float32)
 
     # We need to recalculate our total training steps as the size of the training dataloader may have changed.
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -1017,8 +1020,8 @@ def main(args: argparse.Namespace) -> Accelerator:
         accelerator.init_trackers(args.tracker_project_name, tracker_config)
 
     # Neighbours and CBDM partners are looked up by dataset row: tokens of each distinct caption, once.
-    empty_ids = tokenize(tokenizer, [""])[0]
-    distinct_input_ids = tokenize(tokenizer, row_captions.distinct)
+    empty_ids = text_encoders.tokenize([""])[0]
+    distinct_input_ids = text_encoders.tokenize(row_captions.distinct)
     latent_cache = text_cache = None
     if args.cache_latents:
         if any(not isinstance(c, str) for c in captions):
@@ -1026,29 +1029,35 @@ def main(args: argparse.Namespace) -> Accelerator:
                 "--cache_latents needs one caption per image (some rows hold several); drop the flag."
             )
 
+        cached_time_ids = torch.zeros(len(dataset), 6)
+
         def cache_pixels(i: int) -> torch.Tensor:
-            return preprocess_image(
+            pixels, original_size, crop_top_left = preprocess_image_and_crop(
                 train_image(i), args.resolution, center_crop=True, interpolation=args.image_interpolation_mode
             )
+            # SDXL's micro-conditioning of the cached (centre-cropped) image.
+            cached_time_ids[i] = add_time_ids(original_size, crop_top_left, (args.resolution, args.resolution))
+            return pixels
 
         latent_cache = encode_latent_parameters(
             vae, cache_pixels, len(dataset), show_progress=accelerator.is_local_main_process
         )
+        train_dataset.cached_time_ids = cached_time_ids
         with torch.no_grad():
             # Row U (after the U distinct captions) is the empty prompt used for caption dropout.
-            text_cache = torch.cat(
+            text_cache = cat_conditioning(
                 [
-                    text_encoder(ids.to(accelerator.device), return_dict=False)[0]
+                    text_encoders.encode(ids.to(accelerator.device))
                     for ids in torch.cat([distinct_input_ids, empty_ids[None]]).split(64)
                 ]
             )
         logger.info(
             f"Cached {len(latent_cache)} latent distributions and {len(text_cache)} caption embeddings "
-            f"({(latent_cache.numel() * latent_cache.element_size() + text_cache.numel() * text_cache.element_size()) / 2**20:.1f} MiB)."
+            f"({sum(t.numel() * t.element_size() for t in (latent_cache, *text_cache.tensors()) if t is not None) / 2**20:.1f} MiB)."
         )
 
     caption_states = CaptionStates(
-        text_encoder,
+        text_encoders,
         distinct_input_ids,
         row_captions.ids(0),  # replaced at every epoch's start
         empty_ids,
@@ -1135,9 +1144,9 @@ def main(args: argparse.Namespace) -> Accelerator:
                 ema_unet.store(unet.parameters())
                 ema_unet.copy_to(unet.parameters())
             samples = log_validation(
+                family,
                 vae,
-                text_encoder,
-                tokenizer,
+                text_encoders,
                 model,
                 noise_scheduler,
                 args,
@@ -1199,7 +1208,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                         inputs.noise,
                         inputs.noisy_latents,
                         inputs.target,
-                        inputs.encoder_hidden_states,
+                        inputs.encoder_hidden_states.hidden_states,  # SD only (refused for SDXL at start)
                         args.dream_detail_preservation,
                     )
 
@@ -1313,23 +1322,24 @@ def main(args: argparse.Namespace) -> Accelerator:
         if args.use_ema:
             ema_unet.copy_to(unet.parameters())
         if args.use_lora:
-            save_lora(unet, args.output_dir, webui_name=f"{Path(args.output_dir).name}.safetensors")
+            save_lora(
+                unet, args.output_dir, webui_name=f"{Path(args.output_dir).name}.safetensors", family=family
+            )
         else:
-            # Reload the frozen parts from the base in full precision; saved as StableDiffusionPipeline so
-            # plain diffusers loads it.
-            pipeline = StableDiffusionPipeline.from_pretrained(
+            # Reload the frozen parts from the base in full precision; saved as the family's diffusers pipeline
+            # (StableDiffusionPipeline, StableDiffusionXLPipeline) so plain diffusers loads it.
+            pipeline = family.pipeline_class().from_pretrained(
                 args.pretrained_model_name_or_path,
                 unet=unet,
                 revision=args.revision,
                 variant=args.variant,
-                safety_checker=None,
-                requires_safety_checker=False,
+                **dict(family.pipeline_kwargs),
             )
             pipeline.save_pretrained(args.output_dir)
 
         # The model as saved (EMA weights already copied in); a validation of this very step is reused.
         samples = run_validation(swap_ema=False, model=unet) if validation_prompts else []
-        save_pipeline_code(args.output_dir, Path(__file__).with_name("pipeline_pogdiff.py"))
+        save_pipeline_code(args.output_dir, Path(__file__).with_name("pipeline_pogdiff.py"), family)
         # evaluate_pogdiff.py and `python -m pogdiff.index --from_run` read the resolution and index settings here.
         save_run_settings(args.output_dir, global_step, args.run_settings)
         repo_name = args.hub_model_id or Path(args.output_dir).name
@@ -1340,6 +1350,7 @@ def main(args: argparse.Namespace) -> Accelerator:
             args.output_dir,
             index_summary,
             seed,
+            family=family,
         )
         if args.push_to_hub:
             upload_folder(

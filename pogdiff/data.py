@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError, report_user_errors
+from .families import add_time_ids
 from .sampling import derive_seed
 
 if TYPE_CHECKING:  # `datasets` is imported where used: the transforms alone should not pay for it
@@ -695,6 +696,21 @@ def preprocess_image(
 ) -> torch.Tensor:
     """diffusers' train_text_to_image transform without torchvision: (3, resolution, resolution) in [-1, 1].
 
+    `preprocess_image_and_crop` also says where the crop was taken (what SDXL's micro-conditioning needs).
+    """
+    return preprocess_image_and_crop(image, resolution, center_crop, random_flip, generator, interpolation)[0]
+
+
+def preprocess_image_and_crop(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    generator: torch.Generator | None = None,
+    interpolation: str = "bilinear",
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """`preprocess_image`'s pixels with the image's original (height, width) and the crop's (top, left).
+
     Same steps and arithmetic as `Resize(resolution, interpolation)`, `CenterCrop` or `RandomCrop`,
     optional `RandomHorizontalFlip(0.5)`, `ToTensor()`, `Normalize([0.5], [0.5])` on a PIL image.
     `interpolation` is one of `INTERPOLATION_MODES` (diffusers' `--image_interpolation_mode`; torchvision
@@ -717,6 +733,7 @@ def preprocess_image(
         )
     if image.mode != "RGB":
         image = image.convert("RGB")
+    original_size = (image.height, image.width)
 
     # Resize: the shorter side becomes `resolution`, the longer one int(resolution * long / short).
     width, height = image.size
@@ -740,9 +757,12 @@ def preprocess_image(
     image = image.crop((left, top, left + resolution, top + resolution))
     if random_flip and torch.rand(1, generator=generator).item() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        # diffusers' SDXL script flips before it crops and records the crop in the flipped image; cropping at
+        # `left` then flipping is the same image as flipping then cropping at width - resolution - left.
+        left = width - resolution - left
 
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255.0)
-    return pixels.sub(0.5).div(0.5)
+    return pixels.sub(0.5).div(0.5), original_size, (top, left)
 
 
 def dataset_fingerprint(dataset) -> str:
@@ -785,7 +805,9 @@ def first_caption(caption, row: int | None = None, column: str | None = None) ->
 
 class TrainDataset(torch.utils.data.Dataset):
     """Rows of the image-text dataset as (pixel_values, input_ids, index) for the UNet; just the index when
-    `cached` (--cache_latents: latents and text states come from caches).
+    `cached` (--cache_latents: latents and text states come from caches). With `micro_conditioning` (SDXL)
+    each row also carries its `time_ids` (original size, crop top-left, target size): from the crop drawn
+    here, or from `cached_time_ids` (one row per image, the cache's centre crop).
 
     Random crop/flip draw from a generator seeded by (seed, epoch, row), and the choice among several captions is
     `RowCaptions`' (the one the neighbour lookups use too), so a resumed run sees exactly the pixels and captions
@@ -797,7 +819,7 @@ class TrainDataset(torch.utils.data.Dataset):
         dataset,
         image_column: str,
         row_captions,
-        tokenizer,
+        tokenize: Callable[[list[str]], torch.Tensor],
         *,
         seed: int,
         resolution: int,
@@ -805,16 +827,20 @@ class TrainDataset(torch.utils.data.Dataset):
         random_flip: bool = False,
         interpolation: str = "lanczos",
         cached: bool = False,
+        micro_conditioning: bool = False,
+        cached_time_ids: torch.Tensor | None = None,
     ) -> None:
         self.image = row_image_loader(dataset, image_column)
         self.row_captions = row_captions  # `sampling.RowCaptions`
-        self.tokenizer = tokenizer
+        self.tokenize = tokenize  # `families.TextEncoders.tokenize`
         self.seed = seed
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.interpolation = interpolation
         self.cached = cached
+        self.micro_conditioning = micro_conditioning
+        self.cached_time_ids = cached_time_ids
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -826,9 +852,11 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if self.cached:
             # Latents and text embeddings come from the caches: no image decoding at all.
+            if self.micro_conditioning:
+                return {"index": i, "time_ids": self.cached_time_ids[i]}
             return {"index": i}
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
-        pixel_values = preprocess_image(
+        pixel_values, original_size, crop_top_left = preprocess_image_and_crop(
             self.image(i),
             self.resolution,
             center_crop=self.center_crop,
@@ -837,31 +865,22 @@ class TrainDataset(torch.utils.data.Dataset):
             interpolation=self.interpolation,
         )
         # Several captions per image: one per (epoch, row), as train_text_to_image picks one at random.
-        input_ids = tokenize(self.tokenizer, [self.row_captions.text(i, self.epoch)])[0]
-        return {"pixel_values": pixel_values, "input_ids": input_ids, "index": i}
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions,
-        max_length=tokenizer.model_max_length,
-        padding="max_length",
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+        input_ids = self.tokenize([self.row_captions.text(i, self.epoch)])[0]
+        item = {"pixel_values": pixel_values, "input_ids": input_ids, "index": i}
+        if self.micro_conditioning:
+            item["time_ids"] = add_time_ids(original_size, crop_top_left, (self.resolution, self.resolution))
+        return item
 
 
 def collate_fn(examples: list[dict]) -> dict:
-    if "pixel_values" not in examples[0]:
-        return {"index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
-    pixel_values = torch.stack([e["pixel_values"] for e in examples]).to(
-        memory_format=torch.contiguous_format
-    )
-    return {
-        "pixel_values": pixel_values.float(),
-        "input_ids": torch.stack([e["input_ids"] for e in examples]),
-        "index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
-    }
+    batch = {"index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
+    if "pixel_values" in examples[0]:
+        pixel_values = torch.stack([e["pixel_values"] for e in examples]).to(memory_format=torch.contiguous_format)
+        batch["pixel_values"] = pixel_values.float()
+        batch["input_ids"] = torch.stack([e["input_ids"] for e in examples])
+    if "time_ids" in examples[0]:
+        batch["time_ids"] = torch.stack([e["time_ids"] for e in examples])
+    return batch
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def model_load_message(flag: str, name_or_path: str, error: Exception) -> str:
 MODEL_PARTS = ("scheduler", "tokenizer", "text_encoder", "vae", "unet")
 
 
-def missing_model_parts(folder: str) -> list[str]:
-    """The `MODEL_PARTS` subfolders `folder` lacks (transformers fails on a missing tokenizer/ with
-    "OverflowError: int too big to convert", which names neither the folder nor the part)."""
-    return [part for part in MODEL_PARTS if not os.path.isdir(os.path.join(folder, part))]
+def missing_model_parts(folder: str, parts: tuple[str, ...] = MODEL_PARTS) -> list[str]:
+    """The `parts` subfolders (the family's, `ModelFamily.model_parts`) `folder` lacks (transformers fails on a
+    missing tokenizer/ with "OverflowError: int too big to convert", which names neither the folder nor the
+    part)."""
+    return [part for part in parts if not os.path.isdir(os.path.join(folder, part))]

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 from accelerate.logging import get_logger
-from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya, make_image_grid
 from PIL import Image
 from safetensors.torch import save_file
 
 from .checkpointing import RUN_RECORD, RUN_RECORD_FORMAT, base_model_reference, checkpoint_dirs
 from .errors import UserError
+from .families import SD, ModelFamily
 from .index import format_summary
 from .sampling import sampling_label
 
@@ -33,16 +33,16 @@ HUB_IGNORE_PATTERNS = [
 ]  # fmt: skip
 
 
-def save_lora(unet, output_dir: str, webui_name: str | None = None) -> None:
-    """The UNet's LoRA adapters as `pytorch_lora_weights.safetensors` (diffusers keys, with the adapter config so
-    that `lora_alpha` survives), and with `webui_name` also as one file in the kohya key format that
-    AUTOMATIC1111, ComfyUI and kohya's scripts load (diffusers' own converter; its alpha is the rank, so the
-    run's `lora_alpha` is written in its place)."""
+def save_lora(unet, output_dir: str, webui_name: str | None = None, family: ModelFamily = SD) -> None:
+    """The UNet's LoRA adapters as `pytorch_lora_weights.safetensors` (diffusers keys, through the `family`'s
+    pipeline class, with the adapter config so that `lora_alpha` survives), and with `webui_name` also as one file
+    in the kohya key format that AUTOMATIC1111, ComfyUI and kohya's scripts load (diffusers' own converter; its
+    alpha is the rank, so the run's `lora_alpha` is written in its place)."""
     from peft.utils import get_peft_model_state_dict
 
     config = unet.peft_config["default"]
     peft_state = get_peft_model_state_dict(unet)
-    StableDiffusionPipeline.save_lora_weights(
+    family.pipeline_class().save_lora_weights(
         output_dir,
         unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
         safe_serialization=True,
@@ -63,6 +63,7 @@ def save_model_card(
     repo_folder: str,
     index_summary: dict | None,
     seed: int,
+    family: ModelFamily = SD,
 ) -> None:
     """README.md from diffusers' model-card helpers: `base_model` (which PoGDiffPipeline reads for a LoRA result),
     tags, license, a widget of the validation images, how to load the result, and every PoGDiff setting. `seed` is
@@ -140,7 +141,7 @@ AUTOMATIC1111 / ComfyUI: `{Path(repo_folder).name}.safetensors` holds the same a
 
 # PoGDiffPipeline (DDIM, 50 steps) ships with this repo as pipeline.py:
 pipe = DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="{repo_id}", trust_remote_code=True)
-# or as a plain Stable Diffusion pipeline:
+# or as diffusers' own {family.pipeline_class_name}:
 pipe = DiffusionPipeline.from_pretrained("{repo_id}")
 image = pipe("{prompt}").images[0]
 ```"""
@@ -163,7 +164,8 @@ image = pipe("{prompt}").images[0]
 {rows}
 {psi_lines}"""
     card_kwargs = {
-        "license": "creativeml-openrail-m",
+        # The base models' licences: SD 1.x is CreativeML OpenRAIL-M, SDXL CreativeML OpenRAIL++-M.
+        "license": "openrail++" if family.micro_conditioning else "creativeml-openrail-m",
         "base_model": base,
         "model_description": description,
         "inference": True,
@@ -186,19 +188,33 @@ image = pipe("{prompt}").images[0]
     card.data.library_name = "diffusers"
     card.data.datasets = [str(dataset)]
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "pogdiff"]
+    if family.micro_conditioning:
+        tags.insert(1, "stable-diffusion-xl")
     card = populate_model_card(card, tags=[*tags, "lora"] if args.use_lora else tags)
     card.save(os.path.join(repo_folder, "README.md"))
 
 
-def save_pipeline_code(output_dir: str, source: str | os.PathLike) -> None:
-    """PoGDiffPipeline's code as `pipeline.py`, the file name diffusers loads a Hub repo's `custom_pipeline` from,
-    so that `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)` needs nothing
-    else."""
+def save_pipeline_code(output_dir: str, source: str | os.PathLike, family: ModelFamily = SD) -> None:
+    """The family's PoGDiff pipeline as `pipeline.py`, the file name diffusers loads a Hub repo's `custom_pipeline`
+    from, so that `DiffusionPipeline.from_pretrained(repo, custom_pipeline=repo, trust_remote_code=True)` needs
+    nothing else.
+
+    diffusers takes the one pipeline class it finds in `pipeline.py`. `pipeline_pogdiff.py` shows only
+    `PoGDiffPipeline` (SD) at module level, so for SD it is copied as is; for another family it is copied beside
+    a `pipeline.py` that imports just that family's class (diffusers fetches relatively imported files too)."""
     source = Path(source)
     if not source.is_file():
         logger.warning(f"{source} not found: the output has no pipeline.py for `custom_pipeline=`.")
         return
-    shutil.copyfile(source, os.path.join(output_dir, "pipeline.py"))
+    if family.pogdiff_pipeline_name == "PoGDiffPipeline":
+        shutil.copyfile(source, os.path.join(output_dir, "pipeline.py"))
+        return
+    shutil.copyfile(source, os.path.join(output_dir, source.name))
+    with open(os.path.join(output_dir, "pipeline.py"), "w", encoding="utf-8") as f:
+        f.write(
+            f'"""The pipeline diffusers\' `custom_pipeline=` loads for this {family.pipeline_class_name} result."""\n\n'
+            f"from .{source.stem} import {family.pogdiff_pipeline_name}  # noqa: F401\n"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -237,31 +237,23 @@ def encode_texts(
     device: str | torch.device = "cpu",
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """Pooled output of the base model's CLIP text encoder for every row, (N, d) float32 on the CPU.
+    """The base model's pooled text embedding of every row, (N, d) float32 on the CPU: its family's
+    (`families.TextEncoders.pooled`: CLIP's pooled output for SD 1.x/2.x, the second text encoder's projected
+    pooled output, the UNet's `text_embeds`, for SDXL).
 
     Each distinct caption is encoded once and copied to its rows: duplicates stay in the output because
     caption frequency is exactly what the text density has to see.
     """
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from .families import detect_family
 
-    tokenizer = CLIPTokenizer.from_pretrained(
-        pretrained_model_name_or_path, subfolder="tokenizer", revision=revision
-    )
-    text_encoder = CLIPTextModel.from_pretrained(
-        pretrained_model_name_or_path, subfolder="text_encoder", revision=revision, variant=variant
-    )
-    text_encoder.to(device).eval()
+    family = detect_family(pretrained_model_name_or_path, revision)
+    text_encoders = family.load_text_encoders(pretrained_model_name_or_path, revision=revision, variant=variant)
+    text_encoders.to(device)
     row_ids, distinct = first_occurrence_ids(texts)
     chunks = []
     for start in tqdm(range(0, len(distinct), batch_size), desc="Text embeddings"):
-        tokens = tokenizer(
-            distinct[start : start + batch_size],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        chunks.append(text_encoder(tokens.input_ids.to(device)).pooler_output.float().cpu())
+        ids = text_encoders.tokenize(distinct[start : start + batch_size])
+        chunks.append(text_encoders.pooled(ids.to(device)).float().cpu())
     return torch.cat(chunks)[row_ids]
 
 

@@ -182,6 +182,63 @@ def build_tiny_sd(output_dir: str | os.PathLike, seed: int = 0) -> str:
     return str(output_dir)
 
 
+def tiny_sdxl_components(seed: int = 0, tokenizer_dir: str | os.PathLike | None = None) -> dict:
+    """The components of a tiny Stable Diffusion XL pipeline, deterministically from `seed`: what SDXL has that SD
+    has not, at the tiny model's size.
+
+    Two text encoders (`CLIPTextModel` and `CLIPTextModelWithProjection`, hidden size 32 each: the UNet attends
+    to their concatenated penultimate states, 64 wide) with two tokenizers, a UNet with SDXL's added conditioning
+    (`addition_embed_type="text_time"`: the second encoder's 32-wide pooled projection plus six time ids embedded
+    in 8 dims each, 80 inputs), and a VAE with SDXL's scaling factor. The first encoder, the VAE and the UNet's
+    layout are the tiny SD's. Keyword arguments of `StableDiffusionXLPipeline`.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    sd = tiny_sd_components(seed=seed, tokenizer_dir=tokenizer_dir)
+    tokenizer = sd["tokenizer"]
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**{**sd["text_encoder"].config.to_dict(), "projection_dim": 32})
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**{**dict(sd["vae"].config), "scaling_factor": 0.13025, "force_upcast": True})
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        **{
+            **dict(sd["unet"].config),
+            "cross_attention_dim": 64,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 32 + 6 * 8,
+        }
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": sd["text_encoder"],
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer,
+        "scheduler": sd["scheduler"],
+        "force_zeros_for_empty_prompt": True,
+        "add_watermarker": False,
+    }
+
+
+def build_tiny_sdxl(output_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Save a tiny Stable Diffusion XL in the diffusers layout (`StableDiffusionXLPipeline`) and return the folder."""
+    import tempfile
+
+    from diffusers import StableDiffusionXLPipeline
+
+    output_dir = Path(output_dir)
+    with tempfile.TemporaryDirectory(prefix="pogdiff-tok-") as tok_dir:
+        pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed=seed, tokenizer_dir=tok_dir))
+        pipe.save_pretrained(output_dir, safe_serialization=True)
+    return str(output_dir)
+
+
 def _identity_image(identity: str, index: int, size: int, rng: np.random.Generator) -> Image.Image:
     """A small image whose colour and shape say which identity it is, with per-image variation."""
     base = np.array(

@@ -16,6 +16,14 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
 
+from pogdiff.families import (
+    Conditioning,
+    TextEncoders,
+    as_conditioning,
+    cat_conditioning,
+    neighbor_conditioning,
+    unet_prediction,
+)
 from pogdiff.neighbors import sample_neighbor_positions
 from pogdiff.objectives import cbdm_loss, needs_neighbor_forward, pogdiff_loss, t2h_targets, vanilla_loss
 from pogdiff.psi import PsiParams, compute_psi
@@ -167,10 +175,6 @@ def fused_adamw_kwargs(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type == "cuda" else {}
 
 
-def unet_prediction(unet: Callable, noisy_latents, timesteps, encoder_hidden_states) -> torch.Tensor:
-    return unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-
-
 class GraphedNeighborForward:
     """PoGDiff's no-grad neighbour forward, replayed from a CUDA graph of the full batch.
 
@@ -206,25 +210,35 @@ class GraphedNeighborForward:
     ) -> torch.Tensor:
         """Neighbour predictions of `rows` (compact, in batch order), as the eager compact forward gives."""
         batch = noisy_latents.shape[0]
-        key = (tuple(noisy_latents.shape[1:]), tuple(neighbor_hidden_states.shape[1:]), noisy_latents.dtype)
+        neighbor = as_conditioning(neighbor_hidden_states)
+        key = (
+            tuple(noisy_latents.shape[1:]),
+            tuple(None if t is None else tuple(t.shape[1:]) for t in neighbor.tensors()),
+            noisy_latents.dtype,
+        )
         static = self._static
         # A smaller batch (an epoch's last) fills the first rows of the captured one; a new shape or a larger
         # batch replaces the graph (the old one is released first: one pool at a time).
         if static is None or static.key != key or static.x.shape[0] < batch:
             self._static = None  # release the old graph and its pool before capturing a new one
-            self._static = static = self._build(key, noisy_latents, timesteps, neighbor_hidden_states, rows)
+            self._static = static = self._build(key, noisy_latents, timesteps, neighbor, rows)
         static.x[:batch].copy_(noisy_latents)
         static.t[:batch].copy_(timesteps)
-        static.c.index_copy_(0, rows, neighbor_hidden_states)
+        for buffer, value in zip(static.c.tensors(), neighbor.tensors()):
+            if buffer is not None:
+                buffer.index_copy_(0, rows, value)
         if static.graph is None:
             return unet_prediction(self.model, static.x, static.t, static.c).index_select(0, rows)
         static.graph.replay()
         return static.out.index_select(0, rows)
 
-    def _build(self, key, noisy_latents, timesteps, neighbor_hidden_states, rows) -> _StaticBatch:
-        hidden = neighbor_hidden_states.new_zeros((noisy_latents.shape[0], *neighbor_hidden_states.shape[1:]))
-        hidden.index_copy_(0, rows, neighbor_hidden_states)
-        static = _StaticBatch(key, noisy_latents.clone(), timesteps.clone(), hidden)
+    def _build(self, key, noisy_latents, timesteps, neighbor: Conditioning, rows) -> _StaticBatch:
+        # Static buffers for every part of the conditioning (SDXL: pooled embeddings and time ids too).
+        def buffer(value: torch.Tensor) -> torch.Tensor:
+            full = value.new_zeros((noisy_latents.shape[0], *value.shape[1:]))
+            return full.index_copy_(0, rows, value)
+
+        static = _StaticBatch(key, noisy_latents.clone(), timesteps.clone(), neighbor.map(buffer))
         if not self.use_graph:
             return static
         # Capturing empties the allocator's cache; empty it first so that the growth of reserved memory is
@@ -268,7 +282,7 @@ class _StaticBatch:
     key: tuple
     x: torch.Tensor
     t: torch.Tensor
-    c: torch.Tensor
+    c: Conditioning
     out: torch.Tensor | None = None
     graph: object | None = None
 
@@ -372,7 +386,9 @@ def objective_loss(
             unet,
             torch.cat([noisy_latents, noisy_latents.index_select(0, rows)]),
             torch.cat([timesteps, timesteps.index_select(0, rows)]),
-            torch.cat([encoder_hidden_states, neighbor_hidden_states])
+            cat_conditioning(
+                [encoder_hidden_states, neighbor_conditioning(encoder_hidden_states, neighbor_hidden_states, rows)]
+            )
             if neighbor_hidden_states is not None
             else encoder_hidden_states,
         )
@@ -392,6 +408,8 @@ def objective_loss(
                 unet_prediction(unet, noisy_latents[:1], timesteps[:1], encoder_hidden_states[:1])
         if needed:
             rows = draw.needs_forward.nonzero().flatten().to(noisy_latents.device, non_blocking=True)
+            # The neighbour's caption on the sample's own image (SDXL: the sample's own time ids).
+            neighbor_hidden_states = neighbor_conditioning(encoder_hidden_states, neighbor_hidden_states, rows)
             # Before the forward with grad: its activations are freed before the training activations are
             # allocated, so the extra forward adds time but (almost) no peak memory.
             with torch.no_grad():
@@ -417,7 +435,9 @@ def objective_loss(
             unet,
             torch.cat([noisy_latents, noisy_latents]),
             torch.cat([timesteps, timesteps]),
-            torch.cat([encoder_hidden_states, neighbor_hidden_states]),
+            cat_conditioning(
+                [encoder_hidden_states, neighbor_conditioning(encoder_hidden_states, neighbor_hidden_states)]
+            ),
         )
         model_pred, partner_pred = both.chunk(2)
         return cbdm_loss(
@@ -435,53 +455,54 @@ def objective_loss(
 
 
 class CaptionStates:
-    """Text-encoder hidden states of the captions dataset rows train on: for the batch and for drawn neighbours
-    or partners, from the text encoder or (--cache_latents) from precomputed states.
+    """The conditioning of the captions dataset rows train on: for the batch and for drawn neighbours or
+    partners, from the family's text encoders or (--cache_latents) from precomputed states.
 
     Args:
-        text_encoder: the frozen text encoder (on `device`).
-        distinct_input_ids: (U, L) tokens of each distinct caption.
+        text_encoders: the family's frozen `TextEncoders` (on `device`).
+        distinct_input_ids: token ids of each distinct caption (U first), as `text_encoders.tokenize` gives.
         row_text_ids: (N,) which distinct caption each row trains on this epoch (`RowCaptions.ids`); replace it
             at every epoch's start.
-        empty_input_ids: (L,) tokens of the empty prompt (caption dropout).
+        empty_input_ids: token ids of the empty prompt (caption dropout), one caption's worth.
         device: where the states are needed.
-        text_cache: (U + 1, L, D) precomputed states; row U is the empty prompt.
+        text_cache: precomputed conditioning of the U distinct captions and, as row U, the empty prompt.
     """
 
     def __init__(
         self,
-        text_encoder: Callable,
+        text_encoders: TextEncoders,
         distinct_input_ids: torch.Tensor,
         row_text_ids: torch.Tensor,
         empty_input_ids: torch.Tensor | None,
         device: torch.device,
-        text_cache: torch.Tensor | None = None,
+        text_cache: Conditioning | None = None,
     ) -> None:
-        self.text_encoder = text_encoder
+        self.text_encoders = text_encoders
         self.distinct_input_ids = distinct_input_ids
         self.row_text_ids = row_text_ids
         self.empty_input_ids = empty_input_ids
         self.device = device
         self.text_cache = text_cache
 
-    def of_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """States of the captions `rows` train on (for neighbours and partners; no gradient)."""
+    def of_rows(self, rows: torch.Tensor) -> Conditioning:
+        """The caption part of the conditioning of the captions `rows` train on (for neighbours and partners;
+        no gradient)."""
         ids = self.row_text_ids[rows.cpu()]
         if self.text_cache is not None:
-            return self.text_cache[ids.to(self.text_cache.device)]
+            return self.text_cache[ids.to(self.text_cache.hidden_states.device)]
         with torch.no_grad():
-            return self.text_encoder(self.distinct_input_ids[ids].to(self.device), return_dict=False)[0]
+            return self.text_encoders.encode(self.distinct_input_ids[ids].to(self.device))
 
-    def of_batch(
-        self, rows: torch.Tensor, input_ids: torch.Tensor | None, dropped: torch.Tensor
-    ) -> torch.Tensor:
-        """States that condition the batch: its tokens, or the empty prompt where the caption was dropped."""
+    def of_batch(self, rows: torch.Tensor, input_ids: torch.Tensor | None, dropped: torch.Tensor) -> Conditioning:
+        """The caption part of the batch's conditioning: its tokens, or the empty prompt where the caption was
+        dropped."""
         if self.text_cache is not None:
             ids = torch.where(dropped, len(self.distinct_input_ids), self.row_text_ids[rows.cpu()])
-            return self.text_cache[ids.to(self.text_cache.device)]
+            return self.text_cache[ids.to(self.text_cache.hidden_states.device)]
         if bool(dropped.any()):
-            input_ids = torch.where(dropped[:, None], self.empty_input_ids[None], input_ids.cpu())
-        return self.text_encoder(input_ids.to(self.device), return_dict=False)[0]
+            mask = dropped.view(-1, *([1] * (input_ids.ndim - 1)))
+            input_ids = torch.where(mask, self.empty_input_ids[None], input_ids.cpu())
+        return self.text_encoders.encode(input_ids.to(self.device))
 
 
 @dataclass
@@ -493,7 +514,7 @@ class NoisedBatch:
     noise: torch.Tensor
     timesteps: torch.Tensor
     noisy_latents: torch.Tensor
-    encoder_hidden_states: torch.Tensor
+    encoder_hidden_states: Conditioning | torch.Tensor  # the UNet's conditioning (`families.Conditioning`)
     target: torch.Tensor
     caption_dropped: torch.Tensor  # (B,) bool, on the CPU
 
@@ -524,8 +545,9 @@ def noised_batch(
     if latent_cache is not None:
         latent_dist = DiagonalGaussianDistribution(latent_cache[rows].to(device, weight_dtype))
     else:
-        latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
-    latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
+        # The VAE's own dtype: SDXL's runs in float32 whatever the mixed precision (see `families`).
+        latent_dist = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
+    latents = (latent_dist.sample(generator=generator) * vae.config.scaling_factor).to(weight_dtype)
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
@@ -547,6 +569,10 @@ def noised_batch(
     if caption_dropout_prob > 0:
         caption_dropped = torch.rand(bsz, generator=cpu_generator) < caption_dropout_prob
     encoder_hidden_states = captions.of_batch(rows, batch.get("input_ids"), caption_dropped)
+    if "time_ids" in batch:
+        # SDXL's micro-conditioning belongs to the image (its size and crop), not to the caption.
+        time_ids = batch["time_ids"].to(device, weight_dtype)
+        encoder_hidden_states = Conditioning(encoder_hidden_states.hidden_states, encoder_hidden_states.text_embeds, time_ids)
 
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
