@@ -14,7 +14,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pogdiff.testing import build_tiny_sd, run_process_group, write_tiny_dataset  # noqa: E402
+from pogdiff.testing import build_tiny_sd, build_tiny_sdxl, run_process_group, write_tiny_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,6 +23,12 @@ REPO = Path(__file__).resolve().parent.parent
 def tiny_sd_path(tmp_path_factory) -> str:
     """A tiny Stable Diffusion saved in the diffusers layout (random weights, seed 0)."""
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory) -> str:
+    """A tiny Stable Diffusion XL saved in the diffusers layout (random weights, seed 0)."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
 
 
 @pytest.fixture(scope="session")
