@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError, report_user_errors
-from .sampling import derive_seed
+from .seeds import derive_seed
 
 if TYPE_CHECKING:  # `datasets` is imported where used: the transforms alone should not pay for it
     import datasets

@@ -5,7 +5,7 @@ few-shot ("minority") ones are where PoGDiff has to help. So the trainer, by def
 from the training data (:func:`auto_validation_prompts`): a couple of the identities with the most images and a
 couple of the few-shot ones (at most ``few_shot_max`` images, the same cut as
 :func:`pogdiff.metrics.shot_split`). At every validation it samples ``num_validation_images`` images per prompt
-with the seeds of :func:`validation_seed`, which do not depend on the step, so a row of one grid is directly
+with the seeds of :func:`pogdiff.seeds.validation_seed`, which do not depend on the step, so a row of one grid is directly
 comparable with the same row of any other. :func:`validation_grid` lays out one row per prompt::
 
     step 200
@@ -35,11 +35,11 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import UserError
 
+# validation_seed is re-exported for the trainer; its home is pogdiff.seeds.
+from .seeds import validation_seed as validation_seed
+
 Box = tuple[int, int, int, int]
 """A pixel box ``(left, top, right, bottom)``, right/bottom exclusive (PIL's convention)."""
-
-SEED_STRIDE = 1000
-"""Seeds of consecutive prompts are this far apart, so up to this many images per prompt never collide."""
 
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
@@ -162,20 +162,6 @@ def prompts_from_user(prompts: Sequence[str]) -> list[ValidationPrompt]:
     if isinstance(prompts, str):
         raise TypeError("prompts_from_user takes a sequence of prompts, not one string.")
     return [ValidationPrompt(prompt=prompt) for prompt in prompts]
-
-
-def validation_seed(base_seed: int, prompt_index: int, image_index: int) -> int:
-    """The seed of sample ``image_index`` of prompt ``prompt_index``: ``base_seed + 1000 * prompt_index +
-    image_index``.
-
-    It does not depend on the step, so every validation draws the same initial noise for the same cell and a
-    change between two grids is the model's, not the noise's. Distinct for ``image_index < 1000``.
-    """
-    if prompt_index < 0 or not 0 <= image_index < SEED_STRIDE:
-        raise ValueError(
-            f"prompt_index must be >= 0 and image_index in [0, {SEED_STRIDE}), got {prompt_index}, {image_index}."
-        )
-    return int(base_seed) + SEED_STRIDE * int(prompt_index) + int(image_index)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,12 @@ here is a change of every seeded result: the values below must never move.
 
 from __future__ import annotations
 
+import pytest
+
 import evaluate_pogdiff
-import pogdiff.longtail as longtail
-from pogdiff.sampling import derive_seed
-from pogdiff.validation import validation_seed
+import pogdiff.sampling
+import pogdiff.validation
+from pogdiff.seeds import derive_seed, image_seed, pseudonym_hash, text_seed, validation_seed
 
 
 def test_derive_seed_values_are_pinned():
@@ -22,17 +24,37 @@ def test_derive_seed_values_are_pinned():
 
 
 def test_validation_seed_values_are_pinned():
-    assert [validation_seed(0, 0, 0), validation_seed(42, 2, 1), validation_seed(7, 1, 999)] == [0, 2043, 2006]
+    assert [validation_seed(0, 0, 0), validation_seed(42, 2, 1), validation_seed(7, 1, 999)] == [
+        0,
+        2043,
+        2006,
+    ]
     assert validation_seed(-5, 3, 4) == 2999
 
 
 def test_image_seed_values_are_pinned():
-    assert evaluate_pogdiff.image_seed(0, "alice", 0) == 3319157180075019396
-    assert evaluate_pogdiff.image_seed(42, "Bob Smith", 3) == 8114201903576609561
-    assert evaluate_pogdiff.image_seed(-1, "x", 999) == 2255596081512494954
+    assert image_seed(0, "alice", 0) == 3319157180075019396
+    assert image_seed(42, "Bob Smith", 3) == 8114201903576609561
+    assert image_seed(-1, "x", 999) == 2255596081512494954
 
 
 def test_pseudonym_hash_values_are_pinned():
-    assert longtail._stable_hash(0, "alice") == 5919233534980305281
-    assert longtail._stable_hash(3, "Ronald Reagan") == 15267785490865431832
-    assert longtail._stable_hash("a", 1, 2.5) == 7041436775916172589
+    assert pseudonym_hash(0, "alice") == 5919233534980305281
+    assert pseudonym_hash(3, "Ronald Reagan") == 15267785490865431832
+    assert pseudonym_hash("a", 1, 2.5) == 7041436775916172589
+
+
+def test_the_callers_use_the_one_home():
+    assert pogdiff.sampling.derive_seed is derive_seed
+    assert pogdiff.validation.validation_seed is validation_seed
+    assert evaluate_pogdiff.image_seed is image_seed
+
+
+def test_text_seed_is_the_one_sha256_derivation():
+    assert image_seed(42, "Bob Smith", 3) == text_seed(42, "Bob Smith", 3)
+    assert pseudonym_hash(3, "Ronald Reagan") == text_seed(
+        3, "Ronald Reagan", separator="\0", byteorder="big", bits=64
+    )
+    assert 0 <= text_seed("x") < 2**63 and 0 <= pseudonym_hash("x") < 2**64
+    with pytest.raises(ValueError):
+        text_seed("x", bits=65)
