@@ -58,7 +58,8 @@ from pogdiff.data import (
 from pogdiff.errors import UserError, model_load_message, report_user_errors
 from pogdiff.features import DEFAULT_FEATURE_EXTRACTOR, centre_on, get_feature_extractor
 from pogdiff.hub import recorded_run_settings, training_resolution
-from pogdiff.metrics import aggregate_metrics, identity_metrics, markdown_table, shot_split
+from pogdiff.identities import shot_split
+from pogdiff.metrics import aggregate_metrics, identity_metrics, markdown_table
 from pogdiff.seeds import image_seed
 
 matplotlib.use("Agg")

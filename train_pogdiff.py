@@ -100,6 +100,7 @@ from pogdiff.errors import (
     user_error_message,
 )
 from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code, save_run_settings
+from pogdiff.identities import few_shot_rows, shot_split
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
 from pogdiff.sampling import (
     EpochSampler,
@@ -890,7 +891,7 @@ def main(args: argparse.Namespace) -> Accelerator:
         )
     logger.info(
         f"{len(dataset)} training images, {len(identity_counts)} identities "
-        f"({sum(1 for n in identity_counts.values() if n <= args.few_shot_max)} with <= {args.few_shot_max} images)."
+        f"({len(shot_split(identity_counts, args.few_shot_max)['few'])} with <= {args.few_shot_max} images)."
     )
 
     # The objective and its psi settings, one validated value each, for the index summary and every step.
@@ -1060,7 +1061,7 @@ def main(args: argparse.Namespace) -> Accelerator:
     accelerator.register_for_checkpointing(sample_counter)
     is_minority = None
     if index is not None:
-        is_minority = torch.tensor([identity_counts[name] <= args.few_shot_max for name in identities])
+        is_minority = torch.tensor(few_shot_rows(identities, identity_counts, args.few_shot_max))
 
     # Train!
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps

@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError, report_user_errors
+from .identities import identity_counts
 from .seeds import derive_seed
 
 if TYPE_CHECKING:  # `datasets` is imported where used: the transforms alone should not pay for it
@@ -543,7 +544,7 @@ def check_identities(labels: list[str]) -> dict[str, int]:
     PoGDiff borrows strength from a neighbouring image of the same identity (paper App. "Limitations":
     at least 2 per minority class), so an identity with one image gets no same-identity neighbour.
     """
-    counts = dict(sorted(Counter(labels).items()))
+    counts = identity_counts(labels)
     singles = [name for name, n in counts.items() if n == 1]
     if singles:
         shown = ", ".join(repr(s) for s in singles[:20])

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .arguments import add_index_arguments, index_build_kwargs
 from .errors import UserError, report_user_errors
+from .identities import is_few_shot, shot_split
 from .psi import PsiParams, expected_psi
 
 logger = logging.getLogger(__name__)
@@ -589,7 +590,7 @@ def _identity_counts(index: PoGDiffIndex) -> dict[str, int]:
 def _minority_mask(index: PoGDiffIndex, few_shot_max: int) -> torch.Tensor:
     """(N,) bool: the sample's identity has at most `few_shot_max` images."""
     counts = torch.bincount(index.identity_ids, minlength=len(index.identity_names))
-    return counts[index.identity_ids] <= few_shot_max
+    return is_few_shot(counts[index.identity_ids], few_shot_max)
 
 
 def expected_psi_per_sample(index: PoGDiffIndex, psi: PsiParams = PsiParams()) -> torch.Tensor:
@@ -616,8 +617,8 @@ def summarize_index(
     from .density import log_weight_summary
 
     counts = _identity_counts(index)
-    minority = sorted(name for name, count in counts.items() if count <= few_shot_max)
-    majority = sorted(name for name, count in counts.items() if count > few_shot_max)
+    split = shot_split(counts, few_shot_max)
+    minority, majority = split["few"], split["many"]
     is_minority = _minority_mask(index, few_shot_max)
     expected = expected_psi_per_sample(index, psi)
     other_identity = index.identity_ids[index.neighbor_ids] != index.identity_ids[:, None]

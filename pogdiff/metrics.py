@@ -21,6 +21,9 @@ import numpy as np
 
 from .errors import UserError
 
+# shot_split is re-exported; its home is pogdiff.identities.
+from .identities import shot_split as shot_split
+
 GRECALL_RULES = ("nearest", "any")
 METRICS = ("dino", "grecall", "fid")
 
@@ -140,18 +143,6 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
     distance = mean_term + float(np.trace(cov_a)) + float(np.trace(cov_b)) - 2.0 * trace_sqrt
     # The exact value is >= 0; round-off on identical sets can give -1e-16.
     return max(distance, 0.0)
-
-
-def shot_split(train_counts: Mapping[str, int], few_shot_max: int = 2) -> dict[str, list[str]]:
-    """Groups identities by their number of training images (paper Tables 1-5: all-shot vs few-shot).
-
-    Returns sorted identity lists: ``all`` (every identity), ``few`` (at most ``few_shot_max`` training
-    images) and ``many`` (the rest).
-    """
-    identities = sorted(train_counts)
-    few = [name for name in identities if train_counts[name] <= few_shot_max]
-    many = [name for name in identities if train_counts[name] > few_shot_max]
-    return {"all": identities, "few": few, "many": many}
 
 
 def identity_metrics(

@@ -4,7 +4,7 @@ A plain validation prompt says little about an imbalanced run: the majority iden
 few-shot ("minority") ones are where PoGDiff has to help. So the trainer, by default, picks the prompts once
 from the training data (:func:`auto_validation_prompts`): a couple of the identities with the most images and a
 couple of the few-shot ones (at most ``few_shot_max`` images, the same cut as
-:func:`pogdiff.metrics.shot_split`). At every validation it samples ``num_validation_images`` images per prompt
+:func:`pogdiff.identities.shot_split`). At every validation it samples ``num_validation_images`` images per prompt
 with the seeds of :func:`pogdiff.seeds.validation_seed`, which do not depend on the step, so a row of one grid is directly
 comparable with the same row of any other. :func:`validation_grid` lays out one row per prompt::
 
@@ -25,7 +25,6 @@ and sizes, so every box is testable exactly. PIL and the standard library only; 
 from __future__ import annotations
 
 import inspect
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import UserError
+from .identities import identity_counts, is_few_shot
 
 # validation_seed is re-exported for the trainer; its home is pogdiff.seeds.
 from .seeds import validation_seed as validation_seed
@@ -109,7 +109,7 @@ def auto_validation_prompts(
     """Validation prompts for the identities with the most images and the few-shot ones, deterministically.
 
     ``identities`` and ``captions`` are per training row. Few-shot identities have at most ``few_shot_max``
-    images (as in :func:`pogdiff.metrics.shot_split`); the others are the majority candidates. Chosen are the
+    images (as in :func:`pogdiff.identities.shot_split`); the others are the majority candidates. Chosen are the
     ``num_majority`` majority identities with the most images and the ``num_few_shot`` few-shot identities with
     the fewest, ties broken by name in both, majority rows first. When one group is empty (every identity
     few-shot, or none) only the other appears, so no identity is chosen twice. The prompt is the identity's
@@ -123,12 +123,17 @@ def auto_validation_prompts(
         raise ValueError(
             f"num_majority and num_few_shot must be >= 0, got {num_majority} and {num_few_shot}."
         )
-    counts = Counter(identities)
+    counts = identity_counts(identities)
     rows: dict[str, list[int]] = {}
     for row, identity in enumerate(identities):
         rows.setdefault(identity, []).append(row)
-    majority = sorted((name for name in counts if counts[name] > few_shot_max), key=lambda n: (-counts[n], n))
-    few = sorted((name for name in counts if counts[name] <= few_shot_max), key=lambda n: (counts[n], n))
+    majority = sorted(
+        (name for name in counts if not is_few_shot(counts[name], few_shot_max)),
+        key=lambda n: (-counts[n], n),
+    )
+    few = sorted(
+        (name for name in counts if is_few_shot(counts[name], few_shot_max)), key=lambda n: (counts[n], n)
+    )
     chosen = [(name, False) for name in majority[:num_majority]] + [
         (name, True) for name in few[:num_few_shot]
     ]
