@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from pipeline_pogdiff import PoGDiffPipeline
 from pogdiff.arguments import show_defaults
+from pogdiff.checkpointing import recorded_run_settings, training_resolution
 from pogdiff.data import (
     identity_labels,
     load_image_text_dataset,
@@ -57,7 +58,6 @@ from pogdiff.data import (
 )
 from pogdiff.errors import UserError, model_load_message, report_user_errors
 from pogdiff.features import DEFAULT_FEATURE_EXTRACTOR, centre_on, get_feature_extractor
-from pogdiff.hub import recorded_run_settings, training_resolution
 from pogdiff.identities import shot_split
 from pogdiff.metrics import aggregate_metrics, identity_metrics, markdown_table
 from pogdiff.seeds import image_seed

@@ -40,7 +40,6 @@ from PIL import Image
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from .arguments import add_index_arguments, index_build_kwargs
 from .errors import UserError, report_user_errors
 from .identities import is_few_shot, shot_split
 from .psi import PsiParams, expected_psi
@@ -774,9 +773,9 @@ RUN_SETTINGS_FOR_INDEX = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .arguments import show_defaults
-    from .checkpointing import index_flag_dests
-    from .hub import recorded_run_settings, training_resolution
+    # The command line's modules load here, not with the library: the cached table does not depend on them.
+    from .arguments import add_index_arguments, show_defaults
+    from .checkpointing import index_flag_dests, recorded_run_settings, training_resolution
 
     parser = argparse.ArgumentParser(
         prog="python -m pogdiff.index",
@@ -865,6 +864,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from .arguments import index_build_kwargs
     from .data import (
         check_identities,
         dataset_fingerprint,
