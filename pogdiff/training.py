@@ -21,6 +21,7 @@ from pogdiff.objectives import cbdm_loss, needs_neighbor_forward, pogdiff_loss, 
 from pogdiff.psi import PsiParams, compute_psi
 
 from .errors import UserError
+from .noising import noise_latents
 
 OBJECTIVES = ("vanilla", "pogdiff", "cbdm", "t2h")
 NEIGHBOR_FORWARD_MODES = ("auto", "eager", "cuda_graph")
@@ -527,33 +528,14 @@ def noised_batch(
         latent_dist = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
     latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
     bsz = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    if noise_offset:
-        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-        noise += noise_offset * torch.randn(
-            (bsz, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
-        )
-    noised = noise
-    if input_perturbation:
-        noised = noise + input_perturbation * torch.randn(
-            latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
-        )
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device
-    ).long()
-    noisy_latents = noise_scheduler.add_noise(latents, noised, timesteps)
+    noise, timesteps, noisy_latents, target = noise_latents(
+        latents, noise_scheduler, generator, noise_offset=noise_offset, input_perturbation=input_perturbation
+    )
 
     caption_dropped = torch.zeros(bsz, dtype=torch.bool)
     if caption_dropout_prob > 0:
         caption_dropped = torch.rand(bsz, generator=cpu_generator) < caption_dropout_prob
     encoder_hidden_states = captions.of_batch(rows, batch.get("input_ids"), caption_dropped)
-
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise UserError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
     return NoisedBatch(
         rows, latents, noise, timesteps, noisy_latents, encoder_hidden_states, target, caption_dropped
     )
