@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from pipeline_pogdiff import PoGDiffPipeline
 from pogdiff.arguments import show_defaults
+from pogdiff.checkpointing import recorded_run_settings, training_resolution
 from pogdiff.data import (
     identity_labels,
     load_image_text_dataset,
@@ -57,8 +58,9 @@ from pogdiff.data import (
 )
 from pogdiff.errors import UserError, model_load_message, report_user_errors
 from pogdiff.features import DEFAULT_FEATURE_EXTRACTOR, centre_on, get_feature_extractor
-from pogdiff.hub import recorded_run_settings, training_resolution
-from pogdiff.metrics import aggregate_metrics, identity_metrics, markdown_table, shot_split
+from pogdiff.identities import shot_split
+from pogdiff.metrics import aggregate_metrics, identity_metrics, markdown_table
+from pogdiff.seeds import image_seed
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -221,16 +223,6 @@ def folder_name(identity: str) -> str:
         return identity
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", identity).strip("._")[:60]
     return f"{slug}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
-
-
-def image_seed(seed: int, identity: str, index: int) -> int:
-    """The seed of one generated image: stable across runs, machines, batch sizes and models.
-
-    Every model gets the same initial noise for the same (identity, index), so models are compared
-    on paired samples, and a rerun that generates only missing images matches a full run.
-    """
-    digest = hashlib.sha256(f"{seed}/{identity}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class RealImages:

@@ -78,7 +78,9 @@ class _PoGDiffLoading:
     def _ddim(scheduler):
         # DDIM is the paper's sampler; converting from the shipped config keeps the model's beta schedule,
         # prediction type and timestep spacing.
-        return scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)
+        return (
+            scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)
+        )
 
     @classmethod
     def _for_model(cls, model_index: dict | None):
@@ -138,7 +140,9 @@ class _PoGDiffLoading:
     @classmethod
     def _base_pipeline(cls, base: str, **kwargs):
         """The base model in the PoGDiff class of its family."""
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs}
+        hub_kwargs = {
+            k: kwargs[k] for k in ("cache_dir", "token", "revision", "local_files_only") if k in kwargs
+        }
         family_cls = cls._for_model(_model_index(base, **hub_kwargs))
         return super(_PoGDiffLoading, family_cls).from_pretrained(base, **kwargs)
 

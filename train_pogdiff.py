@@ -72,6 +72,7 @@ from pogdiff.checkpointing import (
     read_run_record,
     run_settings,
     save_checkpoint,
+    save_run_settings,
     select_resume_checkpoint,
     set_aside_newer_checkpoints,
 )
@@ -97,18 +98,19 @@ from pogdiff.errors import (
     user_error_message,
 )
 from pogdiff.families import ModelFamily, add_time_ids, cat_conditioning, detect_family
-from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code, save_run_settings
+from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code
+from pogdiff.identities import few_shot_rows, shot_split
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
 from pogdiff.sampling import (
     EpochSampler,
     RowCaptions,
     SampleCounter,
     density_sampling_weights,
-    derive_seed,
     identity_sampling_weights,
     sampling_label,
     with_row_weights,
 )
+from pogdiff.seeds import derive_seed, validation_seed
 from pogdiff.training import (
     CaptionStates,
     ObjectiveSettings,
@@ -130,7 +132,6 @@ from pogdiff.validation import (
     save_validation_grid,
     validation_grid,
     validation_sampling,
-    validation_seed,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -741,7 +742,9 @@ def main(args: argparse.Namespace) -> Accelerator:
                 return
             for model in models:
                 if args.use_lora:
-                    save_lora(accelerator.unwrap_model(model, keep_torch_compile=False), output_dir, family=family)
+                    save_lora(
+                        accelerator.unwrap_model(model, keep_torch_compile=False), output_dir, family=family
+                    )
                 else:
                     accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
                         os.path.join(output_dir, "unet")
@@ -890,7 +893,7 @@ def main(args: argparse.Namespace) -> Accelerator:
         )
     logger.info(
         f"{len(dataset)} training images, {len(identity_counts)} identities "
-        f"({sum(1 for n in identity_counts.values() if n <= args.few_shot_max)} with <= {args.few_shot_max} images)."
+        f"({len(shot_split(identity_counts, args.few_shot_max)['few'])} with <= {args.few_shot_max} images)."
     )
 
     # The objective and its psi settings, one validated value each, for the index summary and every step.
@@ -1036,7 +1039,9 @@ def main(args: argparse.Namespace) -> Accelerator:
                 train_image(i), args.resolution, center_crop=True, interpolation=args.image_interpolation_mode
             )
             # SDXL's micro-conditioning of the cached (centre-cropped) image.
-            cached_time_ids[i] = add_time_ids(original_size, crop_top_left, (args.resolution, args.resolution))
+            cached_time_ids[i] = add_time_ids(
+                original_size, crop_top_left, (args.resolution, args.resolution)
+            )
             return pixels
 
         latent_cache = encode_latent_parameters(
@@ -1069,7 +1074,7 @@ def main(args: argparse.Namespace) -> Accelerator:
     accelerator.register_for_checkpointing(sample_counter)
     is_minority = None
     if index is not None:
-        is_minority = torch.tensor([identity_counts[name] <= args.few_shot_max for name in identities])
+        is_minority = torch.tensor(few_shot_rows(identities, identity_counts, args.few_shot_max))
 
     # Train!
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps

@@ -46,7 +46,7 @@ if _ROOT not in sys.path:
 
 from pogdiff.index import PoGDiffIndex  # noqa: E402
 from pogdiff.psi import PsiParams  # noqa: E402
-from pogdiff.sampling import derive_seed  # noqa: E402
+from pogdiff.seeds import derive_seed  # noqa: E402
 from pogdiff.testing import sd15_noise_scheduler  # noqa: E402
 from pogdiff.training import (  # noqa: E402
     NEIGHBOR_FORWARD_MODES,

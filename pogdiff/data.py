@@ -32,7 +32,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError, report_user_errors
 from .families import add_time_ids
-from .sampling import derive_seed
+from .identities import identity_counts
+from .seeds import derive_seed
 
 if TYPE_CHECKING:  # `datasets` is imported where used: the transforms alone should not pay for it
     import datasets
@@ -544,7 +545,7 @@ def check_identities(labels: list[str]) -> dict[str, int]:
     PoGDiff borrows strength from a neighbouring image of the same identity (paper App. "Limitations":
     at least 2 per minority class), so an identity with one image gets no same-identity neighbour.
     """
-    counts = dict(sorted(Counter(labels).items()))
+    counts = identity_counts(labels)
     singles = [name for name, n in counts.items() if n == 1]
     if singles:
         shown = ", ".join(repr(s) for s in singles[:20])
@@ -875,7 +876,9 @@ class TrainDataset(torch.utils.data.Dataset):
 def collate_fn(examples: list[dict]) -> dict:
     batch = {"index": torch.tensor([e["index"] for e in examples], dtype=torch.long)}
     if "pixel_values" in examples[0]:
-        pixel_values = torch.stack([e["pixel_values"] for e in examples]).to(memory_format=torch.contiguous_format)
+        pixel_values = torch.stack([e["pixel_values"] for e in examples]).to(
+            memory_format=torch.contiguous_format
+        )
         batch["pixel_values"] = pixel_values.float()
         batch["input_ids"] = torch.stack([e["input_ids"] for e in examples])
     if "time_ids" in examples[0]:

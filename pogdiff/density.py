@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .sampling import derive_seed
+from .seeds import derive_seed
 
 # Bounds on log-variances and observation log-scales: keep exp() finite and stop the observation scale of
 # a (nearly) constant embedding dimension from collapsing to 0, where its log-likelihood would diverge.

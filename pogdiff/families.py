@@ -92,7 +92,9 @@ def cat_conditioning(parts: Sequence[Conditioning | torch.Tensor]) -> Conditioni
 
 
 def neighbor_conditioning(
-    batch: Conditioning | torch.Tensor, neighbor_text: Conditioning | torch.Tensor, rows: torch.Tensor | None = None
+    batch: Conditioning | torch.Tensor,
+    neighbor_text: Conditioning | torch.Tensor,
+    rows: torch.Tensor | None = None,
 ) -> Conditioning | torch.Tensor:
     """The conditioning of a neighbour (or partner) forward: the neighbour's caption on the sample's own image.
 
@@ -106,7 +108,9 @@ def neighbor_conditioning(
     return own.with_text_of(as_conditioning(neighbor_text))
 
 
-def unet_prediction(unet: Callable, noisy_latents, timesteps, cond: Conditioning | torch.Tensor) -> torch.Tensor:
+def unet_prediction(
+    unet: Callable, noisy_latents, timesteps, cond: Conditioning | torch.Tensor
+) -> torch.Tensor:
     """The UNet's prediction for x_t, t and a conditioning (any family)."""
     return unet(noisy_latents, timesteps, **as_conditioning(cond).unet_kwargs(), return_dict=False)[0]
 
@@ -260,7 +264,10 @@ class ModelFamily:
             )
             encoders.append(
                 getattr(transformers, encoder_cls).from_pretrained(
-                    pretrained_model_name_or_path, subfolder=encoder_folder, revision=revision, variant=variant
+                    pretrained_model_name_or_path,
+                    subfolder=encoder_folder,
+                    revision=revision,
+                    variant=variant,
                 )
             )
         return self.text_encoders_cls(tokenizers, encoders).requires_grad_(False).eval()
@@ -326,7 +333,9 @@ def family_of_index(model_index: dict) -> ModelFamily:
     )
 
 
-def read_model_index(pretrained_model_name_or_path: str, revision: str | None = None, **hub_kwargs) -> dict | None:
+def read_model_index(
+    pretrained_model_name_or_path: str, revision: str | None = None, **hub_kwargs
+) -> dict | None:
     """The model's `model_index.json` (a folder or a Hub id), or None where there is none."""
     path = str(pretrained_model_name_or_path)
     if os.path.isdir(path):
@@ -345,7 +354,9 @@ def read_model_index(pretrained_model_name_or_path: str, revision: str | None = 
         return json.load(f)
 
 
-def detect_family(pretrained_model_name_or_path: str, revision: str | None = None, **hub_kwargs) -> ModelFamily:
+def detect_family(
+    pretrained_model_name_or_path: str, revision: str | None = None, **hub_kwargs
+) -> ModelFamily:
     """The family of a base model, read from its `model_index.json`; SD when it cannot be read (the loaders
     that follow then report what is missing)."""
     model_index = read_model_index(pretrained_model_name_or_path, revision, **hub_kwargs)

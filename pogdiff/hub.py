@@ -1,15 +1,12 @@
 """What a training run leaves for people and other tools: the model card, LoRA files (diffusers and kohya/webui
-formats), the pipeline code that `custom_pipeline=` loads, using diffusers' and huggingface_hub's helpers, and the
-run record (`pogdiff_run.json`) from which `evaluate_pogdiff.py` and `python -m pogdiff.index` take the settings
-the run was trained with (resolution, index settings) instead of guessing them."""
+formats), the pipeline code that `custom_pipeline=` loads, using diffusers' and huggingface_hub's helpers. The run record
+(`pogdiff_run.json`) and what the tools read from it live in `pogdiff.checkpointing`."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate.logging import get_logger
@@ -17,8 +14,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from PIL import Image
 from safetensors.torch import save_file
 
-from .checkpointing import RUN_RECORD, RUN_RECORD_FORMAT, base_model_reference, checkpoint_dirs
-from .errors import UserError
+from .checkpointing import base_model_reference
 from .families import SD, ModelFamily
 from .index import format_summary
 from .sampling import sampling_label
@@ -215,100 +211,3 @@ def save_pipeline_code(output_dir: str, source: str | os.PathLike, family: Model
             f'"""The pipeline diffusers\' `custom_pipeline=` loads for this {family.pipeline_class_name} result."""\n\n'
             f"from .{source.stem} import {family.pogdiff_pipeline_name}  # noqa: F401\n"
         )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The run record of a training output, and the size a model generates at
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def save_run_settings(output_dir: str, global_step: int, settings: dict[str, Any]) -> str:
-    """`output_dir/pogdiff_run.json`: the finished run's settings (`checkpointing.run_settings`), in the format of
-    a checkpoint's record, so that the tools reading a training output find them whether or not it checkpointed."""
-    path = os.path.join(output_dir, RUN_RECORD)
-    record = {"format": RUN_RECORD_FORMAT, "global_step": global_step, "settings": settings}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    return path
-
-
-def recorded_run_settings(path: str) -> tuple[dict[str, Any], str] | None:
-    """The settings a `train_pogdiff.py` output (or one of its checkpoints) was trained with, and the record they
-    come from: the folder's own `pogdiff_run.json` (the final one, or a checkpoint's), else its newest checkpoint's.
-    None for anything else (a Hub id, a model saved by other tools).
-
-    Raises:
-        UserError: a record exists but is not readable JSON with settings.
-    """
-    if not os.path.isdir(path):
-        return None
-    for folder in [path, *(os.path.join(path, name) for name in reversed(checkpoint_dirs(path)))]:
-        record_path = os.path.join(folder, RUN_RECORD)
-        if not os.path.isfile(record_path):
-            continue
-        try:
-            with open(record_path, encoding="utf-8") as f:
-                settings = json.load(f)["settings"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UserError(
-                f"{record_path} (the run record train_pogdiff.py wrote) is not readable ({error!r}); restore it or "
-                "delete it and give the settings (e.g. --resolution) explicitly."
-            ) from error
-        return settings, record_path
-    return None
-
-
-def _model_file(model: str, name: str) -> str | None:
-    """Path of `name` in a local model folder, or in the Hub model's cached (or, online, downloaded) files."""
-    if os.path.isdir(model):
-        path = os.path.join(model, name)
-        return path if os.path.isfile(path) else None
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    from .features import hub_offline
-
-    try:
-        cached = try_to_load_from_cache(model, name)
-        if isinstance(cached, str) or hub_offline():
-            return cached if isinstance(cached, str) else None
-        return hf_hub_download(model, name)
-    except (OSError, ValueError):  # not a Hub id, not found, no network: the caller says what to pass instead
-        return None
-
-
-def native_resolution(model: str) -> int | None:
-    """The image size `model` generates at by default, as diffusers' pipelines compute it: the UNet's
-    `sample_size` times the VAE's scale factor (2 ** (len(block_out_channels) - 1)). For a LoRA result folder,
-    the size of the base model its model card names. None when the configs cannot be read."""
-    unet_config = _model_file(model, "unet/config.json")
-    vae_config = _model_file(model, "vae/config.json")
-    if unet_config is None or vae_config is None:
-        card = os.path.join(model, "README.md")
-        if os.path.isdir(model) and os.path.isfile(card):
-            from huggingface_hub import ModelCard
-
-            base = ModelCard.load(card).data.base_model
-            if isinstance(base, str) and base != model:
-                return native_resolution(base)
-        return None
-    with open(unet_config, encoding="utf-8") as f:
-        sample_size = json.load(f).get("sample_size")
-    with open(vae_config, encoding="utf-8") as f:
-        blocks = json.load(f).get("block_out_channels") or [0]
-    if isinstance(
-        sample_size, (list, tuple)
-    ):  # (height, width) in some configs; these tools use square images
-        sample_size = sample_size[0]
-    return int(sample_size) * 2 ** (len(blocks) - 1) if isinstance(sample_size, int) else None
-
-
-def training_resolution(model: str) -> tuple[int | None, str]:
-    """The resolution to generate `model`'s images at and where it comes from: the `--resolution` of the run that
-    trained it (its run record), else the model's own size (`native_resolution`); (None, reason) if neither."""
-    recorded = recorded_run_settings(model)
-    if recorded is not None and isinstance(recorded[0].get("--resolution"), int):
-        return recorded[0]["--resolution"], f"--resolution of the run, from {recorded[1]}"
-    size = native_resolution(model)
-    if size is not None:
-        return size, "the model's UNet sample_size x VAE scale factor"
-    return None, "no run record (pogdiff_run.json) and no readable unet/vae config"

@@ -40,8 +40,8 @@ from PIL import Image
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from .arguments import add_index_arguments, index_build_kwargs
 from .errors import UserError, report_user_errors
+from .identities import is_few_shot, shot_split
 from .psi import PsiParams, expected_psi
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,9 @@ def encode_texts(
     from .families import detect_family
 
     family = detect_family(pretrained_model_name_or_path, revision)
-    text_encoders = family.load_text_encoders(pretrained_model_name_or_path, revision=revision, variant=variant)
+    text_encoders = family.load_text_encoders(
+        pretrained_model_name_or_path, revision=revision, variant=variant
+    )
     text_encoders.to(device)
     row_ids, distinct = first_occurrence_ids(texts)
     chunks = []
@@ -581,7 +583,7 @@ def _identity_counts(index: PoGDiffIndex) -> dict[str, int]:
 def _minority_mask(index: PoGDiffIndex, few_shot_max: int) -> torch.Tensor:
     """(N,) bool: the sample's identity has at most `few_shot_max` images."""
     counts = torch.bincount(index.identity_ids, minlength=len(index.identity_names))
-    return counts[index.identity_ids] <= few_shot_max
+    return is_few_shot(counts[index.identity_ids], few_shot_max)
 
 
 def expected_psi_per_sample(index: PoGDiffIndex, psi: PsiParams = PsiParams()) -> torch.Tensor:
@@ -608,8 +610,8 @@ def summarize_index(
     from .density import log_weight_summary
 
     counts = _identity_counts(index)
-    minority = sorted(name for name, count in counts.items() if count <= few_shot_max)
-    majority = sorted(name for name, count in counts.items() if count > few_shot_max)
+    split = shot_split(counts, few_shot_max)
+    minority, majority = split["few"], split["many"]
     is_minority = _minority_mask(index, few_shot_max)
     expected = expected_psi_per_sample(index, psi)
     other_identity = index.identity_ids[index.neighbor_ids] != index.identity_ids[:, None]
@@ -765,9 +767,9 @@ RUN_SETTINGS_FOR_INDEX = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from .arguments import show_defaults
-    from .checkpointing import index_flag_dests
-    from .hub import recorded_run_settings, training_resolution
+    # The command line's modules load here, not with the library: the cached table does not depend on them.
+    from .arguments import add_index_arguments, show_defaults
+    from .checkpointing import index_flag_dests, recorded_run_settings, training_resolution
 
     parser = argparse.ArgumentParser(
         prog="python -m pogdiff.index",
@@ -856,6 +858,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from .arguments import index_build_kwargs
     from .data import (
         check_identities,
         dataset_fingerprint,

@@ -16,7 +16,6 @@ pseudonyms, and each identity's unused images become a `reference` split for eva
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
@@ -44,6 +43,7 @@ from .data import (
     scan_caption_folder,
 )
 from .errors import UserError, report_user_errors
+from .seeds import pseudonym_hash
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +137,6 @@ def display_name(name: str) -> str:
     return " ".join(name_parts(name)) or name
 
 
-def _stable_hash(*items: Any) -> int:
-    digest = hashlib.sha256("\0".join(str(item) for item in items).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big")
-
-
 def assign_pseudonyms(names: list[str], seed: int = 0) -> dict[str, str]:
     """Give each real name a stable, unique pseudonym (real name -> pseudonym).
 
@@ -156,8 +151,8 @@ def assign_pseudonyms(names: list[str], seed: int = 0) -> dict[str, str]:
     pairs = [f"{f} {s}" for s in PSEUDONYM_SURNAMES for f in first]
     used: set[str] = set()
     result: dict[str, str] = {}
-    for name in sorted(unique, key=lambda n: (_stable_hash(seed, n), n)):
-        start = _stable_hash(seed, name)
+    for name in sorted(unique, key=lambda n: (pseudonym_hash(seed, n), n)):
+        start = pseudonym_hash(seed, name)
         for pool in (first, pairs):
             candidates = (pool[(start + k) % len(pool)] for k in range(len(pool)))
             choice = next(
@@ -669,7 +664,7 @@ def build_longtail_dataset(
     rows: list[tuple[_Source, str, str]] = []  # (source, identity written out, split)
     for name, target in assignment:
         items = by_identity[name]
-        rng = np.random.default_rng(_stable_hash(seed, name))
+        rng = np.random.default_rng(pseudonym_hash(seed, name))
         picked = set(rng.choice(len(items), size=target, replace=False).tolist())
         rows += [(items[i], out_name[name], TRAIN_SPLIT) for i in sorted(picked)]
         rows += [(items[i], out_name[name], REFERENCE_SPLIT) for i in range(len(items)) if i not in picked]

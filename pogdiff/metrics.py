@@ -142,18 +142,6 @@ def frechet_distance(feats_a: Any, feats_b: Any) -> float:
     return max(distance, 0.0)
 
 
-def shot_split(train_counts: Mapping[str, int], few_shot_max: int = 2) -> dict[str, list[str]]:
-    """Groups identities by their number of training images (paper Tables 1-5: all-shot vs few-shot).
-
-    Returns sorted identity lists: ``all`` (every identity), ``few`` (at most ``few_shot_max`` training
-    images) and ``many`` (the rest).
-    """
-    identities = sorted(train_counts)
-    few = [name for name in identities if train_counts[name] <= few_shot_max]
-    many = [name for name in identities if train_counts[name] > few_shot_max]
-    return {"all": identities, "few": few, "many": many}
-
-
 def identity_metrics(
     gen_feats: Any,
     train_feats: Any,

@@ -54,6 +54,7 @@ from pogdiff.objectives import vanilla_loss
 from pogdiff.testing import TINY_RESOLUTION, tiny_sd_components
 
 from .errors import UserError, report_user_errors
+from .noising import noise_latents
 
 DEFAULT_KL_WEIGHT = 1e-5
 DEFAULT_CAPTION_DROPOUT = 0.1
@@ -247,7 +248,6 @@ def pretrain_unet(
     params = [p for p in unet.parameters() if p.requires_grad]
     warmup = min(100, steps // 10) if warmup_steps is None else warmup_steps
     optimizer, schedule = _optimizer_and_schedule(params, lr, steps, warmup)
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
     history = []
     progress = tqdm(
         batch_indices(len(latent_mean), batch_size, steps, generator),
@@ -258,18 +258,12 @@ def pretrain_unet(
     for rows in progress:
         mean, std = latent_mean[rows], latent_std[rows]
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, num_train_timesteps, (len(rows),), generator=generator)
-        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        _, timesteps, noisy_latents, target = noise_latents(latents, noise_scheduler, generator)
 
         states = caption_states[caption_ids[rows]]
         dropped = torch.rand(len(rows), generator=generator) < caption_dropout_prob
         states = torch.where(dropped[:, None, None], empty_state.expand_as(states), states)
 
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
         model_pred = unet(noisy_latents, timesteps, states, return_dict=False)[0]
         loss, _ = vanilla_loss(model_pred, target)
         if not torch.isfinite(loss):

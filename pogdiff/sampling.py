@@ -12,28 +12,16 @@ import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from .errors import UserError
+from .seeds import CAPTION_STREAM, derive_seed
 
 SAMPLING_SCHEMES = ("uniform", "balanced", "sqrt", "density")
 # The identity schemes as powers of `--sampling_power`: an image of an identity with n images is drawn with
 # weight n^(p - 1), so the identity as a whole gets n^p.
 SAMPLING_POWERS = {"uniform": 1.0, "sqrt": 0.5, "balanced": 0.0}
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed derived from `seed` and integer keys (epoch, step, rank, ...), well mixed.
-
-    Streams keyed by different tuples are statistically independent (numpy's SeedSequence hashing), so e.g. the
-    noise of step 3 on rank 1 never repeats that of step 1 on rank 3.
-    """
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, *[int(k) for k in keys]]).generate_state(
-        2
-    )
-    return int((int(state[0]) << 32 | int(state[1])) & 0x7FFFFFFFFFFFFFFF)
 
 
 def sampling_power(scheme: str, power: float | None) -> float | None:
@@ -107,10 +95,6 @@ def density_sampling_weights(txt_log_weights: torch.Tensor) -> torch.Tensor:
             "The index's text log-weights must be a finite, non-empty 1-D tensor; rebuild the index."
         )
     return torch.softmax(log_w, dim=0)
-
-
-# Key of the caption-choice stream in `derive_seed(seed, epoch, row, key)`, apart from the crop/flip stream.
-CAPTION_STREAM = 2
 
 
 class RowCaptions:

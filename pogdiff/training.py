@@ -29,6 +29,7 @@ from pogdiff.objectives import cbdm_loss, needs_neighbor_forward, pogdiff_loss, 
 from pogdiff.psi import PsiParams, compute_psi
 
 from .errors import UserError
+from .noising import noise_latents
 
 OBJECTIVES = ("vanilla", "pogdiff", "cbdm", "t2h")
 NEIGHBOR_FORWARD_MODES = ("auto", "eager", "cuda_graph")
@@ -387,7 +388,10 @@ def objective_loss(
             torch.cat([noisy_latents, noisy_latents.index_select(0, rows)]),
             torch.cat([timesteps, timesteps.index_select(0, rows)]),
             cat_conditioning(
-                [encoder_hidden_states, neighbor_conditioning(encoder_hidden_states, neighbor_hidden_states, rows)]
+                [
+                    encoder_hidden_states,
+                    neighbor_conditioning(encoder_hidden_states, neighbor_hidden_states, rows),
+                ]
             )
             if neighbor_hidden_states is not None
             else encoder_hidden_states,
@@ -409,7 +413,9 @@ def objective_loss(
         if needed:
             rows = draw.needs_forward.nonzero().flatten().to(noisy_latents.device, non_blocking=True)
             # The neighbour's caption on the sample's own image (SDXL: the sample's own time ids).
-            neighbor_hidden_states = neighbor_conditioning(encoder_hidden_states, neighbor_hidden_states, rows)
+            neighbor_hidden_states = neighbor_conditioning(
+                encoder_hidden_states, neighbor_hidden_states, rows
+            )
             # Before the forward with grad: its activations are freed before the training activations are
             # allocated, so the extra forward adds time but (almost) no peak memory.
             with torch.no_grad():
@@ -493,7 +499,9 @@ class CaptionStates:
         with torch.no_grad():
             return self.text_encoders.encode(self.distinct_input_ids[ids].to(self.device))
 
-    def of_batch(self, rows: torch.Tensor, input_ids: torch.Tensor | None, dropped: torch.Tensor) -> Conditioning:
+    def of_batch(
+        self, rows: torch.Tensor, input_ids: torch.Tensor | None, dropped: torch.Tensor
+    ) -> Conditioning:
         """The caption part of the batch's conditioning: its tokens, or the empty prompt where the caption was
         dropped."""
         if self.text_cache is not None:
@@ -549,21 +557,9 @@ def noised_batch(
         latent_dist = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist
     latents = (latent_dist.sample(generator=generator) * vae.config.scaling_factor).to(weight_dtype)
     bsz = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    if noise_offset:
-        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-        noise += noise_offset * torch.randn(
-            (bsz, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
-        )
-    noised = noise
-    if input_perturbation:
-        noised = noise + input_perturbation * torch.randn(
-            latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
-        )
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device
-    ).long()
-    noisy_latents = noise_scheduler.add_noise(latents, noised, timesteps)
+    noise, timesteps, noisy_latents, target = noise_latents(
+        latents, noise_scheduler, generator, noise_offset=noise_offset, input_perturbation=input_perturbation
+    )
 
     caption_dropped = torch.zeros(bsz, dtype=torch.bool)
     if caption_dropout_prob > 0:
@@ -572,14 +568,9 @@ def noised_batch(
     if "time_ids" in batch:
         # SDXL's micro-conditioning belongs to the image (its size and crop), not to the caption.
         time_ids = batch["time_ids"].to(device, weight_dtype)
-        encoder_hidden_states = Conditioning(encoder_hidden_states.hidden_states, encoder_hidden_states.text_embeds, time_ids)
-
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise UserError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+        encoder_hidden_states = Conditioning(
+            encoder_hidden_states.hidden_states, encoder_hidden_states.text_embeds, time_ids
+        )
     return NoisedBatch(
         rows, latents, noise, timesteps, noisy_latents, encoder_hidden_states, target, caption_dropped
     )

@@ -4,8 +4,8 @@ A plain validation prompt says little about an imbalanced run: the majority iden
 few-shot ("minority") ones are where PoGDiff has to help. So the trainer, by default, picks the prompts once
 from the training data (:func:`auto_validation_prompts`): a couple of the identities with the most images and a
 couple of the few-shot ones (at most ``few_shot_max`` images, the same cut as
-:func:`pogdiff.metrics.shot_split`). At every validation it samples ``num_validation_images`` images per prompt
-with the seeds of :func:`validation_seed`, which do not depend on the step, so a row of one grid is directly
+:func:`pogdiff.identities.shot_split`). At every validation it samples ``num_validation_images`` images per prompt
+with the seeds of :func:`pogdiff.seeds.validation_seed`, which do not depend on the step, so a row of one grid is directly
 comparable with the same row of any other. :func:`validation_grid` lays out one row per prompt::
 
     step 200
@@ -25,7 +25,6 @@ and sizes, so every box is testable exactly. PIL and the standard library only; 
 from __future__ import annotations
 
 import inspect
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,10 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import UserError
+from .identities import identity_counts, is_few_shot
 
 Box = tuple[int, int, int, int]
 """A pixel box ``(left, top, right, bottom)``, right/bottom exclusive (PIL's convention)."""
-
-SEED_STRIDE = 1000
-"""Seeds of consecutive prompts are this far apart, so up to this many images per prompt never collide."""
 
 BACKGROUND = (255, 255, 255)
 TEXT_COLOR = (0, 0, 0)
@@ -109,7 +106,7 @@ def auto_validation_prompts(
     """Validation prompts for the identities with the most images and the few-shot ones, deterministically.
 
     ``identities`` and ``captions`` are per training row. Few-shot identities have at most ``few_shot_max``
-    images (as in :func:`pogdiff.metrics.shot_split`); the others are the majority candidates. Chosen are the
+    images (as in :func:`pogdiff.identities.shot_split`); the others are the majority candidates. Chosen are the
     ``num_majority`` majority identities with the most images and the ``num_few_shot`` few-shot identities with
     the fewest, ties broken by name in both, majority rows first. When one group is empty (every identity
     few-shot, or none) only the other appears, so no identity is chosen twice. The prompt is the identity's
@@ -123,12 +120,17 @@ def auto_validation_prompts(
         raise ValueError(
             f"num_majority and num_few_shot must be >= 0, got {num_majority} and {num_few_shot}."
         )
-    counts = Counter(identities)
+    counts = identity_counts(identities)
     rows: dict[str, list[int]] = {}
     for row, identity in enumerate(identities):
         rows.setdefault(identity, []).append(row)
-    majority = sorted((name for name in counts if counts[name] > few_shot_max), key=lambda n: (-counts[n], n))
-    few = sorted((name for name in counts if counts[name] <= few_shot_max), key=lambda n: (counts[n], n))
+    majority = sorted(
+        (name for name in counts if not is_few_shot(counts[name], few_shot_max)),
+        key=lambda n: (-counts[n], n),
+    )
+    few = sorted(
+        (name for name in counts if is_few_shot(counts[name], few_shot_max)), key=lambda n: (counts[n], n)
+    )
     chosen = [(name, False) for name in majority[:num_majority]] + [
         (name, True) for name in few[:num_few_shot]
     ]
@@ -162,20 +164,6 @@ def prompts_from_user(prompts: Sequence[str]) -> list[ValidationPrompt]:
     if isinstance(prompts, str):
         raise TypeError("prompts_from_user takes a sequence of prompts, not one string.")
     return [ValidationPrompt(prompt=prompt) for prompt in prompts]
-
-
-def validation_seed(base_seed: int, prompt_index: int, image_index: int) -> int:
-    """The seed of sample ``image_index`` of prompt ``prompt_index``: ``base_seed + 1000 * prompt_index +
-    image_index``.
-
-    It does not depend on the step, so every validation draws the same initial noise for the same cell and a
-    change between two grids is the model's, not the noise's. Distinct for ``image_index < 1000``.
-    """
-    if prompt_index < 0 or not 0 <= image_index < SEED_STRIDE:
-        raise ValueError(
-            f"prompt_index must be >= 0 and image_index in [0, {SEED_STRIDE}), got {prompt_index}, {image_index}."
-        )
-    return int(base_seed) + SEED_STRIDE * int(prompt_index) + int(image_index)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 import evaluate_pogdiff
-from pogdiff import features, hub
+from pogdiff import checkpointing, features
 from pogdiff import index as index_cli
 from pogdiff.errors import UserError, report_user_errors
 from pogdiff.testing import TINY_RESOLUTION, run_process_group
@@ -147,7 +147,7 @@ def test_evaluate_generates_at_the_models_size_without_resolution(tiny_sd_path, 
         "--output_dir", str(tmp_path / "eval"),
     ]  # fmt: skip
     report = evaluate_pogdiff.main(argv)
-    assert report["generation"]["resolution"] == TINY_RESOLUTION == hub.native_resolution(tiny_sd_path)
+    assert report["generation"]["resolution"] == TINY_RESOLUTION == checkpointing.native_resolution(tiny_sd_path)
     assert report["few_shot_max"] == evaluate_pogdiff.DEFAULT_FEW_SHOT_MAX
     with Image.open(tmp_path / "eval" / "m" / "chen" / "000.png") as image:
         assert image.size == (TINY_RESOLUTION, TINY_RESOLUTION)
@@ -170,7 +170,7 @@ def test_evaluate_takes_resolution_and_few_shot_max_from_the_run_record(tmp_path
     # A checkpoint's record counts when the output has none of its own (a run killed before its end).
     (tmp_path / "b" / "checkpoint-5").mkdir(parents=True)
     _fake_run(tmp_path / "b" / "checkpoint-9", resolution=48)
-    assert hub.training_resolution(str(tmp_path / "b"))[0] == 48
+    assert checkpointing.training_resolution(str(tmp_path / "b"))[0] == 48
 
     # Flags given explicitly win; models trained at different sizes are not compared silently.
     args = argparse.Namespace(resolution=16, few_shot_max=1)

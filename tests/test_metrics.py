@@ -17,13 +17,13 @@ from pogdiff.features import (
     centre_on,
     get_feature_extractor,
 )
+from pogdiff.identities import shot_split
 from pogdiff.metrics import (
     aggregate_metrics,
     dino_score,
     frechet_distance,
     grecall,
     identity_metrics,
-    shot_split,
 )
 
 

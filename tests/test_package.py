@@ -161,3 +161,76 @@ def test_pip_install_gives_a_standalone_package(tmp_path):
     assert report["root"] == {
         name: name for name in ("train_pogdiff", "evaluate_pogdiff", "pipeline_pogdiff")
     }
+
+
+def _is_main_block(node: ast.AST) -> bool:
+    """`if __name__ == "__main__":`: code that runs as the module `__main__` (`python -m pogdiff.X`), a script at
+    the top of the graph, not as the module `pogdiff.X` that others import."""
+    return isinstance(node, ast.If) and ast.unparse(node.test).replace("'", '"') == '__name__ == "__main__"'
+
+
+def _pogdiff_imports(source: Path) -> set[str]:
+    """The pogdiff modules `source` imports anywhere (module level or inside functions), outside its main block."""
+    package = ".".join(source.relative_to(REPO).with_suffix("").parts[:-1])
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if _is_main_block(node):
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(source.read_text(encoding="utf-8"), filename=str(source)))
+    return found
+
+
+def _pogdiff_import_graph() -> dict[str, set[str]]:
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts): p for p in _package_sources()}
+    modules = {name.removesuffix(".__init__"): path for name, path in modules.items()}
+    return {
+        name: (_pogdiff_imports(path) & set(modules)) - {name, "pogdiff"} for name, path in modules.items()
+    }
+
+
+def test_pogdiff_modules_import_each_other_without_a_cycle():
+    graph = _pogdiff_import_graph()
+    assert (
+        "pogdiff.index" in graph and "pogdiff.arguments" in graph["pogdiff.index"]
+    )  # the walk sees lazy imports
+    done: set[str] = set()
+
+    def walk(name: str, path: list[str]) -> None:
+        if name in path:
+            raise AssertionError(
+                f"import cycle among pogdiff modules: {' -> '.join([*path[path.index(name) :], name])}"
+            )
+        if name in done:
+            return
+        for imported in sorted(graph[name]):
+            walk(imported, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        walk(name, [])
+
+
+def test_the_index_library_does_not_load_the_command_line_modules():
+    """The cached neighbour table (`pogdiff.index` as a library) must not depend on the CLI's flag module or on the
+    training step: `python -m pogdiff.index` loads those inside parse_args / main."""
+    code = "import json, sys, pogdiff.index; print(json.dumps(sorted(m for m in sys.modules if m.startswith('pogdiff'))))"
+    done = run_process_group([sys.executable, "-c", code], timeout=180, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert "pogdiff.index" in loaded
+    assert not loaded & {"pogdiff.arguments", "pogdiff.training", "pogdiff.checkpointing", "pogdiff.hub"}, (
+        loaded
+    )

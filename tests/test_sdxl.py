@@ -63,7 +63,9 @@ def test_time_ids_of_a_cropped_and_flipped_image_match_hand_computed_values():
     flipped_once = None
     for seed in range(20):
         generator = torch.Generator().manual_seed(seed)
-        pixels, original, (top, left) = preprocess_image_and_crop(image, 32, random_flip=True, generator=generator)
+        pixels, original, (top, left) = preprocess_image_and_crop(
+            image, 32, random_flip=True, generator=generator
+        )
         # Replay the generator's draws by hand: crop row, crop column, then the flip.
         replay = torch.Generator().manual_seed(seed)
         drawn_top = int(torch.randint(0, 32 - 32 + 1, (1,), generator=replay).item())
@@ -94,7 +96,9 @@ def test_neighbour_conditioning_swaps_the_caption_and_keeps_the_time_ids():
     assert torch.equal(cond.hidden_states, neighbours.hidden_states)
     assert torch.equal(cond.text_embeds, neighbours.text_embeds)
     assert torch.equal(cond.time_ids, own.time_ids[rows])
-    both = cat_conditioning([own, neighbor_conditioning(own, Conditioning(torch.ones(3, 4, 8), torch.ones(3, 5)))])
+    both = cat_conditioning(
+        [own, neighbor_conditioning(own, Conditioning(torch.ones(3, 4, 8), torch.ones(3, 5)))]
+    )
     assert both.hidden_states.shape == (6, 4, 8) and torch.equal(both.time_ids[3:], own.time_ids)
     # SD: a plain tensor of hidden states is the whole conditioning.
     assert neighbor_conditioning(torch.zeros(3, 4, 8), torch.ones(2, 4, 8), rows).shape == (2, 4, 8)
@@ -123,7 +127,9 @@ def test_text_encoders_give_the_pipelines_conditioning(tiny_sdxl_path):
 
 
 @pytest.mark.e2e
-def test_the_sd_command_line_trains_sdxl_and_resumes_bitwise(tiny_sd_path, tiny_sdxl_path, tiny_dataset_path, tmp_path):
+def test_the_sd_command_line_trains_sdxl_and_resumes_bitwise(
+    tiny_sd_path, tiny_sdxl_path, tiny_dataset_path, tmp_path
+):
     """One command line: the SD test's, with only the model changed (through `accelerate launch`), PoGDiff with
     its same-caption skips, random crops and flips. Then a resume from the mid-run checkpoint equals it."""
     common = ("--checkpointing_steps", "2", "--random_flip", "--objective", "pogdiff")
@@ -136,11 +142,13 @@ def test_the_sd_command_line_trains_sdxl_and_resumes_bitwise(tiny_sd_path, tiny_
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Model family: sdxl (StableDiffusionXLPipeline)" in proc.stderr
-    assert json.loads((straight / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    assert (
+        json.loads((straight / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    )
     assert (straight / "text_encoder_2").is_dir()
     # The index's text density saw the SDXL pooled embedding (the second encoder's projection: 32 wide here).
     (index_dir,) = [p for p in straight.iterdir() if p.name.startswith("pogdiff-index-")]
-    assert json.loads((index_dir / "index.json").read_text())["text_embedding_dim"] == 32
+    assert json.loads((index_dir / "index.json").read_text())["config"]["text_embedding_dim"] == 32
 
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("checkpoint-4"))

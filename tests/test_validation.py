@@ -8,6 +8,7 @@ from PIL import Image, ImageFont
 
 from pogdiff import validation
 from pogdiff.errors import UserError
+from pogdiff.seeds import validation_seed
 from pogdiff.validation import (
     BACKGROUND,
     SEPARATOR_COLOR,
@@ -20,7 +21,6 @@ from pogdiff.validation import (
     validation_grid,
     validation_grid_layout,
     validation_grid_name,
-    validation_seed,
 )
 
 # Rows, interleaved on purpose: Bob 4 images, Alice 4 (ties Bob, wins by name), Carl 3, Dora 2, Eve 1, Finn 2.

@@ -1207,6 +1207,7 @@ def psi_statistics(index_dir: Path, base: Path, few_shot_max: int = 2) -> list[d
     """
     import torch
 
+    from pogdiff.identities import is_few_shot
     from pogdiff.index import PoGDiffIndex
     from pogdiff.neighbors import neighbor_weights
     from pogdiff.psi import PsiParams, compute_psi
@@ -1237,7 +1238,7 @@ def psi_statistics(index_dir: Path, base: Path, few_shot_max: int = 2) -> list[d
         stats.append(
             {
                 "seed": index.config.get("seed"),
-                "minority": (counts <= few_shot_max).tolist(),
+                "minority": is_few_shot(counts, few_shot_max).tolist(),
                 "expected_psi": (w * psi).sum(1).tolist(),
                 "effective_psi": (w * psi * (~same_text)).sum(1).tolist(),
                 "same_identity_neighbor_fraction": float(same_id.float().mean()),
