@@ -203,16 +203,12 @@ def latent_scaling_factor(mean: torch.Tensor, std: torch.Tensor, seed: int = 0) 
 
 @torch.no_grad()
 def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    """Text-encoder hidden states (the UNet's conditioning) of each prompt, padded to the tokenizer's length."""
-    ids = tokenizer(
-        list(prompts),
-        max_length=tokenizer.model_max_length,
-        padding="max_length",
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    text_encoder.eval()
-    return text_encoder(ids, return_dict=False)[0]
+    """Text-encoder hidden states (the UNet's conditioning) of each prompt, as the trainer encodes captions (the
+    SD family's `TextEncoders`)."""
+    from .families import SDTextEncoders
+
+    encoders = SDTextEncoders([tokenizer], [text_encoder]).eval()
+    return encoders.encode(encoders.tokenize(prompts)).hidden_states
 
 
 def pretrain_unet(

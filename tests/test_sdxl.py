@@ -154,8 +154,7 @@ def test_the_sd_command_line_trains_sdxl_and_resumes_bitwise(
     shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("checkpoint-4"))
     run_in_process(
         train_args(
-            tiny_sdxl_path, tiny_dataset_path, resumed, *common, "--resume_from_checkpoint", "checkpoint-2",
-            "--overwrite_output_dir", steps=4,
+            tiny_sdxl_path, tiny_dataset_path, resumed, *common, "--resume_from_checkpoint", "checkpoint-2", steps=4,
         )
     )  # fmt: skip
     assert_same_tensors(unet_state(straight), unet_state(resumed))
