@@ -66,6 +66,7 @@ from transformers.utils import ContextManagers
 from pipeline_pogdiff import PoGDiffPipeline
 from pogdiff.arguments import add_pogdiff_arguments, check_pogdiff_args, index_build_kwargs
 from pogdiff.checkpointing import (
+    base_model_fingerprint,
     check_resume_settings,
     checkpoint_step,
     claim_output_dir_for_new_run,
@@ -859,7 +860,11 @@ def main(args: argparse.Namespace) -> Accelerator:
 
     data_fingerprint = dataset_fingerprint(dataset)
     args.run_settings = run_settings(
-        args, seed=seed, data_fingerprint=data_fingerprint, num_processes=accelerator.num_processes
+        args,
+        seed=seed,
+        data_fingerprint=data_fingerprint,
+        num_processes=accelerator.num_processes,
+        base_model=base_model_fingerprint(args.pretrained_model_name_or_path, args.revision),
     )
     if resume_dir is not None:
         check_resume_settings(resume_dir, resume_record, args.run_settings, args.allow_changed_settings)

@@ -99,6 +99,7 @@ RESTORED_FROM_CHECKPOINT: frozenset[str] = frozenset(
     {"--learning_rate", "--scale_lr", "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon"}
 )
 DATA_KEY = "data_fingerprint"
+BASE_MODEL_KEY = "base_model_fingerprint"
 PROCESSES_KEY = "num_processes"
 
 
@@ -106,6 +107,72 @@ def base_model_reference(name_or_path: str) -> str:
     """How a run names its base (model card, run record): a local folder by its absolute path (a relative one
     stops resolving as soon as the result is used from another directory), a Hub id as given."""
     return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+
+
+# Files of a base model up to this size (configs, tokenizer files, model_index.json) are hashed in full; larger
+# ones (weights) by size and modification time, see `base_model_fingerprint`.
+FULLY_HASHED_MODEL_FILE_BYTES = 16 << 20
+
+
+def _model_folder_files(folder: str) -> list[str]:
+    """The files of a local model that loading reads: model_index.json and the component folders it names
+    (a training output's checkpoints and logs beside them are not the model), else every file; hidden ones
+    (.cache, .git) never. Relative, "/"-separated, sorted."""
+    index_path = os.path.join(folder, "model_index.json")
+    roots = [folder]
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                components = [key for key in json.load(f) if not key.startswith("_")]
+            roots = [
+                os.path.join(folder, name) for name in components if os.path.isdir(os.path.join(folder, name))
+            ]
+        except (OSError, ValueError, AttributeError):
+            roots = [folder]
+    files = {"model_index.json"} if os.path.isfile(index_path) else set()
+    for root in roots:
+        for dirpath, dirnames, names in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in names:
+                if not name.startswith("."):
+                    files.add(os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/"))
+    return sorted(files)
+
+
+def base_model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
+    """What identifies the base model's content, for the run record and the index cache key.
+
+    A local folder: a SHA-256 over its model files (`_model_folder_files`): each file's relative name, and
+    its content's SHA-256 for files up to `FULLY_HASHED_MODEL_FILE_BYTES` (configs, tokenizer), its size and
+    modification time (ns) for larger ones (weights). So the folder reached by another path is the same base,
+    and a rewrite in place (save_pretrained, a download, a copy over it) is another. Weights are not hashed in
+    full because a Stable Diffusion folder with its variants holds 5-20 GB, read at every start and resume; the
+    price is that a copy of the folder that does not keep modification times (`cp -r`, not `cp -a`) counts as
+    changed. A Hub id: the commit of `revision` (default main) that huggingface_hub's cache resolves it to,
+    offline; the id and revision as given when the cache does not know it.
+    """
+    if os.path.isdir(name_or_path):
+        files = _model_folder_files(name_or_path)
+        small, large = [], {}
+        for rel in files:
+            stat = os.stat(os.path.join(name_or_path, rel))
+            if stat.st_size <= FULLY_HASHED_MODEL_FILE_BYTES:
+                small.append(rel)
+            else:
+                large[rel] = f"size {stat.st_size}, mtime_ns {stat.st_mtime_ns}"
+        entries = {**_hashes(name_or_path, small), **large}
+        payload = json.dumps(entries, sort_keys=True).encode()
+        return f"folder-sha256:{hashlib.sha256(payload).hexdigest()[:16]}"
+    commit = None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, "model_index.json", revision=revision)
+        if isinstance(cached, str):
+            commit = os.path.basename(os.path.dirname(cached))  # .../snapshots/<commit>/model_index.json
+    except (ValueError, OSError):  # not a valid repo id (HFValidationError is a ValueError)
+        commit = None
+    return f"hub:{name_or_path}@{commit or revision or 'main'}"
 
 
 def checkpoint_step(name: str) -> int | None:
@@ -139,12 +206,18 @@ def index_flag_dests() -> list[str]:
 
 
 def run_settings(
-    args: argparse.Namespace, *, seed: int, data_fingerprint: str, num_processes: int
+    args: argparse.Namespace,
+    *,
+    seed: int,
+    data_fingerprint: str,
+    num_processes: int,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint to continue it exactly.
 
-    Keys are the flags as typed (`--seed`), plus the data fingerprint and the number of processes. `seed` is
-    the seed in use (drawn when `--seed` was not given). Values are JSON-normalised (as read back from disk).
+    Keys are the flags as typed (`--seed`), plus the data fingerprint, the base model's fingerprint
+    (`base_model_fingerprint`, when given) and the number of processes. `seed` is the seed in use (drawn when
+    `--seed` was not given). Values are JSON-normalised (as read back from disk).
     """
     settings: dict[str, Any] = {}
     for dest in (*EXACTNESS_FLAGS, *index_flag_dests()):
@@ -155,6 +228,8 @@ def run_settings(
         # The same local model reached from another working directory is the same model.
         settings["--pretrained_model_name_or_path"] = base_model_reference(model)
     settings[DATA_KEY] = data_fingerprint
+    if base_model is not None:
+        settings[BASE_MODEL_KEY] = base_model
     settings[PROCESSES_KEY] = num_processes
     return json.loads(json.dumps(settings))
 
@@ -174,6 +249,11 @@ def describe_differences(keys: list[str], saved: dict[str, Any], current: dict[s
     for key in keys:
         if key == DATA_KEY:
             what = "the training data (--train_data_dir / --dataset_name, --max_train_samples): fingerprint"
+        elif key == BASE_MODEL_KEY:
+            what = (
+                f"the base model --pretrained_model_name_or_path {current.get('--pretrained_model_name_or_path')} "
+                "(rewritten in place, or another revision):"
+            )
         elif key == PROCESSES_KEY:
             what = "the number of processes:"
         else:

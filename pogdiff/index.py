@@ -9,8 +9,9 @@ before the first step, and cached:
 - identity ids (for the a2 term of Eq. 9) and text ids (a neighbour with the sample's own caption needs no
   extra UNet forward).
 
-The cache folder `<cache_dir>/pogdiff-index-<key>/` is named by a hash of the dataset fingerprint and every
-parameter that changes the result, so a resumed run reloads it without touching an encoder and any changed
+The cache folder `<cache_dir>/pogdiff-index-<key>/` is named by a hash of the dataset fingerprint, the base
+model's fingerprint (by content: a base rewritten in place is another base) and every parameter that changes
+the result, so a resumed run reloads it without touching an encoder and any changed
 parameter rebuilds it.
 
 Command line (build or load the index, print its summary, plot identity counts and expected psi)::
@@ -41,6 +42,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .arguments import add_index_arguments, index_build_kwargs
+from .checkpointing import base_model_fingerprint, base_model_reference
 from .errors import UserError, report_user_errors
 from .psi import PsiParams, expected_psi
 
@@ -370,7 +372,9 @@ def build_or_load_index(
     params = {
         "format_version": INDEX_FORMAT_VERSION,
         "fingerprint": fingerprint,
-        "pretrained_model_name_or_path": str(pretrained_model_name_or_path),
+        "pretrained_model_name_or_path": base_model_reference(str(pretrained_model_name_or_path)),
+        # By content: a base folder rewritten in place (new VAE or text encoder) must not reuse the old index.
+        "base_model": base_model_fingerprint(str(pretrained_model_name_or_path), revision),
         "revision": revision,
         "variant": variant,
         "neighbor_encoder": neighbor_encoder,

@@ -7,10 +7,27 @@ Unit tests and in-process runs on the tiny model; no accelerate launch.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
+from pathlib import Path
 
+import pytest
+from test_index import MeanColour, _build
+from test_index import rows as rows  # noqa: F401 (the fixture)
+
+from pogdiff import checkpointing
+from pogdiff.checkpointing import base_model_fingerprint
 from pogdiff.data import dataset_fingerprint, load_image_text_dataset
+
+
+def error_line(capsys) -> str:
+    """The `error:` line of stderr; there must be no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return next(line for line in err.splitlines() if " error: " in line)
+
 
 # ---- item 4a: the data fingerprint is the content's, not the path's -----------------------------------------
 
@@ -65,3 +82,94 @@ def test_the_trainer_resumes_with_the_data_given_by_another_path(
     monkeypatch.chdir(tmp_path)
     run_in_process(train_args(tiny_sd_path, "data", out, *common, "--resume_from_checkpoint", "latest"))
     assert (out / "checkpoint-2").is_dir()
+
+
+# ---- item 4b: the base model is identified by content; a rewritten base is caught on resume and in the index --
+
+
+def copy_model(tiny_sd_path: str, tmp_path: Path) -> Path:
+    model = tmp_path / "base"
+    shutil.copytree(tiny_sd_path, model)
+    return model
+
+
+def rewrite_text_encoder(model: Path) -> None:
+    """Save another text encoder into the base in place (same config, other weights), as a user might."""
+    import torch
+    from transformers import CLIPTextModel
+
+    encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.add_(0.01)
+    encoder.save_pretrained(model / "text_encoder")
+
+
+def test_base_model_fingerprint_is_by_content_for_a_folder(tiny_sd_path, tmp_path, monkeypatch):
+    model = copy_model(tiny_sd_path, tmp_path)
+    first = base_model_fingerprint(str(model))
+    assert first.startswith("folder-sha256:")
+    monkeypatch.chdir(tmp_path)
+    assert base_model_fingerprint("base") == base_model_fingerprint("./base/") == first
+    (model / "checkpoint-3").mkdir()  # a training output's checkpoints beside the model are not the model
+    (model / "checkpoint-3" / "x.bin").write_bytes(b"x")
+    assert base_model_fingerprint("base") == first
+    rewrite_text_encoder(model)
+    rewritten = base_model_fingerprint("base")
+    assert rewritten != first
+    # Weights over the size limit count by size and modification time: a rewrite (new mtime) is caught.
+    monkeypatch.setattr(checkpointing, "FULLY_HASHED_MODEL_FILE_BYTES", 1024)
+    by_stat = base_model_fingerprint("base")
+    weights = next((model / "unet").glob("*.safetensors"))
+    os.utime(weights, ns=(1, 1))
+    assert base_model_fingerprint("base") not in (by_stat, rewritten)
+
+
+def test_base_model_fingerprint_of_a_hub_id_is_its_cached_commit(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert base_model_fingerprint("org/model") == "hub:org/model@main"  # not in the cache
+    assert base_model_fingerprint("org/model", "v2") == "hub:org/model@v2"
+    commit = "a" * 40
+    repo = tmp_path / "models--org--model"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "model_index.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert base_model_fingerprint("org/model") == f"hub:org/model@{commit}"
+    assert base_model_fingerprint("not a repo id!") == "hub:not a repo id!@main"
+
+
+def test_a_base_rewritten_in_place_rebuilds_the_index(rows, tiny_sd_path, tmp_path, caplog):  # noqa: F811
+    model = copy_model(tiny_sd_path, tmp_path)
+    first, _ = _build(rows, str(model), tmp_path / "cache", MeanColour())
+    rewrite_text_encoder(model)
+    encoder = MeanColour()
+    with caplog.at_level(logging.INFO, logger="pogdiff.index"):
+        again, _ = _build(rows, str(model), tmp_path / "cache", encoder)
+    assert "cache miss" in caplog.text and "cache hit" not in caplog.text
+    assert again.config["key"] != first.config["key"]
+
+
+def test_resuming_on_a_base_rewritten_in_place_is_refused_naming_the_base(
+    tiny_sd_path, tiny_dataset_path, tmp_path, capsys
+):
+    from test_train import run_in_process, train_args
+
+    model = copy_model(tiny_sd_path, tmp_path)
+    out = tmp_path / "out"
+    common = ("--objective", "vanilla", "--checkpointing_steps", "1")
+    run_in_process(train_args(str(model), tiny_dataset_path, out, *common, steps=1))
+    record = json.loads((out / "checkpoint-1" / "pogdiff_run.json").read_text())
+    assert record["settings"]["base_model_fingerprint"] == base_model_fingerprint(str(model))
+    rewrite_text_encoder(model)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_in_process(
+            train_args(str(model), tiny_dataset_path, out, *common, "--resume_from_checkpoint", "latest")
+        )
+    assert info.value.code == 2
+    line = error_line(capsys)
+    assert f"the base model --pretrained_model_name_or_path {model} (rewritten in place" in line
+    assert "--allow_changed_settings" in line
