@@ -74,6 +74,7 @@ from pogdiff.checkpointing import (
     read_run_record,
     run_settings,
     save_checkpoint,
+    save_result_atomically,
     select_resume_checkpoint,
     set_aside_newer_checkpoints,
 )
@@ -1317,8 +1318,12 @@ def main(args: argparse.Namespace) -> Accelerator:
     if accelerator.is_main_process:
         if args.use_ema:
             ema_unet.copy_to(unet.parameters())
+        # Saved whole or not at all, replacing any previous result (`save_result_atomically`).
         if args.use_lora:
-            save_lora(unet, args.output_dir, webui_name=f"{Path(args.output_dir).name}.safetensors")
+            webui_name = f"{Path(args.output_dir).name}.safetensors"
+            save_result_atomically(
+                lambda folder: save_lora(unet, folder, webui_name=webui_name), args.output_dir
+            )
         else:
             # Reload the frozen parts from the base in full precision; saved as StableDiffusionPipeline so
             # plain diffusers loads it.
@@ -1330,7 +1335,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                 safety_checker=None,
                 requires_safety_checker=False,
             )
-            pipeline.save_pretrained(args.output_dir)
+            save_result_atomically(pipeline.save_pretrained, args.output_dir)
 
         # The model as saved (EMA weights already copied in); a validation of this very step is reused.
         samples = run_validation(swap_ema=False, model=unet) if validation_prompts else []

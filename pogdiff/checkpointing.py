@@ -30,7 +30,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
 from pogdiff.arguments import add_index_arguments
-from pogdiff.errors import UserError
+from pogdiff.errors import UserError, disk_full_is_a_user_error
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -469,9 +469,12 @@ def claim_output_dir_for_new_run(output_dir: str, overwrite: bool, is_main_proce
 
     Otherwise its checkpoint-N would replace the other run's, rotation would prune the rest, and `latest` would
     later resume a mix of both runs. With `overwrite` (--overwrite_output_dir, the user's consent) the other
-    run's checkpoints are removed first, saying so; without it this is a UserError naming that run and the
-    choices. Call it with the output folder's lock held.
+    run's checkpoints (and its saved result, `remove_result`) are removed first, saying so; without it this is a
+    UserError naming that run and the choices. Call it with the output folder's lock held.
     """
+    if overwrite and is_main_process:
+        # An output folder holds one result: the previous run's goes too (this run may save the other kind).
+        remove_result(output_dir, "--overwrite_output_dir")
     names = checkpoint_dirs(output_dir)
     if not names:
         return
@@ -535,11 +538,17 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
+    try:
+        with disk_full_is_a_user_error(f"checkpoint {name}", output_dir):
+            accelerator.save_state(tmp)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_run_record(tmp, global_step, run_settings)
+                fsync_tree(tmp)
+    except UserError:
+        shutil.rmtree(tmp, ignore_errors=True)  # the space it holds, back; earlier checkpoints are untouched
+        raise
     if accelerator.is_main_process:
-        write_run_record(tmp, global_step, run_settings)
-        fsync_tree(tmp)
         if os.environ.get(KILL_AFTER_TMP_CHECKPOINT_ENV) == str(global_step):
             os.kill(os.getpid(), signal.SIGKILL)
         # A checkpoint-N already here is a damaged one that `latest` skipped (an explicit resume of an older
@@ -634,3 +643,87 @@ def check_resume_settings(
             else ""
         )
     )
+
+
+# The final result of a run in its output folder: one of a full pipeline or LoRA weights, never both.
+
+LORA_RESULT_FILE = "pytorch_lora_weights.safetensors"
+RESULT_TEMP = ".tmp-result"
+
+
+def result_parts(output_dir: str) -> list[str]:
+    """The entries of `output_dir` that make up a saved result: a pipeline's model_index.json and the component
+    folders it names, LoRA weights (`pytorch_lora_weights.safetensors` and the webui copy named after the
+    folder). Other files (checkpoints, logs, samples, the model card) are not part of it."""
+    parts = []
+    index_path = os.path.join(output_dir, "model_index.json")
+    if os.path.isfile(index_path):
+        parts.append("model_index.json")
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                components = [key for key in json.load(f) if not key.startswith("_")]
+        except (OSError, ValueError, AttributeError):
+            components = []
+        parts += [name for name in components if os.path.isdir(os.path.join(output_dir, name))]
+    for name in (LORA_RESULT_FILE, f"{os.path.basename(os.path.normpath(output_dir))}.safetensors"):
+        if os.path.isfile(os.path.join(output_dir, name)):
+            parts.append(name)
+    return sorted(set(parts), key=parts.index)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def remove_result(output_dir: str, why: str) -> list[str]:
+    """Remove the result saved in `output_dir` (`result_parts`), model_index.json first so that no instant
+    leaves a folder that looks like a complete model; log what was removed and `why`. Returns the names."""
+    parts = result_parts(output_dir)
+    for name in parts:
+        _remove(os.path.join(output_dir, name))
+    if parts:
+        logger.warning(f"{why}: removed the previous result in {output_dir} ({', '.join(parts)}).")
+    return parts
+
+
+def save_result_atomically(save_fn, output_dir: str, what: str = "the trained model") -> list[str]:
+    """`save_fn(folder)` into a temporary folder inside `output_dir`, then the result moved into place whole.
+
+    An output folder holds one result: a previous result that the new one does not replace file for file (a
+    full pipeline after a LoRA run, or the reverse, or components the new pipeline lacks) is removed, saying so.
+    A failure while saving (a full disk: a one-line UserError naming the folder) leaves the output folder as it
+    was, with no half-written `unet/config.json` that would look like a model. Main process only. Returns the
+    names of the previous result's parts that were removed.
+    """
+    tmp = os.path.join(output_dir, RESULT_TEMP)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        with disk_full_is_a_user_error(what, output_dir):
+            save_fn(tmp)
+            fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    new = os.listdir(tmp)
+    stale = [name for name in result_parts(output_dir) if name not in new]
+    if stale:
+        logger.warning(
+            f"An output folder holds one result: removed the previous result's {', '.join(stale)} from {output_dir} "
+            f"before saving this run's ({', '.join(sorted(new))})."
+        )
+    # model_index.json leaves first and comes back last: in between the folder does not look like a model.
+    for name in ["model_index.json", *stale]:
+        if os.path.lexists(os.path.join(output_dir, name)):
+            _remove(os.path.join(output_dir, name))
+    for name in sorted(new, key=lambda name: name == "model_index.json"):
+        target = os.path.join(output_dir, name)
+        if os.path.lexists(target):
+            _remove(target)
+        os.replace(os.path.join(tmp, name), target)
+    os.rmdir(tmp)
+    fsync_dir(output_dir)
+    return stale

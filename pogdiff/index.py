@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .arguments import add_index_arguments, index_build_kwargs
 from .checkpointing import base_model_fingerprint, base_model_reference
-from .errors import UserError, report_user_errors
+from .errors import UserError, disk_full_is_a_user_error, report_user_errors
 from .psi import PsiParams, expected_psi
 
 logger = logging.getLogger(__name__)
@@ -567,7 +567,8 @@ def _save_atomically(index: PoGDiffIndex, folder: Path, key: str) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        index.save(tmp)
+        with disk_full_is_a_user_error("the PoGDiff index", folder.parent):
+            index.save(tmp)
         if folder.exists() and not _is_index_folder(folder, key):
             shutil.rmtree(folder)  # a stale or broken folder under this name: replace it
         try:

@@ -7,6 +7,7 @@ Unit tests and in-process runs on the tiny model; no accelerate launch.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,8 +19,14 @@ from test_index import MeanColour, _build
 from test_index import rows as rows  # noqa: F401 (the fixture)
 
 from pogdiff import checkpointing
-from pogdiff.checkpointing import base_model_fingerprint
+from pogdiff.checkpointing import (
+    base_model_fingerprint,
+    claim_output_dir_for_new_run,
+    save_checkpoint,
+    save_result_atomically,
+)
 from pogdiff.data import dataset_fingerprint, load_image_text_dataset
+from pogdiff.errors import UserError
 
 
 def error_line(capsys) -> str:
@@ -173,3 +180,136 @@ def test_resuming_on_a_base_rewritten_in_place_is_refused_naming_the_base(
     line = error_line(capsys)
     assert f"the base model --pretrained_model_name_or_path {model} (rewritten in place" in line
     assert "--allow_changed_settings" in line
+
+
+# ---- item 4c and 9b: an output folder holds one result, saved whole or not at all -----------------------------
+
+
+def fake_full_result(folder: str | Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "X", "unet": ["d", "U"], "vae": ["d", "V"]})
+    )
+    for part in ("unet", "vae"):
+        (folder / part).mkdir()
+        (folder / part / "config.json").write_text("{}")
+
+
+def save_fake_lora(folder: str) -> None:
+    Path(folder, "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+
+
+def test_a_lora_result_replaces_a_full_one_saying_so(tmp_path, caplog):
+    from accelerate.state import PartialState
+
+    PartialState()
+    out = tmp_path / "out"
+    fake_full_result(out)
+    (out / "logs").mkdir()
+    (out / "README.md").write_text("card")
+    caplog.set_level(logging.WARNING)
+    removed = save_result_atomically(save_fake_lora, str(out))
+    assert removed == ["model_index.json", "unet", "vae"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "logs", "pytorch_lora_weights.safetensors"]
+    assert "removed the previous result's model_index.json, unet, vae" in caplog.text
+    # And back: a full pipeline replaces the LoRA weights.
+    assert save_result_atomically(fake_full_result, str(out)) == ["pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "logs", "model_index.json", "unet", "vae"]
+
+
+def test_a_failed_final_save_leaves_no_half_model_and_says_the_disk_is_full(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sample_counts.json").write_text("{}")
+
+    def save_until_the_disk_is_full(folder: str) -> None:
+        Path(folder, "unet").mkdir()
+        Path(folder, "unet", "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError) as info:
+        save_result_atomically(save_until_the_disk_is_full, str(out))
+    message = str(info.value)
+    assert message.startswith(f"The disk is full: no space left while saving the trained model to {out} (")
+    assert "\n" not in message
+    assert sorted(p.name for p in out.iterdir()) == ["sample_counts.json"]  # no unet/config.json alone
+
+
+def test_overwrite_output_dir_removes_the_previous_result_saying_so(tmp_path, caplog):
+    from accelerate.state import PartialState
+
+    PartialState()
+    out = tmp_path / "out"
+    fake_full_result(out)
+    save_fake_lora(str(out))
+    (out / "notes.txt").write_text("mine")
+    caplog.set_level(logging.WARNING)
+    claim_output_dir_for_new_run(
+        str(out), overwrite=False, is_main_process=True
+    )  # no checkpoints: no consent needed
+    assert (out / "model_index.json").is_file()
+    claim_output_dir_for_new_run(str(out), overwrite=True, is_main_process=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert "--overwrite_output_dir: removed the previous result" in caplog.text
+    assert "model_index.json, unet, vae, pytorch_lora_weights.safetensors" in caplog.text
+
+
+def test_a_lora_run_after_a_full_run_in_one_folder_loads_as_the_lora(
+    tiny_sd_path, tiny_dataset_path, tmp_path
+):
+    from test_train import run_in_process, train_args
+
+    from pipeline_pogdiff import PoGDiffPipeline
+
+    out = tmp_path / "out"
+    run_in_process(train_args(tiny_sd_path, tiny_dataset_path, out, "--objective", "vanilla", steps=1))
+    assert (out / "unet" / "config.json").is_file()
+    run_in_process(
+        train_args(tiny_sd_path, tiny_dataset_path, out, "--objective", "vanilla", "--use_lora", steps=1)
+    )
+    assert not (out / "model_index.json").exists() and not (out / "unet").exists()
+    pipe = PoGDiffPipeline.from_pretrained(str(out))
+    assert "default_0" in getattr(pipe.unet, "peft_config", {}) or pipe.get_list_adapters()
+
+
+# ---- item 9a: a full disk while saving a checkpoint or the index says so and names the folder ------------------
+
+
+class FullDiskAccelerator:
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, folder: str) -> None:
+        os.makedirs(folder)
+        Path(folder, "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_naming_the_folder(tmp_path):
+    fake_checkpoints = tmp_path / "checkpoint-1"
+    fake_checkpoints.mkdir()
+    with pytest.raises(UserError) as info:
+        save_checkpoint(FullDiskAccelerator(), str(tmp_path), 2, {}, total_limit=1)
+    assert str(info.value).startswith(
+        f"The disk is full: no space left while saving checkpoint checkpoint-2 to {tmp_path}"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]  # the older one kept, no leftover
+
+
+def test_a_full_disk_during_the_index_save_is_one_line_naming_the_folder(
+    rows, tiny_sd_path, tmp_path, monkeypatch
+):  # noqa: F811
+    from pogdiff.index import PoGDiffIndex
+
+    def full(self, folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PoGDiffIndex, "save", full)
+    with pytest.raises(
+        UserError,
+        match=f"The disk is full: no space left while saving the PoGDiff index to {tmp_path / 'cache'}",
+    ):
+        _build(rows, tiny_sd_path, tmp_path / "cache", MeanColour())
