@@ -376,6 +376,7 @@ def load_image_text_dataset(
             kohya-style folder the errors of `scan_caption_folder`.
     """
     import datasets
+    import pyarrow
     from datasets.data_files import EmptyDatasetError
 
     if (dataset_name is None) == (train_data_dir is None):
@@ -431,6 +432,13 @@ def load_image_text_dataset(
         raise UserError(
             f"No images found in {source!r}: the folder holds no image or metadata files. Point the flag "
             "at the folder that contains the images and metadata.jsonl."
+        ) from err
+    except pyarrow.ArrowInvalid as err:
+        # A metadata column whose values are of several types (a caption that is a number, a list in some
+        # rows): pyarrow refuses the file deep inside `datasets`.
+        raise UserError(
+            f"The metadata of {source!r} cannot be read as a table: {str(err).splitlines()[0]}. Give each column "
+            'one type in every row (quote numbers that are captions: "text": "123").'
         ) from err
 
     if TRAIN_SPLIT not in dataset_dict:

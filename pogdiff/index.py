@@ -852,6 +852,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**{dest: settings[f"--{dest}"] for dest in dests if f"--{dest}" in settings})
     args = parser.parse_args(argv)
     args.run_record = recorded
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1 (images per encoder batch); got {args.batch_size}.")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device; give cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            f"--device {args.device}: this machine has no CUDA GPU that torch can use; pass --device cpu."
+        )
     if args.pretrained_model_name_or_path is None:
         parser.error(
             "give --pretrained_model_name_or_path (the base model) or --from_run (a training output)."

@@ -313,3 +313,62 @@ def test_a_full_disk_during_the_index_save_is_one_line_naming_the_folder(
         match=f"The disk is full: no space left while saving the PoGDiff index to {tmp_path / 'cache'}",
     ):
         _build(rows, tiny_sd_path, tmp_path / "cache", MeanColour())
+
+
+# ---- item 9c-f: the last user mistakes that gave tracebacks ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--batch_size", "0"], "--batch_size must be at least 1"),
+        (
+            ["--device", "cuda"],
+            "--device cuda: this machine has no CUDA GPU that torch can use; pass --device cpu.",
+        ),
+        (["--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+    ],
+)
+def test_index_cli_batch_size_and_device_are_checked(
+    flags, expected, tiny_sd_path, tmp_path, capsys, monkeypatch
+):
+    import torch
+
+    from pogdiff import index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [
+        "--pretrained_model_name_or_path",
+        tiny_sd_path,
+        "--train_data_dir",
+        "d",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    with pytest.raises(SystemExit) as info:
+        index.parse_args([*argv, "--resolution", "32", *flags])
+    assert info.value.code == 2
+    assert expected in error_line(capsys)
+
+
+def test_a_caption_column_mixing_strings_and_numbers_is_one_line(tiny_dataset_path, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_dataset_path, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    rows[1]["text"] = 123
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(UserError) as info:
+        load_image_text_dataset(train_data_dir=str(folder), cache_dir=str(tmp_path / "cache"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"The metadata of {str(folder)!r} cannot be read as a table: JSON parse error")
+    assert "changed from string to number" in message
+
+
+@pytest.mark.parametrize("spec", ["nonexistent_module:fn", "os:sep"])
+def test_an_unloadable_neighbor_encoder_names_the_flag(spec):
+    from pogdiff.features import get_feature_extractor
+
+    with pytest.raises(UserError) as info:
+        get_feature_extractor(spec, flag="--neighbor_encoder")
+    assert str(info.value).startswith(f"--neighbor_encoder {spec!r}")
