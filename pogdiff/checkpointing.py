@@ -238,9 +238,23 @@ def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     """The keys whose values differ, in `current`'s order.
 
     Only keys both sides know are compared: a setting added to the script after the checkpoint was written
-    has no recorded value to disagree with.
+    has no recorded value to disagree with. Likewise a data fingerprint of the older, path-based format
+    (`datasets`' 16-hex-digit `_fingerprint`; today's is a 64-digit SHA-256 of the content) is not compared.
     """
-    return [key for key in current if key in saved and saved[key] != current[key]]
+    return [
+        key
+        for key in current
+        if key in saved and saved[key] != current[key] and not _older_data_fingerprint(key, saved, current)
+    ]
+
+
+def _older_data_fingerprint(key: str, saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    return (
+        key == DATA_KEY
+        and isinstance(saved[key], str)
+        and isinstance(current[key], str)
+        and len(saved[key]) != len(current[key])
+    )
 
 
 def describe_differences(keys: list[str], saved: dict[str, Any], current: dict[str, Any]) -> str:

@@ -372,3 +372,13 @@ def test_an_unloadable_neighbor_encoder_names_the_flag(spec):
     with pytest.raises(UserError) as info:
         get_feature_extractor(spec, flag="--neighbor_encoder")
     assert str(info.value).startswith(f"--neighbor_encoder {spec!r}")
+
+
+def test_a_checkpoint_with_an_older_path_based_data_fingerprint_still_resumes():
+    from pogdiff.checkpointing import settings_differences
+
+    saved = {"data_fingerprint": "0123456789abcdef", "--seed": 0}
+    assert settings_differences(saved, {"data_fingerprint": "f" * 64, "--seed": 0}) == []
+    assert settings_differences(
+        {**saved, "data_fingerprint": "e" * 64}, {"data_fingerprint": "f" * 64, "--seed": 0}
+    ) == ["data_fingerprint"]
