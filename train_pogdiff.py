@@ -65,6 +65,7 @@ from transformers.utils import ContextManagers
 import pipeline_pogdiff
 from pogdiff.arguments import add_pogdiff_arguments, check_pogdiff_args, index_build_kwargs
 from pogdiff.checkpointing import (
+    base_model_fingerprint,
     check_resume_settings,
     checkpoint_step,
     claim_output_dir_for_new_run,
@@ -72,6 +73,7 @@ from pogdiff.checkpointing import (
     read_run_record,
     run_settings,
     save_checkpoint,
+    save_result_atomically,
     save_run_settings,
     select_resume_checkpoint,
     set_aside_newer_checkpoints,
@@ -862,7 +864,11 @@ def main(args: argparse.Namespace) -> Accelerator:
 
     data_fingerprint = dataset_fingerprint(dataset)
     args.run_settings = run_settings(
-        args, seed=seed, data_fingerprint=data_fingerprint, num_processes=accelerator.num_processes
+        args,
+        seed=seed,
+        data_fingerprint=data_fingerprint,
+        num_processes=accelerator.num_processes,
+        base_model=base_model_fingerprint(args.pretrained_model_name_or_path, args.revision),
     )
     if resume_dir is not None:
         check_resume_settings(resume_dir, resume_record, args.run_settings, args.allow_changed_settings)
@@ -1326,9 +1332,11 @@ def main(args: argparse.Namespace) -> Accelerator:
     if accelerator.is_main_process:
         if args.use_ema:
             ema_unet.copy_to(unet.parameters())
+        # Saved whole or not at all, replacing any previous result (`save_result_atomically`).
         if args.use_lora:
-            save_lora(
-                unet, args.output_dir, webui_name=f"{Path(args.output_dir).name}.safetensors", family=family
+            webui_name = f"{Path(args.output_dir).name}.safetensors"
+            save_result_atomically(
+                lambda folder: save_lora(unet, folder, webui_name=webui_name, family=family), args.output_dir
             )
         else:
             # Reload the frozen parts from the base in full precision; saved as the family's diffusers pipeline
@@ -1340,7 +1348,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                 variant=args.variant,
                 **dict(family.pipeline_kwargs),
             )
-            pipeline.save_pretrained(args.output_dir)
+            save_result_atomically(pipeline.save_pretrained, args.output_dir)
 
         # The model as saved (EMA weights already copied in); a validation of this very step is reused.
         samples = run_validation(swap_ema=False, model=unet) if validation_prompts else []

@@ -30,7 +30,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
 from pogdiff.arguments import add_index_arguments
-from pogdiff.errors import UserError
+from pogdiff.errors import UserError, disk_full_is_a_user_error
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -99,6 +99,7 @@ RESTORED_FROM_CHECKPOINT: frozenset[str] = frozenset(
     {"--learning_rate", "--scale_lr", "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon"}
 )
 DATA_KEY = "data_fingerprint"
+BASE_MODEL_KEY = "base_model_fingerprint"
 PROCESSES_KEY = "num_processes"
 
 
@@ -106,6 +107,72 @@ def base_model_reference(name_or_path: str) -> str:
     """How a run names its base (model card, run record): a local folder by its absolute path (a relative one
     stops resolving as soon as the result is used from another directory), a Hub id as given."""
     return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+
+
+# Files of a base model up to this size (configs, tokenizer files, model_index.json) are hashed in full; larger
+# ones (weights) by size and modification time, see `base_model_fingerprint`.
+FULLY_HASHED_MODEL_FILE_BYTES = 16 << 20
+
+
+def _model_folder_files(folder: str) -> list[str]:
+    """The files of a local model that loading reads: model_index.json and the component folders it names
+    (a training output's checkpoints and logs beside them are not the model), else every file; hidden ones
+    (.cache, .git) never. Relative, "/"-separated, sorted."""
+    index_path = os.path.join(folder, "model_index.json")
+    roots = [folder]
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                components = [key for key in json.load(f) if not key.startswith("_")]
+            roots = [
+                os.path.join(folder, name) for name in components if os.path.isdir(os.path.join(folder, name))
+            ]
+        except (OSError, ValueError, AttributeError):
+            roots = [folder]
+    files = {"model_index.json"} if os.path.isfile(index_path) else set()
+    for root in roots:
+        for dirpath, dirnames, names in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in names:
+                if not name.startswith("."):
+                    files.add(os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/"))
+    return sorted(files)
+
+
+def base_model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
+    """What identifies the base model's content, for the run record and the index cache key.
+
+    A local folder: a SHA-256 over its model files (`_model_folder_files`): each file's relative name, and
+    its content's SHA-256 for files up to `FULLY_HASHED_MODEL_FILE_BYTES` (configs, tokenizer), its size and
+    modification time (ns) for larger ones (weights). So the folder reached by another path is the same base,
+    and a rewrite in place (save_pretrained, a download, a copy over it) is another. Weights are not hashed in
+    full because a Stable Diffusion folder with its variants holds 5-20 GB, read at every start and resume; the
+    price is that a copy of the folder that does not keep modification times (`cp -r`, not `cp -a`) counts as
+    changed. A Hub id: the commit of `revision` (default main) that huggingface_hub's cache resolves it to,
+    offline; the id and revision as given when the cache does not know it.
+    """
+    if os.path.isdir(name_or_path):
+        files = _model_folder_files(name_or_path)
+        small, large = [], {}
+        for rel in files:
+            stat = os.stat(os.path.join(name_or_path, rel))
+            if stat.st_size <= FULLY_HASHED_MODEL_FILE_BYTES:
+                small.append(rel)
+            else:
+                large[rel] = f"size {stat.st_size}, mtime_ns {stat.st_mtime_ns}"
+        entries = {**_hashes(name_or_path, small), **large}
+        payload = json.dumps(entries, sort_keys=True).encode()
+        return f"folder-sha256:{hashlib.sha256(payload).hexdigest()[:16]}"
+    commit = None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, "model_index.json", revision=revision)
+        if isinstance(cached, str):
+            commit = os.path.basename(os.path.dirname(cached))  # .../snapshots/<commit>/model_index.json
+    except (ValueError, OSError):  # not a valid repo id (HFValidationError is a ValueError)
+        commit = None
+    return f"hub:{name_or_path}@{commit or revision or 'main'}"
 
 
 def checkpoint_step(name: str) -> int | None:
@@ -139,12 +206,18 @@ def index_flag_dests() -> list[str]:
 
 
 def run_settings(
-    args: argparse.Namespace, *, seed: int, data_fingerprint: str, num_processes: int
+    args: argparse.Namespace,
+    *,
+    seed: int,
+    data_fingerprint: str,
+    num_processes: int,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint to continue it exactly.
 
-    Keys are the flags as typed (`--seed`), plus the data fingerprint and the number of processes. `seed` is
-    the seed in use (drawn when `--seed` was not given). Values are JSON-normalised (as read back from disk).
+    Keys are the flags as typed (`--seed`), plus the data fingerprint, the base model's fingerprint
+    (`base_model_fingerprint`, when given) and the number of processes. `seed` is the seed in use (drawn when
+    `--seed` was not given). Values are JSON-normalised (as read back from disk).
     """
     settings: dict[str, Any] = {}
     for dest in (*EXACTNESS_FLAGS, *index_flag_dests()):
@@ -155,6 +228,8 @@ def run_settings(
         # The same local model reached from another working directory is the same model.
         settings["--pretrained_model_name_or_path"] = base_model_reference(model)
     settings[DATA_KEY] = data_fingerprint
+    if base_model is not None:
+        settings[BASE_MODEL_KEY] = base_model
     settings[PROCESSES_KEY] = num_processes
     return json.loads(json.dumps(settings))
 
@@ -163,9 +238,23 @@ def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     """The keys whose values differ, in `current`'s order.
 
     Only keys both sides know are compared: a setting added to the script after the checkpoint was written
-    has no recorded value to disagree with.
+    has no recorded value to disagree with. Likewise a data fingerprint of the older, path-based format
+    (`datasets`' 16-hex-digit `_fingerprint`; today's is a 64-digit SHA-256 of the content) is not compared.
     """
-    return [key for key in current if key in saved and saved[key] != current[key]]
+    return [
+        key
+        for key in current
+        if key in saved and saved[key] != current[key] and not _older_data_fingerprint(key, saved, current)
+    ]
+
+
+def _older_data_fingerprint(key: str, saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    return (
+        key == DATA_KEY
+        and isinstance(saved[key], str)
+        and isinstance(current[key], str)
+        and len(saved[key]) != len(current[key])
+    )
 
 
 def describe_differences(keys: list[str], saved: dict[str, Any], current: dict[str, Any]) -> str:
@@ -174,6 +263,11 @@ def describe_differences(keys: list[str], saved: dict[str, Any], current: dict[s
     for key in keys:
         if key == DATA_KEY:
             what = "the training data (--train_data_dir / --dataset_name, --max_train_samples): fingerprint"
+        elif key == BASE_MODEL_KEY:
+            what = (
+                f"the base model --pretrained_model_name_or_path {current.get('--pretrained_model_name_or_path')} "
+                "(rewritten in place, or another revision):"
+            )
         elif key == PROCESSES_KEY:
             what = "the number of processes:"
         else:
@@ -389,9 +483,12 @@ def claim_output_dir_for_new_run(output_dir: str, overwrite: bool, is_main_proce
 
     Otherwise its checkpoint-N would replace the other run's, rotation would prune the rest, and `latest` would
     later resume a mix of both runs. With `overwrite` (--overwrite_output_dir, the user's consent) the other
-    run's checkpoints are removed first, saying so; without it this is a UserError naming that run and the
-    choices. Call it with the output folder's lock held.
+    run's checkpoints (and its saved result, `remove_result`) are removed first, saying so; without it this is a
+    UserError naming that run and the choices. Call it with the output folder's lock held.
     """
+    if overwrite and is_main_process:
+        # An output folder holds one result: the previous run's goes too (this run may save the other kind).
+        remove_result(output_dir, "--overwrite_output_dir")
     names = checkpoint_dirs(output_dir)
     if not names:
         return
@@ -455,11 +552,17 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
+    try:
+        with disk_full_is_a_user_error(f"checkpoint {name}", output_dir):
+            accelerator.save_state(tmp)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_run_record(tmp, global_step, run_settings)
+                fsync_tree(tmp)
+    except UserError:
+        shutil.rmtree(tmp, ignore_errors=True)  # the space it holds, back; earlier checkpoints are untouched
+        raise
     if accelerator.is_main_process:
-        write_run_record(tmp, global_step, run_settings)
-        fsync_tree(tmp)
         if os.environ.get(KILL_AFTER_TMP_CHECKPOINT_ENV) == str(global_step):
             os.kill(os.getpid(), signal.SIGKILL)
         # A checkpoint-N already here is a damaged one that `latest` skipped (an explicit resume of an older
@@ -651,3 +754,87 @@ def training_resolution(model: str) -> tuple[int | None, str]:
     if size is not None:
         return size, "the model's UNet sample_size x VAE scale factor"
     return None, "no run record (pogdiff_run.json) and no readable unet/vae config"
+
+
+# The final result of a run in its output folder: one of a full pipeline or LoRA weights, never both.
+
+LORA_RESULT_FILE = "pytorch_lora_weights.safetensors"
+RESULT_TEMP = ".tmp-result"
+
+
+def result_parts(output_dir: str) -> list[str]:
+    """The entries of `output_dir` that make up a saved result: a pipeline's model_index.json and the component
+    folders it names, LoRA weights (`pytorch_lora_weights.safetensors` and the webui copy named after the
+    folder). Other files (checkpoints, logs, samples, the model card) are not part of it."""
+    parts = []
+    index_path = os.path.join(output_dir, "model_index.json")
+    if os.path.isfile(index_path):
+        parts.append("model_index.json")
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                components = [key for key in json.load(f) if not key.startswith("_")]
+        except (OSError, ValueError, AttributeError):
+            components = []
+        parts += [name for name in components if os.path.isdir(os.path.join(output_dir, name))]
+    for name in (LORA_RESULT_FILE, f"{os.path.basename(os.path.normpath(output_dir))}.safetensors"):
+        if os.path.isfile(os.path.join(output_dir, name)):
+            parts.append(name)
+    return sorted(set(parts), key=parts.index)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def remove_result(output_dir: str, why: str) -> list[str]:
+    """Remove the result saved in `output_dir` (`result_parts`), model_index.json first so that no instant
+    leaves a folder that looks like a complete model; log what was removed and `why`. Returns the names."""
+    parts = result_parts(output_dir)
+    for name in parts:
+        _remove(os.path.join(output_dir, name))
+    if parts:
+        logger.warning(f"{why}: removed the previous result in {output_dir} ({', '.join(parts)}).")
+    return parts
+
+
+def save_result_atomically(save_fn, output_dir: str, what: str = "the trained model") -> list[str]:
+    """`save_fn(folder)` into a temporary folder inside `output_dir`, then the result moved into place whole.
+
+    An output folder holds one result: a previous result that the new one does not replace file for file (a
+    full pipeline after a LoRA run, or the reverse, or components the new pipeline lacks) is removed, saying so.
+    A failure while saving (a full disk: a one-line UserError naming the folder) leaves the output folder as it
+    was, with no half-written `unet/config.json` that would look like a model. Main process only. Returns the
+    names of the previous result's parts that were removed.
+    """
+    tmp = os.path.join(output_dir, RESULT_TEMP)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        with disk_full_is_a_user_error(what, output_dir):
+            save_fn(tmp)
+            fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    new = os.listdir(tmp)
+    stale = [name for name in result_parts(output_dir) if name not in new]
+    if stale:
+        logger.warning(
+            f"An output folder holds one result: removed the previous result's {', '.join(stale)} from {output_dir} "
+            f"before saving this run's ({', '.join(sorted(new))})."
+        )
+    # model_index.json leaves first and comes back last: in between the folder does not look like a model.
+    for name in ["model_index.json", *stale]:
+        if os.path.lexists(os.path.join(output_dir, name)):
+            _remove(os.path.join(output_dir, name))
+    for name in sorted(new, key=lambda name: name == "model_index.json"):
+        target = os.path.join(output_dir, name)
+        if os.path.lexists(target):
+            _remove(target)
+        os.replace(os.path.join(tmp, name), target)
+    os.rmdir(tmp)
+    fsync_dir(output_dir)
+    return stale

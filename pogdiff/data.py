@@ -22,6 +22,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -313,9 +314,9 @@ def _caption_folder_dataset(folder: str, caption_extension: str) -> datasets.Dat
     columns[REPEATS_COLUMN] = [item.num_repeats for item in items]
     features[REPEATS_COLUMN] = datasets.Value("int64")
 
-    # `from_dict`'s fingerprint hashes the table (paths and captions), not the image files; the files' sizes
-    # and modification times go into the info it also hashes, so a rewritten image changes the fingerprint as
-    # it does for imagefolder (see `dataset_fingerprint`).
+    # `from_dict`'s own `_fingerprint` (datasets' caching) hashes the table (paths and captions), not the image
+    # files; the files' sizes and modification times go into the info it also hashes, so a rewritten image
+    # changes it as it does for imagefolder. The run's identity is `dataset_fingerprint`, by content.
     stats = hashlib.sha256()
     for item in items:
         for path in (item.path, item.caption_path):
@@ -377,6 +378,7 @@ def load_image_text_dataset(
             kohya-style folder the errors of `scan_caption_folder`.
     """
     import datasets
+    import pyarrow
     from datasets.data_files import EmptyDatasetError
 
     if (dataset_name is None) == (train_data_dir is None):
@@ -432,6 +434,13 @@ def load_image_text_dataset(
         raise UserError(
             f"No images found in {source!r}: the folder holds no image or metadata files. Point the flag "
             "at the folder that contains the images and metadata.jsonl."
+        ) from err
+    except pyarrow.ArrowInvalid as err:
+        # A metadata column whose values are of several types (a caption that is a number, a list in some
+        # rows): pyarrow refuses the file deep inside `datasets`.
+        raise UserError(
+            f"The metadata of {source!r} cannot be read as a table: {str(err).splitlines()[0]}. Give each column "
+            'one type in every row (quote numbers that are captions: "text": "123").'
         ) from err
 
     if TRAIN_SPLIT not in dataset_dict:
@@ -766,21 +775,60 @@ def preprocess_image_and_crop(
     return pixels.sub(0.5).div(0.5), original_size, (top, left)
 
 
+_FINGERPRINT_BATCH = 256
+_FINGERPRINT_CHUNK = 8 << 20
+
+
+def _image_digest(value: Any) -> bytes:
+    """SHA-256 of an undecoded `Image` value's content: its bytes, else its file's bytes (streamed)."""
+    digest = hashlib.sha256()
+    if value is None:
+        digest.update(b"null")
+    elif value.get("bytes") is not None:
+        digest.update(value["bytes"])
+    elif value.get("path") is not None and os.path.isfile(value["path"]):
+        with open(value["path"], "rb") as f:
+            while chunk := f.read(_FINGERPRINT_CHUNK):
+                digest.update(chunk)
+    else:
+        # Not readable here (it fails when loaded, naming the file): its name is all there is to identify it.
+        digest.update(b"unreadable\0" + os.path.basename(str(value.get("path"))).encode())
+    return digest.digest()
+
+
 def dataset_fingerprint(dataset) -> str:
-    """A stable string identifying the dataset's content, for cache keys (e.g. the PoGDiff index).
+    """A stable string identifying the dataset's content, for the run record and cache keys (the PoGDiff index).
 
-    For a `datasets.Dataset` this is its `_fingerprint`: for data loaded from files, derived from the data
-    files (paths and modification times) and the builder config; after `select`/`filter`/`map`, updated
-    deterministically from the transform. So it is the same across runs on unchanged files and changes
-    when files are rewritten (even with identical bytes: a safe, not minimal, key). Other objects are
-    hashed with `datasets`' pickling hasher.
+    For a `datasets.Dataset` it is the SHA-256 of its features, its row count and every row in order: the
+    values of the plain columns, and for each `Image` column the content of the image (its embedded bytes, or
+    its file's bytes), never its path. So the same folder reached by a relative or an absolute path, from
+    another working directory, or copied elsewhere gives the same fingerprint, while a rewritten image or
+    caption, another `--max_train_samples` draw or a filtered split gives another. Every image is read once
+    (threads overlap the reads; a few thousand images take seconds). Other objects are hashed with `datasets`'
+    pickling hasher.
     """
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    if isinstance(fingerprint, str) and fingerprint:
-        return fingerprint
-    from datasets.fingerprint import Hasher
+    import datasets
 
-    return Hasher.hash(dataset)
+    if not isinstance(dataset, datasets.Dataset):
+        from datasets.fingerprint import Hasher
+
+        return Hasher.hash(dataset)
+    rows = dataset.with_format(None)
+    image_columns = [name for name, feature in rows.features.items() if isinstance(feature, datasets.Image)]
+    for name in image_columns:
+        rows = rows.cast_column(name, datasets.Image(decode=False))
+    digest = hashlib.sha256()
+    header = {"fingerprint_format": 2, "features": dataset.features.to_dict(), "num_rows": len(dataset)}
+    digest.update(json.dumps(header, sort_keys=True, default=repr).encode())
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for start in range(0, len(rows), _FINGERPRINT_BATCH):
+            batch = rows[start : start + _FINGERPRINT_BATCH]
+            plain = {name: values for name, values in batch.items() if name not in image_columns}
+            digest.update(json.dumps(plain, sort_keys=True, default=repr, ensure_ascii=False).encode())
+            for name in image_columns:
+                for image_digest in pool.map(_image_digest, batch[name]):
+                    digest.update(image_digest)
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ subclasses ValueError, so code that already catches ValueError around these call
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -90,3 +92,26 @@ def missing_model_parts(folder: str, parts: tuple[str, ...] = MODEL_PARTS) -> li
     missing tokenizer/ with "OverflowError: int too big to convert", which names neither the folder nor the
     part)."""
     return [part for part in parts if not os.path.isdir(os.path.join(folder, part))]
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` says the disk (or the user's quota) is full: an OSError with ENOSPC/EDQUOT, or a library's
+    own error carrying that message (torch's writer raises RuntimeError "file write failed")."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+@contextmanager
+def disk_full_is_a_user_error(what: str, folder: str | os.PathLike) -> Iterator[None]:
+    """Run the body; a full disk becomes a UserError that says so and names `folder` and what was being saved."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise UserError(
+            f"The disk is full: no space left while saving {what} to {os.path.abspath(folder)} ({error}). Free "
+            "space on that disk or give another folder, then run again."
+        ) from error

@@ -330,17 +330,19 @@ class CallableFeatureExtractor(FeatureExtractor):
         return dict(stats()) if callable(stats) else {}
 
 
-def _load_callable(spec: str) -> Callable[..., Any]:
+def _load_callable(spec: str, flag: str = "--feature_extractor") -> Callable[..., Any]:
     module_name, _, attribute = spec.partition(":")
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise UserError(
-            f"Could not import the feature extractor {spec!r} ({error}). Pass `module:function` where "
+            f"{flag} {spec!r}: could not import the feature extractor ({error}). Pass `module:function` where "
             "`module` is importable (on PYTHONPATH) and `function(images: list[PIL.Image]) -> (n, d)` exists."
         ) from error
     if not callable(function):
-        raise UserError(f"{spec!r} is not callable; it must map a list of PIL images to an (n, d) tensor.")
+        raise UserError(
+            f"{flag} {spec!r} is not callable; it must map a list of PIL images to an (n, d) tensor."
+        )
     return function
 
 
@@ -363,7 +365,7 @@ def get_feature_extractor(
         return FaceFeatureExtractor(batch_size=batch_size)
     # A local folder may contain ':' only on Windows drive letters; a Hub id never does.
     if ":" in spec and not os.path.isdir(spec):
-        return CallableFeatureExtractor(_load_callable(spec), name=spec, batch_size=batch_size)
+        return CallableFeatureExtractor(_load_callable(spec, flag), name=spec, batch_size=batch_size)
     return HFFeatureExtractor(
         spec, device=device, batch_size=batch_size, flag=flag, offline_choices=offline_choices
     )

@@ -9,8 +9,9 @@ before the first step, and cached:
 - identity ids (for the a2 term of Eq. 9) and text ids (a neighbour with the sample's own caption needs no
   extra UNet forward).
 
-The cache folder `<cache_dir>/pogdiff-index-<key>/` is named by a hash of the dataset fingerprint and every
-parameter that changes the result, so a resumed run reloads it without touching an encoder and any changed
+The cache folder `<cache_dir>/pogdiff-index-<key>/` is named by a hash of the dataset fingerprint, the base
+model's fingerprint (by content: a base rewritten in place is another base) and every parameter that changes
+the result, so a resumed run reloads it without touching an encoder and any changed
 parameter rebuilds it.
 
 Command line (build or load the index, print its summary, plot identity counts and expected psi)::
@@ -40,7 +41,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from .errors import UserError, report_user_errors
+from .errors import UserError, disk_full_is_a_user_error, report_user_errors
 from .identities import is_few_shot, shot_split
 from .psi import PsiParams, expected_psi
 
@@ -355,6 +356,9 @@ def build_or_load_index(
     cosine > 0.8) has the dataset mean subtracted before the k-NN, otherwise every similarity would be
     close to 1 and psi_img would not tell neighbours apart.
     """
+    # The run record's notion of model identity (imported here: the index library stays below checkpointing).
+    from .checkpointing import base_model_fingerprint, base_model_reference
+
     _check_inputs(texts, identities, num_neighbors)
     warning = one_caption_per_identity_warning(texts, identities)
     if warning:
@@ -364,7 +368,9 @@ def build_or_load_index(
     params = {
         "format_version": INDEX_FORMAT_VERSION,
         "fingerprint": fingerprint,
-        "pretrained_model_name_or_path": str(pretrained_model_name_or_path),
+        "pretrained_model_name_or_path": base_model_reference(str(pretrained_model_name_or_path)),
+        # By content: a base folder rewritten in place (new VAE or text encoder) must not reuse the old index.
+        "base_model": base_model_fingerprint(str(pretrained_model_name_or_path), revision),
         "revision": revision,
         "variant": variant,
         "neighbor_encoder": neighbor_encoder,
@@ -557,7 +563,8 @@ def _save_atomically(index: PoGDiffIndex, folder: Path, key: str) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        index.save(tmp)
+        with disk_full_is_a_user_error("the PoGDiff index", folder.parent):
+            index.save(tmp)
         if folder.exists() and not _is_index_folder(folder, key):
             shutil.rmtree(folder)  # a stale or broken folder under this name: replace it
         try:
@@ -841,6 +848,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**{dest: settings[f"--{dest}"] for dest in dests if f"--{dest}" in settings})
     args = parser.parse_args(argv)
     args.run_record = recorded
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1 (images per encoder batch); got {args.batch_size}.")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device; give cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            f"--device {args.device}: this machine has no CUDA GPU that torch can use; pass --device cpu."
+        )
     if args.pretrained_model_name_or_path is None:
         parser.error(
             "give --pretrained_model_name_or_path (the base model) or --from_run (a training output)."

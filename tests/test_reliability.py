@@ -217,6 +217,9 @@ def test_resume_refuses_changed_settings(base_run, tiny_sd_path, tiny_dataset_pa
     out = copy_run(base_run, tmp_path)
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset_path, data)
+    # Other data: one caption changed (a mere copy of the folder elsewhere is the same data).
+    metadata = data / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace('"text": "', '"text": "a ', 1))
     argv = base_argv(tiny_sd_path, str(data), out, "--resume_from_checkpoint", "latest", "--psi_a1", "2")
     argv[argv.index("--train_batch_size") + 1] = "2"
     argv[argv.index("--seed") + 1] = "1"
