@@ -231,5 +231,7 @@ def test_evaluation_runs_on_an_sdxl_result(sdxl_lora_run, tiny_dataset_path, tmp
         ]
     )  # fmt: skip
     assert set(report["models"]) == {"xl"}
-    images = sorted((tmp_path / "eval").rglob("*.png"))
-    assert images and Image.open(images[0]).size == (32, 32)
+    # Generated at the run's training resolution (its run record), per identity.
+    generated = sorted((tmp_path / "eval" / "xl").glob("*/*.png"))
+    assert len(generated) == 2 * 4 and Image.open(generated[0]).size == (32, 32)
+    assert (tmp_path / "eval" / "grid_few_shot.png").is_file()
