@@ -147,7 +147,9 @@ def test_evaluate_generates_at_the_models_size_without_resolution(tiny_sd_path, 
         "--output_dir", str(tmp_path / "eval"),
     ]  # fmt: skip
     report = evaluate_pogdiff.main(argv)
-    assert report["generation"]["resolution"] == TINY_RESOLUTION == checkpointing.native_resolution(tiny_sd_path)
+    assert (
+        report["generation"]["resolution"] == TINY_RESOLUTION == checkpointing.native_resolution(tiny_sd_path)
+    )
     assert report["few_shot_max"] == evaluate_pogdiff.DEFAULT_FEW_SHOT_MAX
     with Image.open(tmp_path / "eval" / "m" / "chen" / "000.png") as image:
         assert image.size == (TINY_RESOLUTION, TINY_RESOLUTION)
@@ -407,6 +409,12 @@ RUN_README_COMMANDS = [
         ("--train_batch_size 8 --gradient_accumulation_steps 4", "--train_batch_size 4 --gradient_accumulation_steps 1"),
     ], ["--neighbor_encoder", "vae", "--density_epochs", "5", "--num_validation_inference_steps", "5"]),
     ("python -m pogdiff.index --from_run", [], []),
+    ("accelerate launch --quiet train_pogdiff.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0", [
+        ("stabilityai/stable-diffusion-xl-base-1.0", "{tiny_sdxl}"), ("--resolution 1024", "--resolution 32"),
+        ("--max_train_steps 12000", "--max_train_steps 2"), ("--mixed_precision bf16", "--mixed_precision no"),
+        ("--checkpointing_steps 1000", "--checkpointing_steps 1"),
+        ("--train_batch_size 1 --gradient_accumulation_steps 8", "--train_batch_size 4 --gradient_accumulation_steps 1"),
+    ], ["--neighbor_encoder", "vae", "--density_epochs", "5", "--num_validation_inference_steps", "5"]),
     ("python evaluate_pogdiff.py", [
         # vanilla-model is the same training command with --objective vanilla: the run above stands in for it.
         ("vanilla=vanilla-model", "vanilla=pogdiff-model"), ("--images_per_identity 20", "--images_per_identity 2"),
@@ -437,12 +445,14 @@ def photo_folder(root: Path) -> None:
             Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
-def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_path, tmp_path):
+def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_path, tiny_sdxl_path, tmp_path):
     commands = readme_commands()
     plan = []
     for command in commands:
         skipped = [reason for prefix, reason in SKIPPED_README_COMMANDS.items() if command.startswith(prefix)]
         runs = [entry for entry in RUN_README_COMMANDS if command.startswith(entry[0])]
+        # The most specific prefix decides (the SDXL command starts like the SD one).
+        runs = sorted(runs, key=lambda entry: len(entry[0]))[-1:]
         assert len(skipped) + len(runs) == 1, (
             f"README command neither run nor skipped by this test: {command}"
         )
@@ -450,7 +460,7 @@ def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_pa
             prefix, substitutions, extra = runs[0]
             for old, new in substitutions:
                 assert old in command, f"the README no longer has {old!r} in: {command}"
-                command = command.replace(old, new.format(tiny_sd=tiny_sd_path))
+                command = command.replace(old, new.format(tiny_sd=tiny_sd_path, tiny_sdxl=tiny_sdxl_path))
             plan.append(shlex.split(command) + extra)
     # Each command to run is in the README once, in this order.
     prefixes = [shlex.split(prefix) for prefix, _, _ in RUN_README_COMMANDS]
@@ -461,9 +471,7 @@ def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_pa
     # The README's LoRA advice, applied to its training command, is a valid command line (parsed, not run).
     import train_pogdiff
 
-    train = next(
-        words for words in plan if words[:4] == ["accelerate", "launch", "--quiet", "train_pogdiff.py"]
-    )
+    train = plan[1]  # the SD training command
     assert (
         "--use_ema" in train
         and "Replace `--use_ema` by `--use_lora --rank 16`" in (REPO / "README.md").read_text()
@@ -493,6 +501,9 @@ def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_pa
         json.loads((root / "pogdiff-model" / "pogdiff_run.json").read_text())["settings"]["--resolution"]
         == 32
     )
+    # The SDXL command (only the model id and resolution changed) trained SDXL LoRA adapters.
+    assert (root / "pogdiff-sdxl-lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "stable-diffusion-xl" in (root / "pogdiff-sdxl-lora" / "README.md").read_text()
     assert (root / "index-out" / "index_summary.json").is_file()
     report = json.loads((root / "eval" / "metrics.json").read_text())
     assert report["generation"]["resolution"] == 32 and set(report["models"]) == {"vanilla", "pogdiff"}
