@@ -103,9 +103,8 @@ from pogdiff.sampling import (
     EpochSampler,
     RowCaptions,
     SampleCounter,
-    density_sampling_weights,
     derive_seed,
-    identity_sampling_weights,
+    get_sampling_scheme,
     sampling_label,
     with_row_weights,
 )
@@ -898,7 +897,8 @@ def main(args: argparse.Namespace) -> Accelerator:
     index = None
     index_summary = None
     # The index holds PoGDiff's neighbours and psi, T2H's text density, and --sampling density's weights.
-    if args.objective in ("pogdiff", "t2h") or args.sampling == "density":
+    sampling_scheme = get_sampling_scheme(args.sampling)
+    if args.objective in ("pogdiff", "t2h") or sampling_scheme.needs_index:
         if args.objective == "pogdiff" and args.num_neighbors >= len(dataset):
             raise TrainingError(
                 f"--num_neighbors {args.num_neighbors} must be smaller than the dataset size ({len(dataset)} images): "
@@ -933,10 +933,7 @@ def main(args: argparse.Namespace) -> Accelerator:
         cached=args.cache_latents,
         micro_conditioning=family.micro_conditioning,
     )
-    if args.sampling == "density":
-        sampling_weights = density_sampling_weights(index.txt_log_weights)
-    else:
-        sampling_weights = identity_sampling_weights(identities, args.sampling_power)
+    sampling_weights = sampling_scheme.weights(identities, index, args.sampling_power)
     if args.sampling_weight_column is not None:
         if args.sampling_weight_column not in dataset.column_names:
             raise TrainingError(
