@@ -99,6 +99,7 @@ from pogdiff.errors import (
 from pogdiff.families import ModelFamily, add_time_ids, cat_conditioning, detect_family
 from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code, save_run_settings
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
+from pogdiff.objectives import get_objective
 from pogdiff.sampling import (
     EpochSampler,
     RowCaptions,
@@ -879,7 +880,9 @@ def main(args: argparse.Namespace) -> Accelerator:
             f"{', ...' if len(empty_rows) > 10 else ''}): those images teach the unconditional prediction, not a "
             f"prompt. Fill in --caption_column {caption_column!r} or drop those rows."
         )
-    if len(identity_counts) == 1 and (args.objective == "pogdiff" or args.sampling_power not in (None, 1.0)):
+    # The objective (a registered `objectives.Objective`: what it needs and does) and its settings.
+    objective_def = get_objective(args.objective)
+    if len(identity_counts) == 1 and (objective_def.uses_neighbors or args.sampling_power not in (None, 1.0)):
         ((name, count),) = identity_counts.items()
         source = f"column {identity_column!r}" if identity_column else f"the captions ({caption_column!r})"
         logger.warning(
@@ -898,8 +901,8 @@ def main(args: argparse.Namespace) -> Accelerator:
     index_summary = None
     # The index holds PoGDiff's neighbours and psi, T2H's text density, and --sampling density's weights.
     sampling_scheme = get_sampling_scheme(args.sampling)
-    if args.objective in ("pogdiff", "t2h") or sampling_scheme.needs_index:
-        if args.objective == "pogdiff" and args.num_neighbors >= len(dataset):
+    if objective_def.needs_index or sampling_scheme.needs_index:
+        if objective_def.uses_neighbors and args.num_neighbors >= len(dataset):
             raise TrainingError(
                 f"--num_neighbors {args.num_neighbors} must be smaller than the dataset size ({len(dataset)} images): "
                 "each image needs k other images as neighbours. Lower --num_neighbors."
@@ -982,7 +985,7 @@ def main(args: argparse.Namespace) -> Accelerator:
     sharded = sharded_engine(accelerator)
     params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
     neighbor_forward = None
-    if args.objective == "pogdiff":
+    if objective_def.uses_neighbors:
         compiled = accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
         try:
             neighbor_forward = make_neighbor_forward(

@@ -67,7 +67,12 @@ GIB = 2**30
 REFERENCE = "diffusers"
 # PoGDiff with `--neighbor_forward eager` next to PoGDiff with the --neighbor_forward chosen, in the same run.
 POGDIFF_EAGER = "pogdiff-eager"
-METHODS = (REFERENCE, *OBJECTIVES, POGDIFF_EAGER)
+
+
+def known_methods() -> tuple[str, ...]:
+    """What --methods accepts: the reference, every registered objective (`pogdiff.objectives.OBJECTIVES`), and
+    PoGDiff's eager neighbour forward."""
+    return (REFERENCE, *OBJECTIVES, POGDIFF_EAGER)
 
 
 @dataclass(frozen=True)
@@ -391,7 +396,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         default=",".join(OBJECTIVES),
-        help=f"Comma-separated subset of {', '.join(METHODS)}; '{REFERENCE}' is diffusers' own "
+        help=f"Comma-separated subset of {', '.join(known_methods())}; '{REFERENCE}' is diffusers' own "
         "train_text_to_image.py step, for reference.",
     )
     parser.add_argument(
@@ -418,10 +423,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in known_methods()]
     if unknown or not methods:
         parser.error(
-            f"--methods takes a comma-separated subset of {', '.join(METHODS)}, got {args.methods!r}."
+            f"--methods takes a comma-separated subset of {', '.join(known_methods())}, got {args.methods!r}."
         )
     if REFERENCE in methods and args.cache_latents:
         parser.error(
@@ -525,7 +530,7 @@ def build_method(
     model = torch.compile(unet) if args.torch_compile else unet
     forward = model if dtype == torch.float32 else MixedPrecisionForward(model, dtype, device.type)
     neighbor_forward = None
-    if name == "pogdiff":
+    if name != POGDIFF_EAGER and OBJECTIVES[objective].uses_neighbors:
         # As the trainer: compiled models keep the eager neighbour forward.
         mode = "eager" if args.torch_compile else args.neighbor_forward
         neighbor_forward = make_neighbor_forward(forward, device, mode)
@@ -654,7 +659,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "peak_gib": None,
             "step_transient_gib": None,
         }
-        if method.objective == "pogdiff":
+        if OBJECTIVES[method.objective].uses_neighbors:
             nf = method.neighbor_forward
             entry["neighbor_forward"] = (
                 "eager" if nf is None else "eager (CUDA graph capture failed)" if nf.failed else "cuda_graph"
