@@ -103,12 +103,12 @@ from pogdiff.families import ModelFamily, add_time_ids, cat_conditioning, detect
 from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code
 from pogdiff.identities import few_shot_rows, shot_split
 from pogdiff.index import build_or_load_index, format_summary, summarize_index
+from pogdiff.objectives import get_objective
 from pogdiff.sampling import (
     EpochSampler,
     RowCaptions,
     SampleCounter,
-    density_sampling_weights,
-    identity_sampling_weights,
+    get_sampling_scheme,
     sampling_label,
     with_row_weights,
 )
@@ -889,7 +889,9 @@ def main(args: argparse.Namespace) -> Accelerator:
             f"{', ...' if len(empty_rows) > 10 else ''}): those images teach the unconditional prediction, not a "
             f"prompt. Fill in --caption_column {caption_column!r} or drop those rows."
         )
-    if len(identity_counts) == 1 and (args.objective == "pogdiff" or args.sampling_power not in (None, 1.0)):
+    # The objective (a registered `objectives.Objective`: what it needs and does) and its settings.
+    objective_def = get_objective(args.objective)
+    if len(identity_counts) == 1 and (objective_def.uses_neighbors or args.sampling_power not in (None, 1.0)):
         ((name, count),) = identity_counts.items()
         source = f"column {identity_column!r}" if identity_column else f"the captions ({caption_column!r})"
         logger.warning(
@@ -907,8 +909,9 @@ def main(args: argparse.Namespace) -> Accelerator:
     index = None
     index_summary = None
     # The index holds PoGDiff's neighbours and psi, T2H's text density, and --sampling density's weights.
-    if args.objective in ("pogdiff", "t2h") or args.sampling == "density":
-        if args.objective == "pogdiff" and args.num_neighbors >= len(dataset):
+    sampling_scheme = get_sampling_scheme(args.sampling)
+    if objective_def.needs_index or sampling_scheme.needs_index:
+        if objective_def.uses_neighbors and args.num_neighbors >= len(dataset):
             raise TrainingError(
                 f"--num_neighbors {args.num_neighbors} must be smaller than the dataset size ({len(dataset)} images): "
                 "each image needs k other images as neighbours. Lower --num_neighbors."
@@ -942,10 +945,7 @@ def main(args: argparse.Namespace) -> Accelerator:
         cached=args.cache_latents,
         micro_conditioning=family.micro_conditioning,
     )
-    if args.sampling == "density":
-        sampling_weights = density_sampling_weights(index.txt_log_weights)
-    else:
-        sampling_weights = identity_sampling_weights(identities, args.sampling_power)
+    sampling_weights = sampling_scheme.weights(identities, index, args.sampling_power)
     if args.sampling_weight_column is not None:
         if args.sampling_weight_column not in dataset.column_names:
             raise TrainingError(
@@ -994,7 +994,7 @@ def main(args: argparse.Namespace) -> Accelerator:
     sharded = sharded_engine(accelerator)
     params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
     neighbor_forward = None
-    if args.objective == "pogdiff":
+    if objective_def.uses_neighbors:
         compiled = accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
         try:
             neighbor_forward = make_neighbor_forward(

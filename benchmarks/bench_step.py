@@ -44,6 +44,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from pogdiff.families import SDTextEncoders, cat_conditioning  # noqa: E402
 from pogdiff.index import PoGDiffIndex  # noqa: E402
 from pogdiff.psi import PsiParams  # noqa: E402
 from pogdiff.seeds import derive_seed  # noqa: E402
@@ -67,7 +68,12 @@ GIB = 2**30
 REFERENCE = "diffusers"
 # PoGDiff with `--neighbor_forward eager` next to PoGDiff with the --neighbor_forward chosen, in the same run.
 POGDIFF_EAGER = "pogdiff-eager"
-METHODS = (REFERENCE, *OBJECTIVES, POGDIFF_EAGER)
+
+
+def known_methods() -> tuple[str, ...]:
+    """What --methods accepts: the reference, every registered objective (`pogdiff.objectives.OBJECTIVES`), and
+    PoGDiff's eager neighbour forward."""
+    return (REFERENCE, *OBJECTIVES, POGDIFF_EAGER)
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,7 @@ class Shared:
     weight_dtype: torch.dtype
     device: torch.device
     latent_cache: torch.Tensor | None = None  # --cache_latents: (N, 2C, h, w) VAE distribution parameters
-    text_cache: torch.Tensor | None = None  # --cache_latents: (num captions, 77, width) hidden states
+    text_cache: object | None = None  # --cache_latents: the captions' `families.Conditioning`
     max_grad_norm: float = 1.0
     captions: CaptionStates | None = None  # the rows' caption states, as the trainer builds them
     psi: PsiParams = PsiParams()
@@ -391,7 +397,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         default=",".join(OBJECTIVES),
-        help=f"Comma-separated subset of {', '.join(METHODS)}; '{REFERENCE}' is diffusers' own "
+        help=f"Comma-separated subset of {', '.join(known_methods())}; '{REFERENCE}' is diffusers' own "
         "train_text_to_image.py step, for reference.",
     )
     parser.add_argument(
@@ -418,10 +424,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in known_methods()]
     if unknown or not methods:
         parser.error(
-            f"--methods takes a comma-separated subset of {', '.join(METHODS)}, got {args.methods!r}."
+            f"--methods takes a comma-separated subset of {', '.join(known_methods())}, got {args.methods!r}."
         )
     if REFERENCE in methods and args.cache_latents:
         parser.error(
@@ -525,7 +531,7 @@ def build_method(
     model = torch.compile(unet) if args.torch_compile else unet
     forward = model if dtype == torch.float32 else MixedPrecisionForward(model, dtype, device.type)
     neighbor_forward = None
-    if name == "pogdiff":
+    if name != POGDIFF_EAGER and OBJECTIVES[objective].uses_neighbors:
         # As the trainer: compiled models keep the eager neighbour forward.
         mode = "eager" if args.torch_compile else args.neighbor_forward
         neighbor_forward = make_neighbor_forward(forward, device, mode)
@@ -582,13 +588,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         shared.latent_cache = encode_latent_parameters(
             vae, lambda i: row_pixels(i, args.resolution, args.seed), len(index), show_progress=True
         )
+    # The SD family's text encoding, as the trainer does it (the tokens are drawn at random: no tokenizer).
+    text_encoders = SDTextEncoders([], [text_encoder])
+    if args.cache_latents:
         with torch.no_grad():
-            shared.text_cache = torch.cat(
-                [text_encoder(ids.to(device), return_dict=False)[0] for ids in token_table.split(64)]
+            shared.text_cache = cat_conditioning(
+                [text_encoders.encode(ids.to(device)) for ids in token_table.split(64)]
             )
     # The trainer's caption lookup: distinct captions' tokens, each row's caption id, optionally the cache.
     shared.captions = CaptionStates(
-        text_encoder, token_table, index.text_ids, None, device, shared.text_cache
+        text_encoders, token_table, index.text_ids, None, device, shared.text_cache
     )
     methods = [build_method(m, components["unet"], args, device, dtype) for m in args.methods]
     del components
@@ -654,7 +663,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "peak_gib": None,
             "step_transient_gib": None,
         }
-        if method.objective == "pogdiff":
+        if OBJECTIVES[method.objective].uses_neighbors:
             nf = method.neighbor_forward
             entry["neighbor_forward"] = (
                 "eager" if nf is None else "eager (CUDA graph capture failed)" if nf.failed else "cuda_graph"

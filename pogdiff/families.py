@@ -112,7 +112,10 @@ def unet_prediction(
     unet: Callable, noisy_latents, timesteps, cond: Conditioning | torch.Tensor
 ) -> torch.Tensor:
     """The UNet's prediction for x_t, t and a conditioning (any family)."""
-    return unet(noisy_latents, timesteps, **as_conditioning(cond).unet_kwargs(), return_dict=False)[0]
+    cond = as_conditioning(cond)
+    if cond.text_embeds is None:  # SD: called exactly as diffusers' train_text_to_image.py calls it
+        return unet(noisy_latents, timesteps, cond.hidden_states, return_dict=False)[0]
+    return unet(noisy_latents, timesteps, **cond.unet_kwargs(), return_dict=False)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

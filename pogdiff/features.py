@@ -15,6 +15,9 @@ float32, rows L2-normalised, on the CPU. Besides being callable, an extractor ha
 - ``"face"``: dlib's ResNet face descriptor (``pip install dlib-bin face_recognition_models``);
 - ``"pixels"``: a tiny deterministic extractor that needs no weights (tests, offline demos);
 - ``"module:function"``: any importable callable with the interface above.
+
+Every neighbour encoder of the PoGDiff index lives here too: :func:`neighbor_encoder` maps ``--neighbor_encoder``
+to ``vae`` (:func:`vae_image_encoder`, the base model's own VAE) or to one of the extractors above.
 """
 
 from __future__ import annotations
@@ -368,6 +371,70 @@ def get_feature_extractor(
         return CallableFeatureExtractor(_load_callable(spec, flag), name=spec, batch_size=batch_size)
     return HFFeatureExtractor(
         spec, device=device, batch_size=batch_size, flag=flag, offline_choices=offline_choices
+    )
+
+
+def vae_image_encoder(
+    pretrained_model_name_or_path: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    resolution: int = 512,
+    device: str | torch.device = "cpu",
+) -> Callable[[list[Image.Image]], torch.Tensor]:
+    """The base model's own VAE as an image encoder: flattened latent means, (n, C*h*w) float32 on the CPU.
+
+    Images are centre-cropped and resized to `resolution` the way training sees them. Needs no download
+    beyond the base model, which is why it is the offline choice of `--neighbor_encoder`.
+    """
+    from diffusers import AutoencoderKL
+
+    from .data import preprocess_image
+
+    vae = AutoencoderKL.from_pretrained(
+        pretrained_model_name_or_path, subfolder="vae", revision=revision, variant=variant
+    )
+    vae.to(device).eval()
+
+    @torch.no_grad()
+    def encode(images: list[Image.Image]) -> torch.Tensor:
+        pixels = torch.stack([preprocess_image(image, resolution, center_crop=True) for image in images])
+        latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean
+        return latents.flatten(1).float().cpu()
+
+    encode.name = "vae"
+    return encode
+
+
+def neighbor_encoder(
+    spec: str,
+    pretrained_model_name_or_path: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    resolution: int = 512,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+) -> Callable[[list[Image.Image]], Any]:
+    """The image encoder `--neighbor_encoder spec` names, for the neighbour index: `vae` (the base model's own VAE,
+    `vae_image_encoder`) or any `get_feature_extractor` spec (a Hub model, `pixels`, `face`, `module:function`).
+
+    Errors name the trainer's and the index CLI's flag and their offline choices (`vae`, not `pixels`).
+    """
+    if spec == "vae":
+        return vae_image_encoder(
+            pretrained_model_name_or_path,
+            revision=revision,
+            variant=variant,
+            resolution=resolution,
+            device=device,
+        )
+    return get_feature_extractor(
+        spec,
+        device=device,
+        batch_size=batch_size,
+        flag="--neighbor_encoder",
+        offline_choices=NEIGHBOR_ENCODER_OFFLINE_CHOICES,
     )
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from .checkpointing import base_model_reference
 from .families import SD, ModelFamily
 from .index import format_summary
+from .objectives import OBJECTIVES
 from .sampling import sampling_label
 
 logger = get_logger(__name__, log_level="INFO")
@@ -84,7 +85,8 @@ def save_model_card(
     dataset = args.dataset_name or args.train_data_dir
     hyper = {
         "objective": args.objective,
-        "neighbor_grad": args.neighbor_grad,
+        # Each registered objective's own settings (PoGDiff's neighbor_grad, CBDM's tau and gamma, ...).
+        **{k: v for objective in OBJECTIVES.values() for k, v in objective.card_rows(args).items()},
         "num_neighbors (k)": args.num_neighbors,
         "neighbor_encoder": args.neighbor_encoder,
         "psi_a1": args.psi_a1,
@@ -99,7 +101,6 @@ def save_model_card(
         ),
         "caption_dropout_prob": args.caption_dropout_prob,
         "sampling": sampling_label(args),
-        "cbdm_tau / gamma": f"{args.cbdm_tau} / {args.cbdm_gamma}",
         "learning_rate": args.learning_rate,
         "train_batch_size x gradient_accumulation_steps": f"{args.train_batch_size} x {args.gradient_accumulation_steps}",
         "max_train_steps": args.max_train_steps,

@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from .errors import UserError, disk_full_is_a_user_error, report_user_errors
+from .features import neighbor_encoder
 from .identities import is_few_shot, shot_split
 from .psi import PsiParams, expected_psi
 
@@ -172,38 +173,6 @@ def encoder_name(fn: Callable) -> str:
         return name
     qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{qualname}"
-
-
-def vae_image_encoder(
-    pretrained_model_name_or_path: str,
-    *,
-    revision: str | None = None,
-    variant: str | None = None,
-    resolution: int = 512,
-    device: str | torch.device = "cpu",
-) -> Callable[[list[Image.Image]], torch.Tensor]:
-    """The base model's own VAE as an image encoder: flattened latent means, (n, C*h*w) float32 on the CPU.
-
-    Images are centre-cropped and resized to `resolution` the way training sees them. Needs no download
-    beyond the base model, which is why it is the offline choice of `--neighbor_encoder`.
-    """
-    from diffusers import AutoencoderKL
-
-    from .data import preprocess_image
-
-    vae = AutoencoderKL.from_pretrained(
-        pretrained_model_name_or_path, subfolder="vae", revision=revision, variant=variant
-    )
-    vae.to(device).eval()
-
-    @torch.no_grad()
-    def encode(images: list[Image.Image]) -> torch.Tensor:
-        pixels = torch.stack([preprocess_image(image, resolution, center_crop=True) for image in images])
-        latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean
-        return latents.flatten(1).float().cpu()
-
-    encode.name = "vae"
-    return encode
 
 
 @torch.no_grad()
@@ -464,24 +433,15 @@ def _build_index(
     model = params["pretrained_model_name_or_path"]
     if image_encoder_fn is not None:
         encoder = image_encoder_fn
-    elif params["neighbor_encoder"] == "vae":
-        encoder = vae_image_encoder(
+    else:
+        encoder = neighbor_encoder(
+            params["neighbor_encoder"],
             model,
             revision=params["revision"],
             variant=params["variant"],
             resolution=params["resolution"],
             device=device,
-        )
-    else:
-        from .features import NEIGHBOR_ENCODER_OFFLINE_CHOICES, get_feature_extractor
-
-        # Errors name the trainer's and the index CLI's flag and their offline choices (`vae`, not `pixels`).
-        encoder = get_feature_extractor(
-            params["neighbor_encoder"],
-            device=device,
             batch_size=batch_size,
-            flag="--neighbor_encoder",
-            offline_choices=NEIGHBOR_ENCODER_OFFLINE_CHOICES,
         )
     image_embeddings = encode_images(
         get_image, len(texts), encoder, batch_size, desc=f"Image embeddings ({params['neighbor_encoder']})"

@@ -9,10 +9,21 @@ every per-sample term.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 
-from pogdiff.neighbors import sample_categorical
+from pogdiff.families import Conditioning, cat_conditioning, neighbor_conditioning, unet_prediction
+from pogdiff.neighbors import sample_categorical, sample_neighbor_positions
+from pogdiff.psi import PsiParams, compute_psi
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from pogdiff.training import StepMeans
 
 
 def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -215,3 +226,353 @@ def t2h_targets(
     eps_new = torch.where(mask, (xt - s * x0_new) / s1, noise.double().flatten(1))
     new_targets = eps_new if prediction_type == "epsilon" else s * eps_new - s1 * x0_new
     return new_targets.view(noise.shape).to(noise.dtype), replaced
+
+
+@dataclass
+class NeighborDraw:
+    """The neighbour drawn for each sample of a batch and the psi weight of its consistency term."""
+
+    rows: torch.Tensor  # (B,) dataset row of the neighbour (PoGDiff) or random partner (CBDM)
+    psi: torch.Tensor  # (B,) weight used in the loss; 0 where the neighbour forward is skipped
+    psi_drawn: torch.Tensor  # (B,) psi before skipping (for logging what the method asked for)
+    needs_forward: torch.Tensor  # (B,) bool: rows whose neighbour prediction must be computed
+    same_identity: torch.Tensor | None = None  # (B,) bool: the neighbour shows the sample's own identity
+
+
+def draw_pogdiff_neighbors(
+    index,
+    rows: torch.Tensor,
+    generator: torch.Generator,
+    psi: PsiParams,
+    *,
+    caption_dropped: torch.Tensor | None = None,
+    text_ids: torch.Tensor | None = None,
+) -> NeighborDraw:
+    """Draw j ~ Cat(w) among each sample's k neighbours (Eq. 8) and compute their psi (Eq. 12) with `psi`.
+
+    A sample whose caption was dropped (classifier-free guidance training) gets psi = 0: its condition is the
+    empty prompt, not the identity the neighbour was chosen for. Samples whose neighbour has the very same
+    caption are skipped too: there the neighbour prediction equals the sample's own, so the term is exactly 0.
+    `text_ids` are the rows' captions as trained in this epoch (`RowCaptions.ids`, for rows with several
+    captions); the index's (first) captions when None.
+    """
+    rows = rows.cpu()
+    sims = index.neighbor_sims[rows]
+    positions = sample_neighbor_positions(sims, generator)
+    neighbor_rows = index.neighbor_ids[rows, positions]
+    sim = sims[torch.arange(len(rows)), positions]
+    same_identity = index.identity_ids[rows] == index.identity_ids[neighbor_rows]
+    weights = compute_psi(sim, same_identity, index.txt_log_weights[rows], psi)
+    if caption_dropped is not None:
+        weights = torch.where(caption_dropped.cpu(), torch.zeros_like(weights), weights)
+    # The captions this epoch trains on (`RowCaptions.ids`); the index's first captions when not given.
+    text_ids = index.text_ids if text_ids is None else text_ids.cpu()
+    same_text = text_ids[rows] == text_ids[neighbor_rows]
+    needs = needs_neighbor_forward(weights, same_text=same_text)
+    return NeighborDraw(
+        rows=neighbor_rows,
+        psi=torch.where(needs, weights, torch.zeros_like(weights)),
+        psi_drawn=weights,
+        needs_forward=needs,
+        same_identity=same_identity,
+    )
+
+
+def pogdiff_draw_logs(draw: NeighborDraw, minority: torch.Tensor, step_means: StepMeans) -> None:
+    """The mechanism's diagnostics of one micro-step: psi for the minority and the majority (per row, before
+    skipping), the share of rows skipped, and the share of drawn neighbours of the sample's own identity."""
+    step_means.add("frac_skipped", 1.0 - draw.needs_forward.float().mean())
+    for key, rows in (("psi_minority", minority), ("psi_majority", ~minority)):
+        count = int(rows.sum())
+        if count:
+            step_means.add(key, draw.psi_drawn[rows].mean(), weight=count)
+    if draw.same_identity is not None:
+        step_means.add("neighbor_same_identity", draw.same_identity.float().mean())
+
+
+def draw_random_partners(num_rows: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """CBDM's y': the caption of a uniformly random training sample (whole set), one per batch element."""
+    return torch.randint(0, num_rows, (batch_size,), generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The objectives as registered objects: what `training.objective_step` draws, runs and logs for each `--objective`.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Drawn:
+    """What an objective's `draw` hands to its forwards: the (possibly replaced) target, the conditioning of drawn
+    neighbours or partners, PoGDiff's `NeighborDraw`, and any value its `add_logs` reads (`stats`)."""
+
+    target: torch.Tensor
+    neighbor_hidden_states: Conditioning | torch.Tensor | None = None
+    draw: NeighborDraw | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossInputs:
+    """Everything an objective's forwards + loss may read for one batch (the arguments of
+    `training.objective_loss`)."""
+
+    noisy_latents: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    encoder_hidden_states: Conditioning | torch.Tensor
+    neighbor_hidden_states: Conditioning | torch.Tensor | None = None
+    draw: NeighborDraw | None = None
+    snr_weights: torch.Tensor | None = None
+    num_train_timesteps: int = 1000
+    cbdm_tau: float = 1.0
+    cbdm_gamma: float = 0.25
+    neighbor_forward: Callable | None = None
+    neighbor_grad: bool = False
+    any_rank: Callable[[bool], bool] | None = None
+
+
+class Objective:
+    """One `--objective`: a name, what it needs from the trainer, its draw, its forwards + loss and its logs.
+
+    The base class is plain fine-tuning (one forward, `vanilla_loss`); an objective overrides what it changes.
+    `register_objective(MyObjective())` makes it an `--objective` choice of `train_pogdiff.py` (parsers built from
+    then on), of `training.objective_step` / `objective_loss` and of `benchmarks/bench_step.py`.
+
+    Attributes:
+        name: the `--objective` value.
+        needs_index: the trainer builds (or loads) the PoGDiff index (`index.PoGDiffIndex`: neighbours, psi
+            weights, text density) and passes it to `draw`.
+        uses_neighbors: draws among the index's k neighbours and runs PoGDiff's no-grad neighbour forward: the
+            trainer checks `--num_neighbors` < N and builds `training.make_neighbor_forward` for it.
+        uses_partners: draws random partners among all rows (CBDM's y').
+    """
+
+    name: str = "vanilla"
+    needs_index: bool = False
+    uses_neighbors: bool = False
+    uses_partners: bool = False
+
+    def draw(
+        self,
+        settings,
+        inputs,
+        *,
+        noise_scheduler,
+        captions,
+        generator: torch.Generator,
+        index=None,
+        num_rows: int | None = None,
+    ) -> Drawn:
+        """What the objective draws before its forwards (from `generator` only, for exact resumes).
+
+        `settings` is `training.ObjectiveSettings`, `inputs` the `training.NoisedBatch`, `captions` the
+        `training.CaptionStates` (`captions.of_rows(rows)`: the conditioning of other rows' captions)."""
+        return Drawn(inputs.target)
+
+    def loss(self, unet: Callable, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The UNet forward(s) and the loss; logs as `vanilla_loss`'s (detached scalars)."""
+        model_pred = unet_prediction(
+            unet, inputs.noisy_latents, inputs.timesteps, inputs.encoder_hidden_states
+        )
+        return vanilla_loss(model_pred, inputs.target, inputs.snr_weights)
+
+    def add_logs(
+        self, drawn: Drawn, logs: dict[str, Any], means: StepMeans, *, rows: torch.Tensor, minority
+    ) -> None:
+        """Adds the step's logs to `means` (`training.StepMeans`); `minority` (N,) bool marks few-shot rows."""
+        for key, value in logs.items():
+            means.add(key, value)
+
+    def card_rows(self, args) -> dict[str, Any]:
+        """The objective's own rows of the model card's hyperparameter table."""
+        return {}
+
+
+# Every `--objective`, by name, in `--help` order.
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(objective: Objective, *, replace: bool = False) -> Objective:
+    """Makes `objective` an `--objective` choice and returns it."""
+    if objective.name in OBJECTIVES and not replace:
+        raise ValueError(f"An objective named {objective.name!r} is already registered.")
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+def get_objective(name: str) -> Objective:
+    """The registered objective `name`; a UserError listing the choices otherwise."""
+    if name not in OBJECTIVES:
+        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {name!r}.")
+    return OBJECTIVES[name]
+
+
+class Vanilla(Objective):
+    """Plain fine-tuning: diffusers' train_text_to_image loss."""
+
+
+class PoGDiff(Objective):
+    """PoGDiff (Eq. 13): a neighbour j ~ Cat(w) of each sample and psi from the index, then `pogdiff_loss`.
+
+    Forwards: one under `torch.no_grad()` for just the rows that need a neighbour prediction
+    (`draw.needs_forward`), on the same x_t and t with the neighbour's text (`neighbor_hidden_states`, one row per
+    needed sample), then the forward with grad. Both go through the same (possibly DDP / FSDP / DeepSpeed-wrapped)
+    model: under no_grad, DDP records nothing for the backward, and sharded engines gather their parameters as for
+    any forward. `neighbor_forward` (from `training.make_neighbor_forward`) replaces that eager forward, e.g. by a
+    CUDA graph replay; it returns the same compact predictions, or None to fall back to the eager forward.
+    With `neighbor_grad` (`--neighbor_grad`, the paper's literal Algorithm 1) the neighbour rows need grad too, so
+    they join the sample rows in one forward on the enlarged batch, as CBDM's do (`neighbor_forward` unused).
+    `any_rank` keeps the number of forwards the same on every rank (see `training.objective_loss`).
+    """
+
+    name = "pogdiff"
+    needs_index = True
+    uses_neighbors = True
+
+    def draw(
+        self, settings, inputs, *, noise_scheduler, captions, generator, index=None, num_rows=None
+    ) -> Drawn:
+        draw = draw_pogdiff_neighbors(
+            index,
+            inputs.rows,
+            generator,
+            settings.psi,
+            caption_dropped=inputs.caption_dropped,
+            text_ids=captions.row_text_ids,
+        )
+        neighbor_hidden_states = None
+        if bool(draw.needs_forward.any()):
+            neighbor_hidden_states = captions.of_rows(draw.rows[draw.needs_forward])
+        return Drawn(inputs.target, neighbor_hidden_states, draw)
+
+    def loss(self, unet, inputs: LossInputs):
+        x, t, cond, draw = inputs.noisy_latents, inputs.timesteps, inputs.encoder_hidden_states, inputs.draw
+        neighbor_hidden_states = inputs.neighbor_hidden_states
+        if inputs.neighbor_grad:
+            rows = draw.needs_forward.nonzero().flatten().to(x.device, non_blocking=True)
+            both = unet_prediction(
+                unet,
+                torch.cat([x, x.index_select(0, rows)]),
+                torch.cat([t, t.index_select(0, rows)]),
+                cat_conditioning([cond, neighbor_conditioning(cond, neighbor_hidden_states, rows)])
+                if neighbor_hidden_states is not None
+                else cond,
+            )
+            model_pred, neighbor_pred = both[: len(x)], both[len(x) :]
+            return pogdiff_loss(
+                model_pred, inputs.target, neighbor_pred, draw.psi, inputs.snr_weights, neighbor_grad=True
+            )
+
+        neighbor_pred = None
+        # The draw lives on the CPU: deciding what to skip never waits for the accelerator.
+        needed = bool(draw.needs_forward.any())
+        padded = inputs.any_rank is not None and inputs.any_rank(needed) and not needed
+        if padded:
+            # Another rank runs its neighbour forward: this one joins with a one-row forward whose result is
+            # dropped, so that the sharded engine's parameter gathers match across ranks. psi is 0 on every row
+            # here, so the loss is exactly the skipped one.
+            with torch.no_grad():
+                unet_prediction(unet, x[:1], t[:1], cond[:1])
+        if needed:
+            rows = draw.needs_forward.nonzero().flatten().to(x.device, non_blocking=True)
+            # The neighbour's caption on the sample's own image (SDXL: the sample's own time ids).
+            neighbor_hidden_states = neighbor_conditioning(cond, neighbor_hidden_states, rows)
+            # Before the forward with grad: its activations are freed before the training activations are
+            # allocated, so the extra forward adds time but (almost) no peak memory.
+            with torch.no_grad():
+                if inputs.neighbor_forward is not None:
+                    neighbor_pred = inputs.neighbor_forward(x, t, neighbor_hidden_states, rows)
+                if neighbor_pred is None:
+                    # Compact: only the rows with psi > 0, in batch order (what pogdiff_loss reads).
+                    neighbor_pred = unet_prediction(
+                        unet, x.index_select(0, rows), t.index_select(0, rows), neighbor_hidden_states
+                    )
+        model_pred = unet_prediction(unet, x, t, cond)
+        loss, logs = pogdiff_loss(model_pred, inputs.target, neighbor_pred, draw.psi, inputs.snr_weights)
+        if inputs.any_rank is not None:
+            # The cost of rank consistency: the share of micro-steps this rank ran a forward only to keep step.
+            logs["neighbor_forward_padded"] = float(padded)
+        return loss, logs
+
+    def add_logs(self, drawn, logs, means, *, rows, minority) -> None:
+        neighbor_mse = logs.pop("neighbor_mse", None)
+        logs.pop("frac_skipped", None)  # the draw's own count below also knows same-caption skips
+        super().add_logs(drawn, logs, means, rows=rows, minority=minority)
+        draw = drawn.draw
+        is_minority = minority[rows] if minority is not None else torch.zeros(len(rows), dtype=torch.bool)
+        pogdiff_draw_logs(draw, is_minority, means)
+        if neighbor_mse is not None:
+            means.add("neighbor_mse", neighbor_mse, weight=int(draw.needs_forward.sum()))
+
+    def card_rows(self, args) -> dict[str, Any]:
+        return {"neighbor_grad": args.neighbor_grad}
+
+
+class CBDM(Objective):
+    """CBDM (Qin et al. 2023): a random partner's caption per sample; the partner branch needs grad, so both
+    conditions go through ONE forward on the doubled batch (a DDP model may only run one forward per backward)."""
+
+    name = "cbdm"
+    uses_partners = True
+
+    def draw(
+        self, settings, inputs, *, noise_scheduler, captions, generator, index=None, num_rows=None
+    ) -> Drawn:
+        partners = draw_random_partners(num_rows, len(inputs.rows), generator)
+        return Drawn(inputs.target, captions.of_rows(partners))
+
+    def loss(self, unet, inputs: LossInputs):
+        x, t, cond = inputs.noisy_latents, inputs.timesteps, inputs.encoder_hidden_states
+        both = unet_prediction(
+            unet,
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            cat_conditioning([cond, neighbor_conditioning(cond, inputs.neighbor_hidden_states)]),
+        )
+        model_pred, partner_pred = both.chunk(2)
+        return cbdm_loss(
+            model_pred,
+            inputs.target,
+            partner_pred,
+            t,
+            inputs.num_train_timesteps,
+            tau=inputs.cbdm_tau,
+            gamma=inputs.cbdm_gamma,
+            snr_weights=inputs.snr_weights,
+        )
+
+    def card_rows(self, args) -> dict[str, Any]:
+        return {"cbdm_tau / gamma": f"{args.cbdm_tau} / {args.cbdm_gamma}"}
+
+
+class T2H(Objective):
+    """T2H (Zhang et al. 2024): targets transferred toward denser batch members (`t2h_targets`, from the index's
+    text density), then one forward and the MSE."""
+
+    name = "t2h"
+    needs_index = True
+
+    def draw(
+        self, settings, inputs, *, noise_scheduler, captions, generator, index=None, num_rows=None
+    ) -> Drawn:
+        device = inputs.latents.device
+        target, accepted = t2h_targets(
+            inputs.latents,
+            inputs.noisy_latents,
+            inputs.timesteps,
+            # add_noise already moved the scheduler's table to the latents' device: no copy per step.
+            noise_scheduler.alphas_cumprod.to(device),
+            index.elbo[inputs.rows].to(device),
+            generator,
+            noise=inputs.noise,
+            prediction_type=noise_scheduler.config.prediction_type,
+        )
+        return Drawn(target, stats={"accepted": accepted})
+
+    def add_logs(self, drawn, logs, means, *, rows, minority) -> None:
+        super().add_logs(drawn, logs, means, rows=rows, minority=minority)
+        means.add("t2h_accept_rate", drawn.stats["accepted"].float().mean())
+
+
+for _objective in (Vanilla(), PoGDiff(), CBDM(), T2H()):
+    register_objective(_objective)

@@ -4,13 +4,18 @@ by inverse text density.
 The order of an epoch is a pure function of (seed, epoch), so a run resumed from a checkpoint replays exactly
 the stream the uninterrupted run saw, on one process or many (accelerate shards the batches of this one global
 order across ranks, so ranks never duplicate each other's samples).
+
+The `--sampling` choices are `SamplingScheme`s in `SAMPLING_SCHEMES`: a new scheme is one weight function given
+to `register_sampling_scheme`.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -18,10 +23,57 @@ from torch.utils.data import Sampler
 from .errors import UserError
 from .seeds import CAPTION_STREAM, derive_seed
 
-SAMPLING_SCHEMES = ("uniform", "balanced", "sqrt", "density")
 # The identity schemes as powers of `--sampling_power`: an image of an identity with n images is drawn with
 # weight n^(p - 1), so the identity as a whole gets n^p.
 SAMPLING_POWERS = {"uniform": 1.0, "sqrt": 0.5, "balanced": 0.0}
+
+
+@dataclass(frozen=True)
+class SamplingScheme:
+    """One `--sampling` choice: per-sample draw weights for the training set.
+
+    `weights(identities, index, power)` returns (N,) draw probabilities (any non-negative scale; the trainer
+    multiplies in `--sampling_weight_column` and normalises) or None for plain shuffling. `identities` are the
+    rows' identity names, `index` the PoGDiff index (`index.PoGDiffIndex`: neighbours, text density; None unless
+    `needs_index`), `power` the resolved `--sampling_power` (None unless the scheme is an identity power).
+    `power` is the scheme's point on the `--sampling_power` dial, for the identity schemes only.
+    """
+
+    name: str
+    weights: Callable[[Sequence[str], Any, float | None], torch.Tensor | None]
+    needs_index: bool = False
+    power: float | None = None
+
+
+# Every `--sampling` choice, by name, in `--help` order. `register_sampling_scheme` adds one.
+SAMPLING_SCHEMES: dict[str, SamplingScheme] = {}
+
+
+def register_sampling_scheme(scheme: SamplingScheme, *, replace: bool = False) -> SamplingScheme:
+    """Makes `scheme` a `--sampling` choice (of the parsers built from now on) and returns it."""
+    if scheme.name in SAMPLING_SCHEMES and not replace:
+        raise ValueError(f"A sampling scheme named {scheme.name!r} is already registered.")
+    SAMPLING_SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def get_sampling_scheme(name: str) -> SamplingScheme:
+    """The registered scheme `name`; a UserError listing the choices otherwise."""
+    if name not in SAMPLING_SCHEMES:
+        raise UserError(f"--sampling must be one of {', '.join(SAMPLING_SCHEMES)}, got {name!r}.")
+    return SAMPLING_SCHEMES[name]
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed derived from `seed` and integer keys (epoch, step, rank, ...), well mixed.
+
+    Streams keyed by different tuples are statistically independent (numpy's SeedSequence hashing), so e.g. the
+    noise of step 3 on rank 1 never repeats that of step 1 on rank 3.
+    """
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, *[int(k) for k in keys]]).generate_state(
+        2
+    )
+    return int((int(state[0]) << 32 | int(state[1])) & 0x7FFFFFFFFFFFFFFF)
 
 
 def sampling_power(scheme: str, power: float | None) -> float | None:
@@ -30,8 +82,7 @@ def sampling_power(scheme: str, power: float | None) -> float | None:
     `--sampling_power` is the dial and the identity schemes are its named points (uniform 1, sqrt 0.5,
     balanced 0); giving both a named non-uniform scheme and a power is ambiguous and refused.
     """
-    if scheme not in SAMPLING_SCHEMES:
-        raise UserError(f"--sampling must be one of {', '.join(SAMPLING_SCHEMES)}, got {scheme!r}.")
+    named = get_sampling_scheme(scheme)
     if power is not None:
         if not math.isfinite(power):
             raise UserError(f"--sampling_power must be a finite number, got {power}.")
@@ -41,7 +92,7 @@ def sampling_power(scheme: str, power: float | None) -> float | None:
                 f"(--sampling {scheme} is --sampling_power {SAMPLING_POWERS.get(scheme, 'n/a')})."
             )
         return float(power)
-    return SAMPLING_POWERS.get(scheme)
+    return named.power
 
 
 def identity_sampling_weights(identities: Sequence[str], power: float) -> torch.Tensor | None:
@@ -95,6 +146,19 @@ def density_sampling_weights(txt_log_weights: torch.Tensor) -> torch.Tensor:
             "The index's text log-weights must be a finite, non-empty 1-D tensor; rebuild the index."
         )
     return torch.softmax(log_w, dim=0)
+
+
+def _identity_weights(identities: Sequence[str], index: Any, power: float | None) -> torch.Tensor | None:
+    return identity_sampling_weights(identities, power)
+
+
+def _density_weights(identities: Sequence[str], index: Any, power: float | None) -> torch.Tensor:
+    return density_sampling_weights(index.txt_log_weights)
+
+
+for _name in ("uniform", "balanced", "sqrt"):
+    register_sampling_scheme(SamplingScheme(_name, _identity_weights, power=SAMPLING_POWERS[_name]))
+register_sampling_scheme(SamplingScheme("density", _density_weights, needs_index=True))
 
 
 class RowCaptions:
@@ -208,8 +272,9 @@ class SampleCounter:
 
 def sampling_label(args) -> str:
     """How images are drawn, as the flags say it (for logs and the model card)."""
-    if args.sampling == "density":
-        label = "--sampling density"
+    if get_sampling_scheme(args.sampling).power is None:
+        # Not a point of the --sampling_power dial (density, a registered scheme): its name says it.
+        label = f"--sampling {args.sampling}"
     else:
         named = {p: name for name, p in SAMPLING_POWERS.items()}.get(args.sampling_power)
         label = f"--sampling {named}" if named else f"--sampling_power {args.sampling_power:g}"

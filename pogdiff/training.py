@@ -16,75 +16,25 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
 
-from pogdiff.families import (
-    Conditioning,
-    TextEncoders,
-    as_conditioning,
-    cat_conditioning,
-    neighbor_conditioning,
-    unet_prediction,
+from pogdiff.families import Conditioning, TextEncoders, as_conditioning, unet_prediction
+from pogdiff.objectives import (  # the objectives' draws, kept importable from here
+    OBJECTIVES,
+    LossInputs,
+    NeighborDraw,
+    draw_pogdiff_neighbors,
+    draw_random_partners,
+    get_objective,
+    pogdiff_draw_logs,
+    t2h_targets,
 )
-from pogdiff.neighbors import sample_neighbor_positions
-from pogdiff.objectives import cbdm_loss, needs_neighbor_forward, pogdiff_loss, t2h_targets, vanilla_loss
-from pogdiff.psi import PsiParams, compute_psi
+from pogdiff.psi import PsiParams
 
 from .errors import UserError
 from .noising import noise_latents
 
-OBJECTIVES = ("vanilla", "pogdiff", "cbdm", "t2h")
 NEIGHBOR_FORWARD_MODES = ("auto", "eager", "cuda_graph")
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class NeighborDraw:
-    """The neighbour drawn for each sample of a batch and the psi weight of its consistency term."""
-
-    rows: torch.Tensor  # (B,) dataset row of the neighbour (PoGDiff) or random partner (CBDM)
-    psi: torch.Tensor  # (B,) weight used in the loss; 0 where the neighbour forward is skipped
-    psi_drawn: torch.Tensor  # (B,) psi before skipping (for logging what the method asked for)
-    needs_forward: torch.Tensor  # (B,) bool: rows whose neighbour prediction must be computed
-    same_identity: torch.Tensor | None = None  # (B,) bool: the neighbour shows the sample's own identity
-
-
-def draw_pogdiff_neighbors(
-    index,
-    rows: torch.Tensor,
-    generator: torch.Generator,
-    psi: PsiParams,
-    *,
-    caption_dropped: torch.Tensor | None = None,
-    text_ids: torch.Tensor | None = None,
-) -> NeighborDraw:
-    """Draw j ~ Cat(w) among each sample's k neighbours (Eq. 8) and compute their psi (Eq. 12) with `psi`.
-
-    A sample whose caption was dropped (classifier-free guidance training) gets psi = 0: its condition is the
-    empty prompt, not the identity the neighbour was chosen for. Samples whose neighbour has the very same
-    caption are skipped too: there the neighbour prediction equals the sample's own, so the term is exactly 0.
-    `text_ids` are the rows' captions as trained in this epoch (`RowCaptions.ids`, for rows with several
-    captions); the index's (first) captions when None.
-    """
-    rows = rows.cpu()
-    sims = index.neighbor_sims[rows]
-    positions = sample_neighbor_positions(sims, generator)
-    neighbor_rows = index.neighbor_ids[rows, positions]
-    sim = sims[torch.arange(len(rows)), positions]
-    same_identity = index.identity_ids[rows] == index.identity_ids[neighbor_rows]
-    weights = compute_psi(sim, same_identity, index.txt_log_weights[rows], psi)
-    if caption_dropped is not None:
-        weights = torch.where(caption_dropped.cpu(), torch.zeros_like(weights), weights)
-    # The captions this epoch trains on (`RowCaptions.ids`); the index's first captions when not given.
-    text_ids = index.text_ids if text_ids is None else text_ids.cpu()
-    same_text = text_ids[rows] == text_ids[neighbor_rows]
-    needs = needs_neighbor_forward(weights, same_text=same_text)
-    return NeighborDraw(
-        rows=neighbor_rows,
-        psi=torch.where(needs, weights, torch.zeros_like(weights)),
-        psi_drawn=weights,
-        needs_forward=needs,
-        same_identity=same_identity,
-    )
 
 
 class StepMeans:
@@ -124,23 +74,6 @@ class StepMeans:
         for key, value in other._sums.items():
             self._sums[key] = self._sums.get(key, 0.0) + value
             self._weights[key] = self._weights.get(key, 0.0) + other._weights[key]
-
-
-def pogdiff_draw_logs(draw: NeighborDraw, minority: torch.Tensor, step_means: StepMeans) -> None:
-    """The mechanism's diagnostics of one micro-step: psi for the minority and the majority (per row, before
-    skipping), the share of rows skipped, and the share of drawn neighbours of the sample's own identity."""
-    step_means.add("frac_skipped", 1.0 - draw.needs_forward.float().mean())
-    for key, rows in (("psi_minority", minority), ("psi_majority", ~minority)):
-        count = int(rows.sum())
-        if count:
-            step_means.add(key, draw.psi_drawn[rows].mean(), weight=count)
-    if draw.same_identity is not None:
-        step_means.add("neighbor_same_identity", draw.same_identity.float().mean())
-
-
-def draw_random_partners(num_rows: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """CBDM's y': the caption of a uniformly random training sample (whole set), one per batch element."""
-    return torch.randint(0, num_rows, (batch_size,), generator=generator)
 
 
 @torch.no_grad()
@@ -353,21 +286,15 @@ def objective_loss(
     neighbor_grad: bool = False,
     any_rank: Callable[[bool], bool] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """UNet forward(s) and the loss of `objective` for one batch.
+    """UNet forward(s) and the loss of the registered objective named `objective` for one batch
+    (`objectives.get_objective(objective).loss`; see `objectives.Vanilla`, `PoGDiff`, `CBDM` and `T2H`).
 
     - vanilla / t2h: one forward, MSE to `target` (T2H's target transfer happens before, in `t2h_targets`).
-    - pogdiff: one forward under `torch.no_grad()` for just the rows that need a neighbour prediction
-      (`draw.needs_forward`), on the same x_t and t with the neighbour's text (`neighbor_hidden_states`, one
-      row per needed sample), then the forward with grad. Both go through the same (possibly DDP / FSDP /
-      DeepSpeed-wrapped) model: under no_grad, DDP records nothing for the backward, and sharded engines
-      gather their parameters as for any forward. `neighbor_forward` (from `make_neighbor_forward`) replaces
-      that eager forward, e.g. by a CUDA graph replay; it returns the same compact predictions, or None to
-      fall back to the eager forward.
-    - pogdiff with `neighbor_grad` (`--neighbor_grad`, the paper's literal Algorithm 1): the neighbour rows
-      need grad too, so they join the sample rows in one forward on the enlarged batch, as CBDM's do
-      (`neighbor_forward` is not used).
-    - cbdm: the neighbour branch needs grad, so both conditions go through ONE forward on the doubled batch
-      (a DDP model may only run one forward per backward).
+    - pogdiff: one no-grad forward for just the rows that need a neighbour prediction (`draw.needs_forward`),
+      replaced by `neighbor_forward` (from `make_neighbor_forward`) when given, then the forward with grad; with
+      `neighbor_grad` the neighbour rows join the sample rows in one forward with grad.
+    - cbdm: both conditions in ONE forward on the doubled batch (a DDP model may only run one forward per
+      backward).
 
     `any_rank` makes the number of forwards the same on every process, which a sharded model needs (FSDP and
     ZeRO-3 all-gather the parameters in every forward: a rank that skips one while another runs it deadlocks
@@ -377,87 +304,24 @@ def objective_loss(
     micro-step on every rank (`--neighbor_grad` and CBDM enlarge that one forward's batch, which may differ per
     rank). None (DDP, one process) keeps the per-rank skip: DDP's no-grad forward has no collective.
     """
-    if objective in ("vanilla", "t2h"):
-        model_pred = unet_prediction(unet, noisy_latents, timesteps, encoder_hidden_states)
-        return vanilla_loss(model_pred, target, snr_weights)
-
-    if objective == "pogdiff" and neighbor_grad:
-        rows = draw.needs_forward.nonzero().flatten().to(noisy_latents.device, non_blocking=True)
-        both = unet_prediction(
-            unet,
-            torch.cat([noisy_latents, noisy_latents.index_select(0, rows)]),
-            torch.cat([timesteps, timesteps.index_select(0, rows)]),
-            cat_conditioning(
-                [
-                    encoder_hidden_states,
-                    neighbor_conditioning(encoder_hidden_states, neighbor_hidden_states, rows),
-                ]
-            )
-            if neighbor_hidden_states is not None
-            else encoder_hidden_states,
-        )
-        model_pred, neighbor_pred = both[: len(noisy_latents)], both[len(noisy_latents) :]
-        return pogdiff_loss(model_pred, target, neighbor_pred, draw.psi, snr_weights, neighbor_grad=True)
-
-    if objective == "pogdiff":
-        neighbor_pred = None
-        # The draw lives on the CPU: deciding what to skip never waits for the accelerator.
-        needed = bool(draw.needs_forward.any())
-        padded = any_rank is not None and any_rank(needed) and not needed
-        if padded:
-            # Another rank runs its neighbour forward: this one joins with a one-row forward whose result is
-            # dropped, so that the sharded engine's parameter gathers match across ranks. psi is 0 on every row
-            # here, so the loss is exactly the skipped one.
-            with torch.no_grad():
-                unet_prediction(unet, noisy_latents[:1], timesteps[:1], encoder_hidden_states[:1])
-        if needed:
-            rows = draw.needs_forward.nonzero().flatten().to(noisy_latents.device, non_blocking=True)
-            # The neighbour's caption on the sample's own image (SDXL: the sample's own time ids).
-            neighbor_hidden_states = neighbor_conditioning(
-                encoder_hidden_states, neighbor_hidden_states, rows
-            )
-            # Before the forward with grad: its activations are freed before the training activations are
-            # allocated, so the extra forward adds time but (almost) no peak memory.
-            with torch.no_grad():
-                if neighbor_forward is not None:
-                    neighbor_pred = neighbor_forward(noisy_latents, timesteps, neighbor_hidden_states, rows)
-                if neighbor_pred is None:
-                    # Compact: only the rows with psi > 0, in batch order (what pogdiff_loss reads).
-                    neighbor_pred = unet_prediction(
-                        unet,
-                        noisy_latents.index_select(0, rows),
-                        timesteps.index_select(0, rows),
-                        neighbor_hidden_states,
-                    )
-        model_pred = unet_prediction(unet, noisy_latents, timesteps, encoder_hidden_states)
-        loss, logs = pogdiff_loss(model_pred, target, neighbor_pred, draw.psi, snr_weights)
-        if any_rank is not None:
-            # The cost of rank consistency: the share of micro-steps this rank ran a forward only to keep step.
-            logs["neighbor_forward_padded"] = float(padded)
-        return loss, logs
-
-    if objective == "cbdm":
-        both = unet_prediction(
-            unet,
-            torch.cat([noisy_latents, noisy_latents]),
-            torch.cat([timesteps, timesteps]),
-            cat_conditioning(
-                [encoder_hidden_states, neighbor_conditioning(encoder_hidden_states, neighbor_hidden_states)]
-            ),
-        )
-        model_pred, partner_pred = both.chunk(2)
-        return cbdm_loss(
-            model_pred,
-            target,
-            partner_pred,
+    return get_objective(objective).loss(
+        unet,
+        LossInputs(
+            noisy_latents,
             timesteps,
-            num_train_timesteps,
-            tau=cbdm_tau,
-            gamma=cbdm_gamma,
+            target,
+            encoder_hidden_states,
+            neighbor_hidden_states=neighbor_hidden_states,
+            draw=draw,
             snr_weights=snr_weights,
-        )
-
-    raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
+            num_train_timesteps=num_train_timesteps,
+            cbdm_tau=cbdm_tau,
+            cbdm_gamma=cbdm_gamma,
+            neighbor_forward=neighbor_forward,
+            neighbor_grad=neighbor_grad,
+            any_rank=any_rank,
+        ),
+    )
 
 
 class CaptionStates:
@@ -627,8 +491,7 @@ class ObjectiveSettings:
     snr_gamma: float | None = None
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}.")
+        get_objective(self.objective)  # a UserError naming the choices for an unknown one
 
     @classmethod
     def from_args(cls, args) -> ObjectiveSettings:
@@ -674,54 +537,30 @@ def objective_step(
     PoGDiff's psi logs. `any_rank` keeps the forwards rank-consistent under a sharded engine (see
     `objective_loss`). The trainer's loop and `benchmarks/bench_step.py` both call this.
     """
-    objective = settings.objective
+    objective = get_objective(settings.objective)
     snr_weights = None
     if settings.snr_gamma is not None:
         # With PoGDiff the weights multiply both terms of each sample's loss.
         snr_weights = min_snr_weights(noise_scheduler, inputs.timesteps, settings.snr_gamma)
 
-    rows = inputs.rows
-    target = inputs.target
-    draw = None
-    neighbor_hidden_states = None
-    accepted = None
-    if objective == "pogdiff":
-        draw = draw_pogdiff_neighbors(
-            index,
-            rows,
-            generator,
-            settings.psi,
-            caption_dropped=inputs.caption_dropped,
-            text_ids=captions.row_text_ids,
-        )
-        if bool(draw.needs_forward.any()):
-            neighbor_hidden_states = captions.of_rows(draw.rows[draw.needs_forward])
-    elif objective == "cbdm":
-        partners = draw_random_partners(num_rows, len(rows), generator)
-        neighbor_hidden_states = captions.of_rows(partners)
-    elif objective == "t2h":
-        device = inputs.latents.device
-        target, accepted = t2h_targets(
-            inputs.latents,
-            inputs.noisy_latents,
-            inputs.timesteps,
-            # add_noise already moved the scheduler's table to the latents' device: no copy per step.
-            noise_scheduler.alphas_cumprod.to(device),
-            index.elbo[rows].to(device),
-            generator,
-            noise=inputs.noise,
-            prediction_type=noise_scheduler.config.prediction_type,
-        )
-
+    drawn = objective.draw(
+        settings,
+        inputs,
+        noise_scheduler=noise_scheduler,
+        captions=captions,
+        generator=generator,
+        index=index,
+        num_rows=num_rows,
+    )
     loss, logs = objective_loss(
-        objective,
+        objective.name,
         unet,
         inputs.noisy_latents,
         inputs.timesteps,
-        target,
+        drawn.target,
         inputs.encoder_hidden_states,
-        neighbor_hidden_states=neighbor_hidden_states,
-        draw=draw,
+        neighbor_hidden_states=drawn.neighbor_hidden_states,
+        draw=drawn.draw,
         snr_weights=snr_weights,
         num_train_timesteps=noise_scheduler.config.num_train_timesteps,
         cbdm_tau=settings.cbdm_tau,
@@ -731,18 +570,8 @@ def objective_step(
         any_rank=any_rank,
     )
     means = StepMeans()
-    neighbor_mse = logs.pop("neighbor_mse", None)
-    logs.pop("frac_skipped", None)  # the draw's own count below also knows same-caption skips
     # Logged values stay tensors until the optimizer step: no host sync per micro-step.
-    for key, value in logs.items():
-        means.add(key, value)
-    if draw is not None:
-        is_minority = minority[rows] if minority is not None else torch.zeros(len(rows), dtype=torch.bool)
-        pogdiff_draw_logs(draw, is_minority, means)
-        if neighbor_mse is not None:
-            means.add("neighbor_mse", neighbor_mse, weight=int(draw.needs_forward.sum()))
-    if accepted is not None:
-        means.add("t2h_accept_rate", accepted.float().mean())
+    objective.add_logs(drawn, logs, means, rows=inputs.rows, minority=minority)
     return loss, means
 
 

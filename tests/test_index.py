@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import pogdiff.index as index_module
+from pogdiff.features import vae_image_encoder
 from pogdiff.index import (
     PoGDiffIndex,
     build_or_load_index,
@@ -20,7 +21,6 @@ from pogdiff.index import (
     one_caption_per_identity_warning,
     plot_index,
     summarize_index,
-    vae_image_encoder,
 )
 from pogdiff.psi import PsiParams
 
