@@ -64,18 +64,6 @@ def get_sampling_scheme(name: str) -> SamplingScheme:
     return SAMPLING_SCHEMES[name]
 
 
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed derived from `seed` and integer keys (epoch, step, rank, ...), well mixed.
-
-    Streams keyed by different tuples are statistically independent (numpy's SeedSequence hashing), so e.g. the
-    noise of step 3 on rank 1 never repeats that of step 1 on rank 3.
-    """
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, *[int(k) for k in keys]]).generate_state(
-        2
-    )
-    return int((int(state[0]) << 32 | int(state[1])) & 0x7FFFFFFFFFFFFFFF)
-
-
 def sampling_power(scheme: str, power: float | None) -> float | None:
     """The power p of `--sampling` / `--sampling_power`, or None for `density` (not a function of counts).
 
