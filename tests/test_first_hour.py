@@ -463,7 +463,11 @@ def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_pa
                 command = command.replace(old, new.format(tiny_sd=tiny_sd_path, tiny_sdxl=tiny_sdxl_path))
             plan.append(shlex.split(command) + extra)
     # Each command to run is in the README once, in this order.
-    prefixes = [shlex.split(prefix) for prefix, _, _ in RUN_README_COMMANDS]
+    prefixes = [
+        shlex.split(functools.reduce(lambda text, sub: text.replace(*sub), subs, prefix))
+        for prefix, subs, _ in RUN_README_COMMANDS
+    ]
+    prefixes = [[w.format(tiny_sd=tiny_sd_path, tiny_sdxl=tiny_sdxl_path) for w in words] for words in prefixes]
     assert [words[: len(prefix)] for words, prefix in zip(plan, prefixes)] == prefixes and len(plan) == len(
         prefixes
     )

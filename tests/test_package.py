@@ -175,7 +175,8 @@ def _pogdiff_imports(source: Path) -> set[str]:
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if _is_main_block(node):
+        # A main block runs as `__main__`; a TYPE_CHECKING block never runs: neither is an import at run time.
+        if _is_main_block(node) or (isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"):
             return
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
