@@ -21,9 +21,7 @@ from pogdiff.objectives import cbdm_loss, needs_neighbor_forward, pogdiff_loss, 
 from pogdiff.psi import PsiParams, compute_psi
 
 from .errors import UserError
-
-OBJECTIVES = ("vanilla", "pogdiff", "cbdm", "t2h")
-NEIGHBOR_FORWARD_MODES = ("auto", "eager", "cuda_graph")
+from .settings import NEIGHBOR_FORWARD_MODES, OBJECTIVES
 
 logger = logging.getLogger(__name__)
 
