@@ -29,6 +29,11 @@ from typing import Any
 CONFIG_FILE = "pogdiff_config.toml"
 # Never read from or written to a file: the file itself, help, the launcher's rank, and a secret.
 NOT_IN_FILES = frozenset({"config", "help", "local_rank", "hub_token"})
+_NOT_IN_FILES_WHY = {
+    "hub_token": "a secret: pass --hub_token, or log in with `hf auth login`",
+    "local_rank": "the launcher sets it",
+    "config": "one file at a time",
+}
 _FLAG_ACTIONS = (argparse._StoreTrueAction, argparse._StoreFalseAction)
 
 
@@ -182,6 +187,10 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     defaults = {}
     for key, value in values.items():
         action = actions.get(key)
+        if key in NOT_IN_FILES:
+            parser.error(
+                f"--config {path}: {key} is not read from a file ({_NOT_IN_FILES_WHY.get(key, 'not a setting')})."
+            )
         if action is None:
             close = difflib.get_close_matches(key, actions, n=1)
             hint = (
@@ -208,13 +217,13 @@ def config_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     """Every flag of `parser` that a file may hold, with its value in `args` (parser order): what `write_config`
     writes. Take it right after parsing, before any value is filled in from another. A None is kept as None
     (written as a comment: the flag's default) unless the flag's type reads "none" as None (`--density_w_min none`,
-    whose default is not None): then it is "none"."""
+    whose default is not None): then it is "none", which reads back as None."""
     values = {}
     for action in parser._actions:
         if not action.option_strings or action.dest in NOT_IN_FILES or not hasattr(args, action.dest):
             continue
         value = getattr(args, action.dest)
-        if value is None and action.type is not None and action.default is not None:
+        if value is None and action.type is not None:
             try:
                 value = "none" if action.type("none") is None else None
             except (TypeError, ValueError, argparse.ArgumentTypeError):
