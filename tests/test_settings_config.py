@@ -294,3 +294,18 @@ def test_a_run_writes_its_config_and_it_reruns_the_same_settings(tiny_sd_path, t
     assert (again.objective, again.caption_dropout_prob, again.output_dir) == ("vanilla", 0.25, str(out))
     record = (out / "pogdiff_run.json").read_text()
     assert '"--caption_dropout_prob": 0.25' in record
+
+
+def test_the_index_command_takes_a_config_file(tmp_path, capsys):
+    from pogdiff.index import parse_args
+
+    config = write(
+        tmp_path / "index.toml",
+        'pretrained_model_name_or_path = "m"\ntrain_data_dir = "d"\noutput_dir = "o"\nresolution = 64\n'
+        "num_neighbors = 3\n",
+    )
+    args = parse_args(["--config", config, "--num_neighbors", "4"])  # required flags and group from the file
+    assert (args.train_data_dir, args.output_dir, args.resolution, args.num_neighbors) == ("d", "o", 64, 4)
+    with pytest.raises(SystemExit):
+        parse_args(["--config", write(tmp_path / "bad.toml", "learning_rate = 1e-5\n"), "--output_dir", "o"])
+    assert "unknown setting 'learning_rate'" in capsys.readouterr().err
