@@ -78,6 +78,7 @@ from pogdiff.checkpointing import (
     select_resume_checkpoint,
     set_aside_newer_checkpoints,
 )
+from pogdiff.config import CONFIG_FILE, apply_config_file, config_values, write_config
 from pogdiff.data import (
     INTERPOLATION_MODES,
     REPEATS_COLUMN,
@@ -416,7 +417,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     add_pogdiff_arguments(parser)
 
+    # --config FILE: its values become the defaults, so the command line overrides them.
+    apply_config_file(parser, input_args)
     args = parser.parse_args(input_args)
+    # What output_dir/pogdiff_config.toml records: the flags as given, before any is filled in from another.
+    args.config_values = config_values(parser, args)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
@@ -611,6 +616,8 @@ def main(args: argparse.Namespace) -> Accelerator:
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        # The run's settings as a --config file, from the start: a crashed run can be re-run from it.
+        write_config(os.path.join(args.output_dir, CONFIG_FILE), args.config_values)
         if args.push_to_hub:
             from huggingface_hub.errors import OfflineModeIsEnabled
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import zipfile
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from pogdiff.arguments import add_index_arguments
 from pogdiff.errors import UserError, disk_full_is_a_user_error
+from pogdiff.settings import exact_dests, restored_flags, values_of
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -40,64 +42,23 @@ TEMP_PREFIX = ".tmp-checkpoint-"
 RUN_RECORD = "pogdiff_run.json"
 RUN_RECORD_FORMAT = 1
 
-# Flags whose change makes a resumed run differ from the uninterrupted one, besides every flag of
-# `add_index_arguments` (neighbours, psi, text density). Flags that only say where, how often or how loudly
-# (output_dir, logging, checkpointing_steps, max_train_steps, validation, report_to, dataloader workers, hub)
-# are left out on purpose: changing them is what a resume is for.
-EXACTNESS_FLAGS: tuple[str, ...] = (
-    "pretrained_model_name_or_path",
-    "revision",
-    "variant",
-    "non_ema_revision",
-    "prediction_type",
-    "image_column",
-    "caption_column",
-    "identity_column",
-    "resolution",
-    "center_crop",
-    "random_flip",
-    "image_interpolation_mode",
-    "cache_latents",
-    "seed",
-    "train_batch_size",
-    "gradient_accumulation_steps",
-    "input_perturbation",
-    "noise_offset",
-    "snr_gamma",
-    "dream_training",
-    "dream_detail_preservation",
-    "learning_rate",
-    "scale_lr",
-    "lr_scheduler",
-    "lr_warmup_steps",
-    "use_8bit_adam",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_weight_decay",
-    "adam_epsilon",
-    "max_grad_norm",
-    "mixed_precision",
-    "allow_tf32",
-    "enable_xformers_memory_efficient_attention",
-    "use_ema",
-    "use_lora",
-    "rank",
-    "lora_alpha",
-    "lora_target_modules",
-    "objective",
-    "neighbor_grad",
-    "caption_dropout_prob",
-    "sampling",
-    "sampling_power",
-    "sampling_weight_column",
-    "cbdm_tau",
-    "cbdm_gamma",
+
+def index_flag_dests() -> list[str]:
+    """The destinations of `add_index_arguments`' flags, read from the parser so that a new flag is included."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_index_arguments(parser)
+    return [action.dest for action in parser._actions]
+
+
+# Flags whose change makes a resumed run differ from the uninterrupted one are declared `exact` (`pogdiff.settings`,
+# `pogdiff.arguments.add`). EXACTNESS_FLAGS are those beyond the flags of `add_index_arguments` (neighbours, psi,
+# text density), which are all exact; `run_settings` reads the declarations when called.
+EXACTNESS_FLAGS: tuple[str, ...] = tuple(
+    dest for dest in exact_dests() if dest not in set(index_flag_dests())
 )
 # Of those, the ones the optimizer's state holds (param_groups, the LR scheduler's base_lrs): a resumed run
 # keeps the checkpoint's values whatever the flags say.
-RESTORED_FROM_CHECKPOINT: frozenset[str] = frozenset(
-    {"--learning_rate", "--scale_lr", "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon"}
-)
+RESTORED_FROM_CHECKPOINT: frozenset[str] = restored_flags()
 DATA_KEY = "data_fingerprint"
 BASE_MODEL_KEY = "base_model_fingerprint"
 PROCESSES_KEY = "num_processes"
@@ -198,40 +159,33 @@ def temp_checkpoint_dirs(output_dir: str) -> list[str]:
     return sorted(d for d in os.listdir(output_dir) if d.startswith(TEMP_PREFIX))
 
 
-def index_flag_dests() -> list[str]:
-    """The destinations of `add_index_arguments`' flags, read from the parser so that a new flag is included."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_index_arguments(parser)
-    return [action.dest for action in parser._actions]
-
-
 def run_settings(
-    args: argparse.Namespace,
+    args: argparse.Namespace | Mapping[str, Any],
     *,
     seed: int,
     data_fingerprint: str,
     num_processes: int,
     base_model: str | None = None,
 ) -> dict[str, Any]:
-    """What a resumed run must share with the run that wrote the checkpoint to continue it exactly.
+    """What a resumed run must share with the run that wrote the checkpoint to continue it exactly: every flag
+    declared `exact` (`pogdiff.settings.exact_dests`), from `args` (the parsed flags, or a mapping of them).
 
     Keys are the flags as typed (`--seed`), plus the data fingerprint, the base model's fingerprint
     (`base_model_fingerprint`, when given) and the number of processes. `seed` is the seed in use (drawn when
     `--seed` was not given). Values are JSON-normalised (as read back from disk).
     """
-    settings: dict[str, Any] = {}
-    for dest in (*EXACTNESS_FLAGS, *index_flag_dests()):
-        settings[f"--{dest}"] = getattr(args, dest)
-    settings["--seed"] = seed
-    model = settings["--pretrained_model_name_or_path"]
+    values = values_of(args)
+    record: dict[str, Any] = {f"--{dest}": values[dest] for dest in exact_dests()}
+    record["--seed"] = seed
+    model = record["--pretrained_model_name_or_path"]
     if isinstance(model, str):
         # The same local model reached from another working directory is the same model.
-        settings["--pretrained_model_name_or_path"] = base_model_reference(model)
-    settings[DATA_KEY] = data_fingerprint
+        record["--pretrained_model_name_or_path"] = base_model_reference(model)
+    record[DATA_KEY] = data_fingerprint
     if base_model is not None:
-        settings[BASE_MODEL_KEY] = base_model
-    settings[PROCESSES_KEY] = num_processes
-    return json.loads(json.dumps(settings))
+        record[BASE_MODEL_KEY] = base_model
+    record[PROCESSES_KEY] = num_processes
+    return json.loads(json.dumps(record))
 
 
 def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -17,16 +17,15 @@ from safetensors.torch import save_file
 from .checkpointing import base_model_reference
 from .families import SD, ModelFamily
 from .index import format_summary
-from .objectives import OBJECTIVES
-from .sampling import sampling_label
+from .settings import card_rows
 
 logger = get_logger(__name__, log_level="INFO")
 
-# Files in output_dir that are training state, not the model: never uploaded (the run record holds local paths;
-# the model card already states the settings).
+# Files in output_dir that are training state, not the model: never uploaded (the run record and the config file
+# hold local paths; the model card already states the settings).
 HUB_IGNORE_PATTERNS = [
     "step_*", "epoch_*", "checkpoint-*", ".tmp-checkpoint-*", "pogdiff-index-*", ".pogdiff-*.lock", "logs/*",
-    "pogdiff_run.json",
+    "pogdiff_run.json", "pogdiff_config.toml",
 ]  # fmt: skip
 
 
@@ -63,7 +62,7 @@ def save_model_card(
     family: ModelFamily = SD,
 ) -> None:
     """README.md from diffusers' model-card helpers: `base_model` (which PoGDiffPipeline reads for a LoRA result),
-    tags, license, a widget of the validation images, how to load the result, and every PoGDiff setting. `seed` is
+    tags, license, a widget of the validation images, how to load the result, and every setting declared for the card. `seed` is
     the seed the run used (drawn, or the resumed checkpoint's, when --seed was not given)."""
     from diffusers.utils.hub_utils import (
         MODEL_CARD_TEMPLATE_PATH,
@@ -83,37 +82,8 @@ def save_model_card(
         make_image_grid(images, 1, len(images)).save(os.path.join(repo_folder, "val_imgs_grid.png"))
         grid = "![val_imgs_grid](./val_imgs_grid.png)\n"
     dataset = args.dataset_name or args.train_data_dir
-    hyper = {
-        "objective": args.objective,
-        # Each registered objective's own settings (PoGDiff's neighbor_grad, CBDM's tau and gamma, ...).
-        **{k: v for objective in OBJECTIVES.values() for k, v in objective.card_rows(args).items()},
-        "num_neighbors (k)": args.num_neighbors,
-        "neighbor_encoder": args.neighbor_encoder,
-        "psi_a1": args.psi_a1,
-        "psi_a2": args.psi_a2,
-        "psi_a3": args.psi_a3,
-        "psi_terms": args.psi_terms,
-        "density_temperature": args.density_temperature,
-        "density_w_min / w_max": f"{args.density_w_min} / {args.density_w_max}",
-        "density VAE (latent, hidden, epochs, lr, samples)": (
-            f"{args.density_latent_dim}, {args.density_hidden_dim}, {args.density_epochs}, "
-            f"{args.density_lr}, {args.density_num_samples}"
-        ),
-        "caption_dropout_prob": args.caption_dropout_prob,
-        "sampling": sampling_label(args),
-        "learning_rate": args.learning_rate,
-        "train_batch_size x gradient_accumulation_steps": f"{args.train_batch_size} x {args.gradient_accumulation_steps}",
-        "max_train_steps": args.max_train_steps,
-        "resolution": args.resolution,
-        "mixed_precision": args.mixed_precision,
-        "use_lora (rank, alpha)": f"{args.use_lora} ({args.rank}, {args.lora_alpha})"
-        if args.use_lora
-        else "False",
-        "use_ema": args.use_ema,
-        "snr_gamma": args.snr_gamma,
-        "seed": seed,
-    }
-    rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
+    # The flags declared with `card=True` (`pogdiff.settings`), as the run resolved them.
+    rows = "\n".join(f"| {k} | {v} |" for k, v in card_rows(args, seed=seed))
     psi_lines = ""
     if index_summary:
         psi_lines = (

@@ -737,6 +737,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The command line's modules load here, not with the library: the cached table does not depend on them.
     from .arguments import add_index_arguments, show_defaults
     from .checkpointing import index_flag_dests, recorded_run_settings, training_resolution
+    from .config import add_config_argument, apply_config_file
 
     parser = argparse.ArgumentParser(
         prog="python -m pogdiff.index",
@@ -789,12 +790,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Where the encoders run."
     )
     parser.add_argument("--output_dir", required=True, help="Index cache, summary JSON and plots go here.")
+    add_config_argument(parser)
     show_defaults(parser)
+    # --config FILE: its values become the defaults (the command line still wins, and they win over --from_run's).
+    from_file = apply_config_file(parser, argv)
 
     # --from_run first: the run's settings become the defaults, so flags given explicitly still override them.
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--from_run", default=None)
-    from_run = early.parse_known_args(argv)[0].from_run
+    from_run = early.parse_known_args(argv)[0].from_run or from_file.get("from_run")
     recorded = None
     if from_run is not None:
         recorded = recorded_run_settings(from_run)
@@ -805,7 +809,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
         settings = recorded[0]
         dests = (*RUN_SETTINGS_FOR_INDEX, *index_flag_dests())
-        parser.set_defaults(**{dest: settings[f"--{dest}"] for dest in dests if f"--{dest}" in settings})
+        parser.set_defaults(
+            **{
+                dest: settings[f"--{dest}"]
+                for dest in dests
+                if f"--{dest}" in settings and dest not in from_file
+            }
+        )
     args = parser.parse_args(argv)
     args.run_record = recorded
     if args.batch_size < 1:

@@ -383,10 +383,6 @@ class Objective:
         for key, value in logs.items():
             means.add(key, value)
 
-    def card_rows(self, args) -> dict[str, Any]:
-        """The objective's own rows of the model card's hyperparameter table."""
-        return {}
-
 
 # Every `--objective`, by name, in `--help` order.
 OBJECTIVES: dict[str, Objective] = {}
@@ -504,9 +500,6 @@ class PoGDiff(Objective):
         if neighbor_mse is not None:
             means.add("neighbor_mse", neighbor_mse, weight=int(draw.needs_forward.sum()))
 
-    def card_rows(self, args) -> dict[str, Any]:
-        return {"neighbor_grad": args.neighbor_grad}
-
 
 class CBDM(Objective):
     """CBDM (Qin et al. 2023): a random partner's caption per sample; the partner branch needs grad, so both
@@ -540,9 +533,6 @@ class CBDM(Objective):
             gamma=inputs.cbdm_gamma,
             snr_weights=inputs.snr_weights,
         )
-
-    def card_rows(self, args) -> dict[str, Any]:
-        return {"cbdm_tau / gamma": f"{args.cbdm_tau} / {args.cbdm_gamma}"}
 
 
 class T2H(Objective):

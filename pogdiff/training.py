@@ -31,8 +31,7 @@ from pogdiff.psi import PsiParams
 
 from .errors import UserError
 from .noising import noise_latents
-
-NEIGHBOR_FORWARD_MODES = ("auto", "eager", "cuda_graph")
+from .settings import NEIGHBOR_FORWARD_MODES
 
 logger = logging.getLogger(__name__)
 

@@ -467,7 +467,9 @@ def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_pa
         shlex.split(functools.reduce(lambda text, sub: text.replace(*sub), subs, prefix))
         for prefix, subs, _ in RUN_README_COMMANDS
     ]
-    prefixes = [[w.format(tiny_sd=tiny_sd_path, tiny_sdxl=tiny_sdxl_path) for w in words] for words in prefixes]
+    prefixes = [
+        [w.format(tiny_sd=tiny_sd_path, tiny_sdxl=tiny_sdxl_path) for w in words] for words in prefixes
+    ]
     assert [words[: len(prefix)] for words, prefix in zip(plan, prefixes)] == prefixes and len(plan) == len(
         prefixes
     )
