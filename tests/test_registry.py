@@ -99,7 +99,7 @@ def test_toy_sampling_scheme_drives_the_draws(toy_scheme, tiny_sd_path, tiny_dat
     assert counts["sampling"] == "only_chen"
     drawn = counts["samples_per_identity"]
     assert drawn["chen"] == 2 * 4 and sum(drawn.values()) == 2 * 4
-    assert "| sampling | --sampling only_chen |" in (out / "README.md").read_text()
+    assert "| sampling | only_chen |" in (out / "README.md").read_text()
 
 
 def test_sampling_label_of_a_registered_scheme(toy_scheme):
