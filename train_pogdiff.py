@@ -449,6 +449,23 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def load_vae(args: argparse.Namespace) -> AutoencoderKL:
+    """The VAE the run trains with: `--pretrained_vae_model_name_or_path` (a whole VAE folder or Hub id, as in
+    diffusers' SDXL scripts) or the base model's `vae/`."""
+    if args.pretrained_vae_model_name_or_path is None:
+        return AutoencoderKL.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
+        )
+    try:
+        return AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    except OSError as error:
+        raise TrainingError(
+            model_load_message(
+                "--pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, error
+            )
+        ) from error
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------------------
@@ -671,9 +688,7 @@ def main(args: argparse.Namespace) -> Accelerator:
         text_encoders = family.load_text_encoders(
             args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant
         )
-        vae = AutoencoderKL.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
-        )
+        vae = load_vae(args)
     try:
         unet = UNet2DConditionModel.from_pretrained(
             args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision
@@ -1023,7 +1038,8 @@ def main(args: argparse.Namespace) -> Accelerator:
     text_encoders.to(accelerator.device, dtype=weight_dtype)
     # SDXL's VAE overflows in float16: it stays in float32 (as in diffusers' SDXL script) unless the family
     # says its VAE is safe in half precision.
-    vae.to(accelerator.device, dtype=weight_dtype if family.vae_half_precision else torch.float32)
+    half_precision_vae = family.vae_half_precision or args.pretrained_vae_model_name_or_path is not None
+    vae.to(accelerator.device, dtype=weight_dtype if half_precision_vae else torch.float32)
 
     # We need to recalculate our total training steps as the size of the training dataloader may have changed.
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -1353,6 +1369,8 @@ def main(args: argparse.Namespace) -> Accelerator:
                 unet=unet,
                 revision=args.revision,
                 variant=args.variant,
+                # --pretrained_vae_model_name_or_path: the VAE the run trained with is the result's VAE.
+                **({"vae": load_vae(args)} if args.pretrained_vae_model_name_or_path else {}),
                 **dict(family.pipeline_kwargs),
             )
             save_result_atomically(pipeline.save_pretrained, args.output_dir)

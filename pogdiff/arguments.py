@@ -34,18 +34,17 @@ from .settings import (
 
 def add(
     container,
-    flag: str,
-    *,
+    *flags: str,
     exact: bool = False,
     index: bool = False,
     card: bool | str = False,
     bounds: Bounds | None = None,
     **argparse_kwargs: Any,
 ) -> argparse.Action:
-    """`container.add_argument(flag, **argparse_kwargs)` plus the flag's roles (`pogdiff.settings.declare`): whether
+    """`container.add_argument(*flags, **argparse_kwargs)` plus the flag's roles (`pogdiff.settings.declare`): whether
     it changes the result (`exact`), keys the index cache (`index`), shows on the model card (`card`), and its valid
     range (`bounds`). Every PoGDiff flag is declared through this, so its roles sit where it is declared."""
-    action = container.add_argument(flag, **argparse_kwargs)
+    action = container.add_argument(*flags, **argparse_kwargs)
     settings.declare(action.dest, exact=exact, index=index, card=card, bounds=bounds)
     return action
 
@@ -310,12 +309,26 @@ def add_pogdiff_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         pog,
         "--caption_dropout_prob",
+        # The name diffusers' SDXL scripts give the same thing (each caption replaced by '' with this probability).
+        "--proportion_empty_prompts",
         exact=True,
         card=True,
         bounds=PROBABILITY,
         type=float,
         default=0.0,
-        help="Replace captions by '' with this probability (classifier-free guidance); such samples get psi = 0.",
+        help="Replace captions by '' with this probability (classifier-free guidance); such samples get psi = 0. "
+        "--proportion_empty_prompts, the name in diffusers' SDXL scripts, is the same flag.",
+    )
+    add(
+        pog,
+        "--pretrained_vae_model_name_or_path",
+        exact=True,
+        card=True,
+        type=str,
+        default=None,
+        help="A VAE (folder or Hub id) to train and save with instead of the base model's, as in diffusers' SDXL "
+        "scripts, e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE runs in float32 under mixed precision, one "
+        "given here runs in the mixed precision.",
     )
     add(
         pog,

@@ -235,3 +235,30 @@ def test_evaluation_runs_on_an_sdxl_result(sdxl_lora_run, tiny_dataset_path, tmp
     generated = sorted((tmp_path / "eval" / "xl").glob("*/*.png"))
     assert len(generated) == 2 * 4 and Image.open(generated[0]).size == (32, 32)
     assert (tmp_path / "eval" / "grid_few_shot.png").is_file()
+
+
+@pytest.mark.e2e
+def test_sdxl_script_flags_a_vae_of_ones_own_and_proportion_empty_prompts(
+    tiny_sdxl_path, tiny_dataset_path, tmp_path
+):
+    """diffusers' SDXL flags: --pretrained_vae_model_name_or_path trains and saves with that VAE (whole folder),
+    and --proportion_empty_prompts is --caption_dropout_prob under its SDXL-script name."""
+    import train_pogdiff
+    from pogdiff.testing import build_tiny_sd
+
+    assert train_pogdiff.parse_args(
+        train_args(tiny_sdxl_path, tiny_dataset_path, tmp_path / "x", "--proportion_empty_prompts", "0.3")
+    ).caption_dropout_prob == pytest.approx(0.3)
+
+    other_vae = Path(build_tiny_sd(tmp_path / "other", seed=1)) / "vae"
+    out = tmp_path / "own-vae"
+    run_in_process(
+        train_args(
+            tiny_sdxl_path, tiny_dataset_path, out, "--objective", "vanilla",
+            "--pretrained_vae_model_name_or_path", str(other_vae), "--proportion_empty_prompts", "0.5",
+        )
+    )  # fmt: skip
+    saved = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert_same_tensors(saved, load_file(other_vae / "diffusion_pytorch_model.safetensors"))
+    base = load_file(Path(tiny_sdxl_path) / "vae" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(saved[k], base[k]) for k in saved)
