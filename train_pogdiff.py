@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import json
 import logging
 import math
 import os
@@ -63,7 +62,7 @@ from tqdm.auto import tqdm
 from transformers.utils import ContextManagers
 
 import pipeline_pogdiff
-from pogdiff.arguments import add_pogdiff_arguments, check_pogdiff_args, index_build_kwargs
+from pogdiff.arguments import add_pogdiff_arguments, check_pogdiff_args
 from pogdiff.checkpointing import (
     base_model_fingerprint,
     check_resume_settings,
@@ -81,18 +80,9 @@ from pogdiff.checkpointing import (
 from pogdiff.config import CONFIG_FILE, apply_config_file, config_values, write_config
 from pogdiff.data import (
     INTERPOLATION_MODES,
-    REPEATS_COLUMN,
     TrainDataset,
-    check_identities,
     collate_fn,
-    dataset_fingerprint,
-    empty_caption_rows,
-    first_caption,
-    identity_labels,
-    load_image_text_dataset,
-    preprocess_image_and_crop,
-    resolve_columns,
-    row_image_loader,
+    load_training_data,
 )
 from pogdiff.errors import (
     UserError,
@@ -100,35 +90,20 @@ from pogdiff.errors import (
     model_load_message,
     user_error_message,
 )
-from pogdiff.families import ModelFamily, add_time_ids, cat_conditioning, detect_family
+from pogdiff.families import ModelFamily, detect_family
 from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code
-from pogdiff.identities import few_shot_rows, shot_split
-from pogdiff.index import build_or_load_index, format_summary, summarize_index
-from pogdiff.objectives import get_objective
-from pogdiff.sampling import (
-    EpochSampler,
-    RowCaptions,
-    SampleCounter,
-    get_sampling_scheme,
-    sampling_label,
-    with_row_weights,
-)
 from pogdiff.seeds import derive_seed, validation_seed
+from pogdiff.trainer import report_pogdiff_run, setup_pogdiff
 from pogdiff.training import (
-    CaptionStates,
-    ObjectiveSettings,
     StepMeans,
     any_process,
-    encode_latent_parameters,
     full_model,
     fused_adamw_kwargs,
-    make_neighbor_forward,
     noised_batch,
     objective_step,
     sharded_engine,
 )
 from pogdiff.validation import (
-    ValidationPrompt,
     auto_validation_prompts,
     pipeline_guidance_scale,
     prompts_from_user,
@@ -471,78 +446,116 @@ def load_vae(args: argparse.Namespace) -> AutoencoderKL:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def log_validation(
-    family: ModelFamily,
-    vae,
-    text_encoders,
-    unet,
-    noise_scheduler,
-    args,
-    accelerator,
-    weight_dtype,
-    global_step: int,
-    prompts: list[ValidationPrompt],
-    seed: int,
-    train_images: list[list[Image.Image]],
-) -> list[list[Image.Image]]:
-    """Sample every validation prompt `--num_validation_images` times through the family's PoGDiff pipeline
-    (`PoGDiffPipeline`, `PoGDiffXLPipeline`), with the same seeds
-    at every validation, and save and log one labelled grid (`output_dir/validation/step-N.png`): a row per
-    prompt with its identity, its number of training images and `train_images` (per prompt) beside the samples.
-    Returns the samples, per prompt."""
-    logger.info(f"Running validation on {len(prompts)} prompts...")
-    pipeline = getattr(pipeline_pogdiff, family.pogdiff_pipeline_name)(
-        vae=accelerator.unwrap_model(vae),
-        **family.pipeline_components(text_encoders),
-        unet=accelerator.unwrap_model(unet, keep_torch_compile=False),
-        scheduler=noise_scheduler,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    autocast = (
-        torch.autocast(accelerator.device.type, dtype=weight_dtype)
-        if weight_dtype != torch.float32
-        else contextlib.nullcontext()
-    )
-    # The guidance is stated in the grid's title: the pipeline's default (7.5) unless --validation_guidance_scale.
-    sampling_kwargs, guidance_text = validation_sampling(
-        args.validation_guidance_scale, pipeline_guidance_scale(pipeline)
-    )
-    samples = []
-    for i, prompt in enumerate(prompts):
-        generators = [
-            torch.Generator(device=accelerator.device).manual_seed(validation_seed(seed, i, j))
-            for j in range(args.num_validation_images)
-        ]
-        with autocast:
-            images = pipeline(
-                [prompt.prompt] * len(generators),
-                num_inference_steps=args.num_validation_inference_steps,
-                generator=generators,
-                **sampling_kwargs,
-            ).images
-        samples.append(images)
-    del pipeline
+class Validation:
+    """The run's validations: its prompts (the user's, or with --validation_steps alone the first captions of a few
+    majority and few-shot identities, so that the grids show whether the minority is being learned), their
+    training images (decoded once), and at most one labelled grid per step.
 
-    rows = list(zip(prompts, train_images, samples))
-    grid = validation_grid(
-        rows,
-        cell=max(args.resolution, MIN_VALIDATION_CELL),
-        max_train_images=MAX_VALIDATION_TRAIN_IMAGES,
-        title=f"step {global_step}, {guidance_text}, {args.num_validation_inference_steps} DDIM steps",
-    )
-    path = save_validation_grid(grid, args.output_dir, global_step)
-    logger.info(f"Validation grid: {path}")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", np.asarray(grid), global_step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
+    Calling it validates the current weights (the EMA ones with --use_ema): every rank calls it (a sharded model is
+    gathered first, `full_model`), the main process samples every prompt `--num_validation_images` times through
+    the family's PoGDiff pipeline with the same seeds at every validation, and saves and logs one grid
+    (`output_dir/validation/step-N.png`): a row per prompt with its identity, its number of training images and
+    those images beside the samples. It returns the samples, per prompt.
+    """
 
-            caption = "; ".join(prompt.label for prompt in prompts)
-            tracker.log({"validation": wandb.Image(grid, caption=caption)}, step=global_step)
+    def __init__(
+        self,
+        args,
+        accelerator,
+        family: ModelFamily,
+        models: dict,  # vae, text_encoders, noise_scheduler, ema_unet
+        weight_dtype: torch.dtype,
+        seed: int,
+        data,
+    ) -> None:
+        self.args, self.accelerator, self.family, self.models = args, accelerator, family, models
+        self.weight_dtype, self.seed = weight_dtype, seed
+        if args.validation_prompts:
+            self.prompts = prompts_from_user(args.validation_prompts)
+        elif args.validation_steps is not None:
+            self.prompts = auto_validation_prompts(data.identities, data.texts, args.few_shot_max)
         else:
-            logger.warning(f"image logging not implemented for {tracker.name}")
-    return samples
+            self.prompts = []
+        image = data.image
+        self.train_images = [
+            [image(row) for row in prompt.train_rows[:MAX_VALIDATION_TRAIN_IMAGES]] for prompt in self.prompts
+        ]
+        self.last: tuple[int, list] | None = None
+
+    def __call__(self, unet, global_step: int, swap_ema: bool = True, model=None) -> list[list[Image.Image]]:
+        if self.last is not None and self.last[0] == global_step:
+            return self.last[1]
+        accelerator, ema_unet = self.accelerator, self.models["ema_unet"]
+        model = model if model is not None else full_model(accelerator, unet, UNet2DConditionModel)
+        samples = []
+        if accelerator.is_main_process:
+            swap = self.args.use_ema and swap_ema
+            if swap:
+                # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
+                ema_unet.store(unet.parameters())
+                ema_unet.copy_to(unet.parameters())
+            samples = self.log(model, global_step)
+            if swap:
+                ema_unet.restore(unet.parameters())
+        # On every rank: a second validation of this step is skipped everywhere, gather included.
+        self.last = (global_step, samples)
+        return samples
+
+    def log(self, unet, global_step: int) -> list[list[Image.Image]]:
+        args, accelerator, prompts = self.args, self.accelerator, self.prompts
+        logger.info(f"Running validation on {len(prompts)} prompts...")
+        pipeline = getattr(pipeline_pogdiff, self.family.pogdiff_pipeline_name)(
+            vae=accelerator.unwrap_model(self.models["vae"]),
+            **self.family.pipeline_components(self.models["text_encoders"]),
+            unet=accelerator.unwrap_model(unet, keep_torch_compile=False),
+            scheduler=self.models["noise_scheduler"],
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        autocast = (
+            torch.autocast(accelerator.device.type, dtype=self.weight_dtype)
+            if self.weight_dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        # The guidance is stated in the grid's title: the pipeline's default (7.5) unless
+        # --validation_guidance_scale.
+        sampling_kwargs, guidance_text = validation_sampling(
+            args.validation_guidance_scale, pipeline_guidance_scale(pipeline)
+        )
+        samples = []
+        for i, prompt in enumerate(prompts):
+            generators = [
+                torch.Generator(device=accelerator.device).manual_seed(validation_seed(self.seed, i, j))
+                for j in range(args.num_validation_images)
+            ]
+            with autocast:
+                images = pipeline(
+                    [prompt.prompt] * len(generators),
+                    num_inference_steps=args.num_validation_inference_steps,
+                    generator=generators,
+                    **sampling_kwargs,
+                ).images
+            samples.append(images)
+        del pipeline
+
+        grid = validation_grid(
+            list(zip(prompts, self.train_images, samples)),
+            cell=max(args.resolution, MIN_VALIDATION_CELL),
+            max_train_images=MAX_VALIDATION_TRAIN_IMAGES,
+            title=f"step {global_step}, {guidance_text}, {args.num_validation_inference_steps} DDIM steps",
+        )
+        path = save_validation_grid(grid, args.output_dir, global_step)
+        logger.info(f"Validation grid: {path}")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(grid), global_step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                caption = "; ".join(prompt.label for prompt in prompts)
+                tracker.log({"validation": wandb.Image(grid, caption=caption)}, step=global_step)
+            else:
+                logger.warning(f"image logging not implemented for {tracker.name}")
+        return samples
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -551,6 +564,9 @@ def log_validation(
 
 
 def main(args: argparse.Namespace) -> Accelerator:
+    # As upstream, main resolves a few flags in place (mixed precision, --scale_lr, the step and epoch counts):
+    # on its own copy, so that the caller's parsed flags stay as given.
+    args = argparse.Namespace(**vars(args))
     if args.report_to == "wandb" and args.hub_token is not None:
         raise TrainingError(
             "You cannot use both --report_to=wandb and --hub_token: the token would be exposed. "
@@ -852,40 +868,22 @@ def main(args: argparse.Namespace) -> Accelerator:
         **({} if args.use_8bit_adam else fused_adamw_kwargs(accelerator.device)),
     )
 
-    # Get the dataset, its columns and identities.
+    # Get the dataset: its columns, captions and identities, read as the index and evaluation tools read them.
     with accelerator.main_process_first():
-        dataset = load_image_text_dataset(
+        data = load_training_data(
             dataset_name=args.dataset_name,
             dataset_config_name=args.dataset_config_name,
             train_data_dir=args.train_data_dir,
             cache_dir=args.cache_dir,
             caption_extension=args.caption_extension,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            identity_column=args.identity_column,
+            max_train_samples=args.max_train_samples,
+            seed=seed,
         )
-    if args.caption_extension is not None and args.sampling_weight_column is None:
-        # A kohya folder's N_name repeats are its draw weights (as in kohya's scripts); the flag overrides.
-        args.sampling_weight_column = REPEATS_COLUMN
-        logger.info(
-            f"Kohya-style folder: images are drawn with their folder's repeats (column {REPEATS_COLUMN!r}); "
-            "pass --sampling_weight_column to use another column."
-        )
-    image_column, caption_column, identity_column = resolve_columns(
-        dataset.column_names,
-        args.image_column,
-        args.caption_column,
-        args.identity_column,
-    )
-    if args.max_train_samples is not None:
-        dataset = dataset.shuffle(seed=seed).select(range(min(args.max_train_samples, len(dataset))))
-    if len(dataset) == 0:
-        raise TrainingError("The training dataset is empty: check --train_data_dir / --dataset_name.")
-    captions = list(dataset[caption_column])
-    caption_texts = [first_caption(c, row=i, column=caption_column) for i, c in enumerate(captions)]
-    identities = identity_labels(dataset, identity_column, caption_column)
-    identity_counts = check_identities(identities)
-    train_image = row_image_loader(dataset, image_column)
-
-    data_fingerprint = dataset_fingerprint(dataset)
-    args.run_settings = run_settings(
+    data_fingerprint = data.fingerprint()
+    run_record = run_settings(
         args,
         seed=seed,
         data_fingerprint=data_fingerprint,
@@ -893,7 +891,7 @@ def main(args: argparse.Namespace) -> Accelerator:
         base_model=base_model_fingerprint(args.pretrained_model_name_or_path, args.revision),
     )
     if resume_dir is not None:
-        check_resume_settings(resume_dir, resume_record, args.run_settings, args.allow_changed_settings)
+        check_resume_settings(resume_dir, resume_record, run_record, args.allow_changed_settings)
         if args.resume_from_checkpoint != "latest" and accelerator.is_main_process:
             # An explicitly resumed older checkpoint starts another course of the run: the newer checkpoints
             # of the first course are kept, renamed out of rotation and out of `latest`'s reach.
@@ -904,60 +902,13 @@ def main(args: argparse.Namespace) -> Accelerator:
                     "ignores it). Delete it once you no longer need it."
                 )
 
-    empty_rows = empty_caption_rows(captions)
-    if empty_rows:
-        logger.warning(
-            f"{len(empty_rows)} of {len(captions)} captions are empty (rows {', '.join(map(str, empty_rows[:10]))}"
-            f"{', ...' if len(empty_rows) > 10 else ''}): those images teach the unconditional prediction, not a "
-            f"prompt. Fill in --caption_column {caption_column!r} or drop those rows."
-        )
-    # The objective (a registered `objectives.Objective`: what it needs and does) and its settings.
-    objective_def = get_objective(args.objective)
-    if len(identity_counts) == 1 and (objective_def.uses_neighbors or args.sampling_power not in (None, 1.0)):
-        ((name, count),) = identity_counts.items()
-        source = f"column {identity_column!r}" if identity_column else f"the captions ({caption_column!r})"
-        logger.warning(
-            f"The training set has a single identity ({name!r}, {count} images, from {source}): balanced or sqrt "
-            "sampling draw uniformly and PoGDiff has no other identity to tell neighbours apart by, so both act "
-            "much like vanilla fine-tuning here. If the data shows several identities, check --identity_column."
-        )
-    logger.info(
-        f"{len(dataset)} training images, {len(identity_counts)} identities "
-        f"({len(shot_split(identity_counts, args.few_shot_max)['few'])} with <= {args.few_shot_max} images)."
-    )
-
-    # The objective and its psi settings, one validated value each, for the index summary and every step.
-    objective = ObjectiveSettings.from_args(args)
-    index = None
-    index_summary = None
-    # The index holds PoGDiff's neighbours and psi, T2H's text density, and --sampling density's weights.
-    sampling_scheme = get_sampling_scheme(args.sampling)
-    if objective_def.needs_index or sampling_scheme.needs_index:
-        if objective_def.uses_neighbors and args.num_neighbors >= len(dataset):
-            raise TrainingError(
-                f"--num_neighbors {args.num_neighbors} must be smaller than the dataset size ({len(dataset)} images): "
-                "each image needs k other images as neighbours. Lower --num_neighbors."
-            )
-        # The main process builds (or loads) the cached index first; the others then find it in the cache.
-        with accelerator.main_process_first():
-            index = build_or_load_index(
-                train_image,
-                caption_texts,
-                identities,
-                **index_build_kwargs(args),
-                seed=seed,
-                cache_dir=args.index_cache_dir or args.output_dir,
-                fingerprint=data_fingerprint,
-                device=accelerator.device,
-            )
-        index_summary = summarize_index(index, objective.psi, few_shot_max=args.few_shot_max)
-        logger.info("Expected psi per sample (majority vs minority):\n" + format_summary(index_summary))
-
-    row_captions = RowCaptions(captions, seed)
+    # PoGDiff: the objective, the neighbour / density index, the sample order, the captions per epoch and the
+    # minority mask, in one object (`pogdiff.trainer`); the rest of main is upstream's.
+    pogdiff_run = setup_pogdiff(args, data, data_fingerprint, seed, accelerator)
     train_dataset = TrainDataset(
-        dataset,
-        image_column,
-        row_captions,
+        data.dataset,
+        data.image_column,
+        pogdiff_run.row_captions,
         text_encoders.tokenize,
         seed=seed,
         resolution=args.resolution,
@@ -967,20 +918,9 @@ def main(args: argparse.Namespace) -> Accelerator:
         cached=args.cache_latents,
         micro_conditioning=family.micro_conditioning,
     )
-    sampling_weights = sampling_scheme.weights(identities, index, args.sampling_power)
-    if args.sampling_weight_column is not None:
-        if args.sampling_weight_column not in dataset.column_names:
-            raise TrainingError(
-                f"--sampling_weight_column {args.sampling_weight_column!r} is not a column of the dataset; its "
-                f"columns are {dataset.column_names}."
-            )
-        sampling_weights = with_row_weights(
-            sampling_weights, dataset[args.sampling_weight_column], args.sampling_weight_column
-        )
-    sampler = EpochSampler(len(train_dataset), seed, weights=sampling_weights)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
-        sampler=sampler,
+        sampler=pogdiff_run.sampler,
         collate_fn=collate_fn,
         batch_size=args.train_batch_size,
         num_workers=args.dataloader_num_workers,
@@ -1015,20 +955,6 @@ def main(args: argparse.Namespace) -> Accelerator:
     # the end-of-run checks must read the prepared module's parameters, not the ones collected before.
     sharded = sharded_engine(accelerator)
     params_to_optimize = [p for p in unet.parameters() if p.requires_grad]
-    neighbor_forward = None
-    if objective_def.uses_neighbors:
-        compiled = accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
-        try:
-            neighbor_forward = make_neighbor_forward(
-                # The module with accelerate's mixed-precision forward; DDP adds nothing to a no-grad forward.
-                accelerator.unwrap_model(unet, keep_torch_compile=False),
-                accelerator.device,
-                "eager" if compiled and args.neighbor_forward == "auto" else args.neighbor_forward,
-                sharded=sharded,
-            )
-        except ValueError as error:
-            raise TrainingError(str(error)) from error
-
     if args.use_ema:
         if args.offload_ema:
             ema_unet.pin_memory()
@@ -1051,59 +977,19 @@ def main(args: argparse.Namespace) -> Accelerator:
         tracker_config = {k: v for k, v in vars(args).items() if not isinstance(v, (list, dict))}
         accelerator.init_trackers(args.tracker_project_name, tracker_config)
 
-    # Neighbours and CBDM partners are looked up by dataset row: tokens of each distinct caption, once.
-    empty_ids = text_encoders.tokenize([""])[0]
-    distinct_input_ids = text_encoders.tokenize(row_captions.distinct)
-    latent_cache = text_cache = None
-    if args.cache_latents:
-        if any(not isinstance(c, str) for c in captions):
-            raise TrainingError(
-                "--cache_latents needs one caption per image (some rows hold several); drop the flag."
-            )
-
-        cached_time_ids = torch.zeros(len(dataset), 6)
-
-        def cache_pixels(i: int) -> torch.Tensor:
-            pixels, original_size, crop_top_left = preprocess_image_and_crop(
-                train_image(i), args.resolution, center_crop=True, interpolation=args.image_interpolation_mode
-            )
-            # SDXL's micro-conditioning of the cached (centre-cropped) image.
-            cached_time_ids[i] = add_time_ids(
-                original_size, crop_top_left, (args.resolution, args.resolution)
-            )
-            return pixels
-
-        latent_cache = encode_latent_parameters(
-            vae, cache_pixels, len(dataset), show_progress=accelerator.is_local_main_process
-        )
-        train_dataset.cached_time_ids = cached_time_ids
-        with torch.no_grad():
-            # Row U (after the U distinct captions) is the empty prompt used for caption dropout.
-            text_cache = cat_conditioning(
-                [
-                    text_encoders.encode(ids.to(accelerator.device))
-                    for ids in torch.cat([distinct_input_ids, empty_ids[None]]).split(64)
-                ]
-            )
-        logger.info(
-            f"Cached {len(latent_cache)} latent distributions and {len(text_cache)} caption embeddings "
-            f"({sum(t.numel() * t.element_size() for t in (latent_cache, *text_cache.tensors()) if t is not None) / 2**20:.1f} MiB)."
-        )
-
-    caption_states = CaptionStates(
+    # PoGDiff's step inputs: the neighbour forward, the --cache_latents caches and the caption states.
+    pogdiff_run.prepare(
+        args,
+        accelerator,
+        accelerator.unwrap_model(unet, keep_torch_compile=False),
+        vae,
         text_encoders,
-        distinct_input_ids,
-        row_captions.ids(0),  # replaced at every epoch's start
-        empty_ids,
-        accelerator.device,
-        text_cache=text_cache,
+        family,
+        train_dataset,
+        sharded=sharded,
+        compiled=accelerator.state.dynamo_plugin.backend != DynamoBackend.NO,
     )
-
-    sample_counter = SampleCounter(len(train_dataset))
-    accelerator.register_for_checkpointing(sample_counter)
-    is_minority = None
-    if index is not None:
-        is_minority = torch.tensor(few_shot_rows(identities, identity_counts, args.few_shot_max))
+    accelerator.register_for_checkpointing(pogdiff_run.sample_counter)
 
     # Train!
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -1149,57 +1035,24 @@ def main(args: argparse.Namespace) -> Accelerator:
         # set prediction_type of scheduler if defined
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
 
-    # What validation samples: the user's prompts or, with --validation_steps alone, the first captions of a few
-    # majority and few-shot identities, so that the grids show whether the minority is being learned.
-    if args.validation_prompts:
-        validation_prompts = prompts_from_user(args.validation_prompts)
-    elif args.validation_steps is not None:
-        validation_prompts = auto_validation_prompts(identities, caption_texts, args.few_shot_max)
-    else:
-        validation_prompts = []
-    # Decoded once: they are the same at every validation.
-    validation_train_images = [
-        [train_image(row) for row in prompt.train_rows[:MAX_VALIDATION_TRAIN_IMAGES]]
-        for prompt in validation_prompts
-    ]
-    last_validation = None
-
-    def run_validation(swap_ema: bool = True, model=None) -> list[list[Image.Image]]:
-        """One validation of the current weights (the EMA ones with --use_ema), once per step at most, sampled
-        by the main process. Every rank calls it: a sharded model is gathered first (`full_model`)."""
-        nonlocal last_validation
-        if last_validation is not None and last_validation[0] == global_step:
-            return last_validation[1]
-        model = model if model is not None else full_model(accelerator, unet, UNet2DConditionModel)
-        samples = []
-        if accelerator.is_main_process:
-            if args.use_ema and swap_ema:
-                # Store the UNet parameters temporarily and load the EMA parameters to perform inference.
-                ema_unet.store(unet.parameters())
-                ema_unet.copy_to(unet.parameters())
-            samples = log_validation(
-                family,
-                vae,
-                text_encoders,
-                model,
-                noise_scheduler,
-                args,
-                accelerator,
-                weight_dtype,
-                global_step,
-                validation_prompts,
-                seed,
-                validation_train_images,
-            )
-            if args.use_ema and swap_ema:
-                ema_unet.restore(unet.parameters())
-        # On every rank: a second validation of this step is skipped everywhere, gather included.
-        last_validation = (global_step, samples)
-        return samples
+    validation = Validation(
+        args,
+        accelerator,
+        family,
+        {
+            "vae": vae,
+            "text_encoders": text_encoders,
+            "noise_scheduler": noise_scheduler,
+            "ema_unet": ema_unet,
+        },
+        weight_dtype,
+        seed,
+        data,
+    )
 
     for epoch in range(first_epoch, args.num_train_epochs):
         train_dataset.set_epoch(epoch)
-        caption_states.row_text_ids = row_captions.ids(epoch)
+        pogdiff_run.captions.row_text_ids = pogdiff_run.row_captions.ids(epoch)
         train_dataloader.set_epoch(epoch)
         active_dataloader = train_dataloader
         if epoch == first_epoch and resume_batches > 0:
@@ -1223,16 +1076,16 @@ def main(args: argparse.Namespace) -> Accelerator:
                     batch,
                     vae=vae,
                     noise_scheduler=noise_scheduler,
-                    captions=caption_states,
+                    captions=pogdiff_run.captions,
                     generator=generator,
                     cpu_generator=cpu_generator,
                     weight_dtype=weight_dtype,
-                    latent_cache=latent_cache,
+                    latent_cache=pogdiff_run.latent_cache,
                     noise_offset=args.noise_offset,
                     input_perturbation=args.input_perturbation,
                     caption_dropout_prob=args.caption_dropout_prob,
                 )
-                sample_counter.update(inputs.rows)
+                pogdiff_run.sample_counter.update(inputs.rows)
 
                 if args.dream_training:
                     inputs.noisy_latents, inputs.target = compute_dream_and_update_latents(
@@ -1248,16 +1101,16 @@ def main(args: argparse.Namespace) -> Accelerator:
 
                 # PoGDiff: the objective's forward(s) and loss, where upstream has `unet(...)` and the MSE.
                 loss, logs = objective_step(
-                    objective,
+                    pogdiff_run.settings,
                     unet,
                     inputs,
                     noise_scheduler=noise_scheduler,
-                    captions=caption_states,
+                    captions=pogdiff_run.captions,
                     generator=cpu_generator,
-                    index=index,
+                    index=pogdiff_run.index,
                     num_rows=len(train_dataset),
-                    minority=is_minority,
-                    neighbor_forward=neighbor_forward,
+                    minority=pogdiff_run.minority,
+                    neighbor_forward=pogdiff_run.neighbor_forward,
                     # A sharded model needs the same forwards on every rank (DDP does not: it skips per rank).
                     any_rank=functools.partial(any_process, accelerator=accelerator) if sharded else None,
                 )
@@ -1306,18 +1159,18 @@ def main(args: argparse.Namespace) -> Accelerator:
                         accelerator,
                         args.output_dir,
                         global_step,
-                        args.run_settings,
+                        run_record,
                         args.checkpoints_total_limit,
                     )
 
                 if args.validation_steps is not None and global_step % args.validation_steps == 0:
-                    run_validation()
+                    validation(unet, global_step)
 
             if global_step >= args.max_train_steps:
                 break
 
         if args.validation_prompts and (epoch + 1) % args.validation_epochs == 0:
-            run_validation()
+            validation(unet, global_step)
 
     # Data parallelism must leave every rank with the same weights; a cheap check catches silent divergence.
     # (A sharded engine keeps one copy of each parameter, spread over the ranks: there is nothing to compare.)
@@ -1331,24 +1184,7 @@ def main(args: argparse.Namespace) -> Accelerator:
                 f"Ranks ended with different weights (checksums {checksums}); please report this."
             )
 
-    # What the sampler actually fed the model, per identity and summed over ranks (see --sampling).
-    drawn = accelerator.reduce(sample_counter.counts.to(accelerator.device), reduction="sum").cpu()
-    drawn_per_identity = sample_counter.per_identity(identities, drawn)
-    total_drawn = max(sum(drawn_per_identity.values()), 1)
-    shares = ", ".join(f"{k}={v} ({v / total_drawn:.1%})" for k, v in drawn_per_identity.items())
-    logger.info(f"Samples drawn per identity ({sampling_label(args)}): {shares}")
-    if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "sample_counts.json"), "w", encoding="utf-8") as f:
-            json.dump(
-                {
-                    "sampling": args.sampling,
-                    "sampling_power": args.sampling_power,
-                    "images_per_identity": identity_counts,
-                    "samples_per_identity": drawn_per_identity,
-                },
-                f,
-                indent=2,
-            )
+    report_pogdiff_run(args, pogdiff_run, accelerator)
 
     # Create the pipeline using the trained modules and save it (a sharded model is gathered by every rank).
     unet = full_model(accelerator, unet, UNet2DConditionModel)
@@ -1376,17 +1212,17 @@ def main(args: argparse.Namespace) -> Accelerator:
             save_result_atomically(pipeline.save_pretrained, args.output_dir)
 
         # The model as saved (EMA weights already copied in); a validation of this very step is reused.
-        samples = run_validation(swap_ema=False, model=unet) if validation_prompts else []
+        samples = validation(unet, global_step, swap_ema=False, model=unet) if validation.prompts else []
         save_pipeline_code(args.output_dir, Path(__file__).with_name("pipeline_pogdiff.py"), family)
-        # evaluate_pogdiff.py and `python -m pogdiff.index --from_run` read the resolution and index settings here.
-        save_run_settings(args.output_dir, global_step, args.run_settings)
+        # evaluate_pogdiff.py and `python -m pogdiff_run.index --from_run` read the resolution and index settings here.
+        save_run_settings(args.output_dir, global_step, run_record)
         repo_name = args.hub_model_id or Path(args.output_dir).name
         save_model_card(
             args,
             repo_id if args.push_to_hub else repo_name,
-            [(prompt.prompt, images[0]) for prompt, images in zip(validation_prompts, samples)],
+            [(prompt.prompt, images[0]) for prompt, images in zip(validation.prompts, samples)],
             args.output_dir,
-            index_summary,
+            pogdiff_run.index_summary,
             seed,
             family=family,
         )

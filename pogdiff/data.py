@@ -832,6 +832,104 @@ def dataset_fingerprint(dataset) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A training set as every tool reads it
+
+
+@dataclass
+class TrainingData:
+    """A training set as the trainer, `python -m pogdiff.index` and `evaluate_pogdiff.py` all read it: the same
+    columns, captions, identities and images, so that the three cannot disagree about the data.
+
+    `captions` holds each row's caption or list of captions; `texts` each row's first caption (what the index and
+    validation read); `identities` each row's identity (the identity column, or the caption without one).
+    """
+
+    dataset: datasets.Dataset
+    image_column: str
+    caption_column: str
+    identity_column: str | None
+    captions: list[Any]
+    texts: list[str]
+    identities: list[str]
+    identity_counts: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def image(self) -> Callable[[int], Image.Image]:
+        """Row -> its image as RGB (decoded one at a time; see `row_image_loader`)."""
+        return row_image_loader(self.dataset, self.image_column)
+
+    def fingerprint(self) -> str:
+        """The content's fingerprint (`dataset_fingerprint`: reads every image once)."""
+        return dataset_fingerprint(self.dataset)
+
+    def source(self) -> str:
+        """Where the identities come from, for messages."""
+        if self.identity_column:
+            return f"column {self.identity_column!r}"
+        return f"the captions ({self.caption_column!r})"
+
+
+def load_training_data(
+    *,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_data_dir: str | None = None,
+    cache_dir: str | None = None,
+    caption_extension: str | None = None,
+    image_column: str | None = "image",
+    caption_column: str | None = "text",
+    identity_column: str | None = None,
+    split: str = "train",
+    max_train_samples: int | None = None,
+    seed: int | None = None,
+) -> TrainingData:
+    """Load a training set (`load_image_text_dataset`), resolve its columns, optionally keep `max_train_samples`
+    rows (shuffled with `seed`, as train_text_to_image.py does), and read its captions and identities.
+
+    Raises:
+        UserError: no rows, a missing column, a row without a caption or identity.
+    """
+    dataset = load_image_text_dataset(
+        dataset_name=dataset_name,
+        dataset_config_name=dataset_config_name,
+        train_data_dir=train_data_dir,
+        cache_dir=cache_dir,
+        split=split,
+        caption_extension=caption_extension,
+    )
+    image_column, caption_column, identity_column = resolve_columns(
+        dataset.column_names, image_column, caption_column, identity_column
+    )
+    if max_train_samples is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise UserError("The training dataset is empty: check --train_data_dir / --dataset_name.")
+    captions = list(dataset.with_format(None)[caption_column][:])
+    texts = [first_caption(c, row=i, column=caption_column) for i, c in enumerate(captions)]
+    empty_rows = empty_caption_rows(captions)
+    if empty_rows:
+        logger.warning(
+            f"{len(empty_rows)} of {len(captions)} captions are empty (rows {', '.join(map(str, empty_rows[:10]))}"
+            f"{', ...' if len(empty_rows) > 10 else ''}): those images teach the unconditional prediction, not a "
+            f"prompt. Fill in --caption_column {caption_column!r} or drop those rows."
+        )
+    identities = identity_labels(dataset, identity_column, caption_column)
+    return TrainingData(
+        dataset,
+        image_column,
+        caption_column,
+        identity_column,
+        captions,
+        texts,
+        identities,
+        check_identities(identities),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
 # What the trainer's dataloader yields
 
 

@@ -846,43 +846,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from .arguments import index_build_kwargs
-    from .data import (
-        check_identities,
-        dataset_fingerprint,
-        identity_labels,
-        load_image_text_dataset,
-        resolve_columns,
-        row_image_loader,
-    )
+    from .data import load_training_data
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
     psi = PsiParams.from_args(args)
-    dataset = load_image_text_dataset(
+    # The data as the trainer reads it (columns, first captions, identities): the same rows, the same cache key.
+    data = load_training_data(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
         train_data_dir=args.train_data_dir,
         cache_dir=args.cache_dir,
         caption_extension=args.caption_extension,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        identity_column=args.identity_column,
     )
-    image_column, caption_column, identity_column = resolve_columns(
-        dataset.column_names, args.image_column, args.caption_column, args.identity_column
-    )
-    identities = identity_labels(dataset, identity_column, caption_column)
-    check_identities(identities)
-    # A row with several captions is indexed by its first one, as train_pogdiff.py does: same texts, same key.
-    texts = [
-        text[0] if isinstance(text, (list, tuple)) and text else text
-        for text in dataset.with_format(None)[caption_column][:]
-    ]
-    not_text = [i for i, text in enumerate(texts) if not isinstance(text, str)]
-    if not_text:
-        raise UserError(
-            f"The PoGDiff index needs a caption string (or a list of them) per row, but column "
-            f"{caption_column!r} holds {type(texts[not_text[0]]).__name__} values (rows {not_text[:10]}). "
-            "Pass --caption_column with a column of strings."
-        )
-    fingerprint = dataset_fingerprint(dataset)
+    texts, identities = data.texts, data.identities
+    fingerprint = data.fingerprint()
     if args.run_record is not None and args.run_record[0].get("data_fingerprint") not in (None, fingerprint):
         logger.warning(
             "The data differs from the data the run in %s trained on (fingerprint %s, now %s): this index is not "
@@ -894,7 +875,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     index = build_or_load_index(
-        row_image_loader(dataset, image_column),
+        data.image,
         texts,
         identities,
         **index_build_kwargs(args),
