@@ -287,6 +287,7 @@ class Method:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     neighbor_forward: object = None  # PoGDiff: `make_neighbor_forward`'s callable (None: eager)
+    uses_neighbors: bool = False  # the objective draws neighbours (the reference is upstream's step: no)
 
 
 def optimizer_step(shared: Shared, method: Method, loss: torch.Tensor) -> None:
@@ -531,11 +532,15 @@ def build_method(
     model = torch.compile(unet) if args.torch_compile else unet
     forward = model if dtype == torch.float32 else MixedPrecisionForward(model, dtype, device.type)
     neighbor_forward = None
-    if name != POGDIFF_EAGER and OBJECTIVES[objective].uses_neighbors:
+    # The reference is upstream's step, not a registered objective.
+    uses_neighbors = name != REFERENCE and OBJECTIVES[objective].uses_neighbors
+    if name != POGDIFF_EAGER and uses_neighbors:
         # As the trainer: compiled models keep the eager neighbour forward.
         mode = "eager" if args.torch_compile else args.neighbor_forward
         neighbor_forward = make_neighbor_forward(forward, device, mode)
-    return Method(name, objective, unet, forward, params, optimizer, lr_scheduler, neighbor_forward)
+    return Method(
+        name, objective, unet, forward, params, optimizer, lr_scheduler, neighbor_forward, uses_neighbors
+    )
 
 
 def _synchronize(device: torch.device) -> None:
@@ -663,7 +668,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "peak_gib": None,
             "step_transient_gib": None,
         }
-        if OBJECTIVES[method.objective].uses_neighbors:
+        if method.uses_neighbors:
             nf = method.neighbor_forward
             entry["neighbor_forward"] = (
                 "eager" if nf is None else "eager (CUDA graph capture failed)" if nf.failed else "cuda_graph"
