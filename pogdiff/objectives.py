@@ -20,7 +20,7 @@ from pogdiff.families import Conditioning, cat_conditioning, neighbor_conditioni
 from pogdiff.neighbors import sample_categorical, sample_neighbor_positions
 from pogdiff.psi import PsiParams, compute_psi
 
-from .errors import UserError
+from .registry import Registry
 
 if TYPE_CHECKING:
     from pogdiff.training import StepMeans
@@ -385,22 +385,9 @@ class Objective:
 
 
 # Every `--objective`, by name, in `--help` order.
-OBJECTIVES: dict[str, Objective] = {}
-
-
-def register_objective(objective: Objective, *, replace: bool = False) -> Objective:
-    """Makes `objective` an `--objective` choice and returns it."""
-    if objective.name in OBJECTIVES and not replace:
-        raise ValueError(f"An objective named {objective.name!r} is already registered.")
-    OBJECTIVES[objective.name] = objective
-    return objective
-
-
-def get_objective(name: str) -> Objective:
-    """The registered objective `name`; a UserError listing the choices otherwise."""
-    if name not in OBJECTIVES:
-        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {name!r}.")
-    return OBJECTIVES[name]
+OBJECTIVES: Registry[Objective] = Registry("--objective")
+register_objective = OBJECTIVES.register
+get_objective = OBJECTIVES.choice
 
 
 class Vanilla(Objective):

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Sampler
 
 from .errors import UserError
+from .registry import Registry
 from .seeds import CAPTION_STREAM, derive_seed
 
 # The identity schemes as powers of `--sampling_power`: an image of an identity with n images is drawn with
@@ -46,22 +47,9 @@ class SamplingScheme:
 
 
 # Every `--sampling` choice, by name, in `--help` order. `register_sampling_scheme` adds one.
-SAMPLING_SCHEMES: dict[str, SamplingScheme] = {}
-
-
-def register_sampling_scheme(scheme: SamplingScheme, *, replace: bool = False) -> SamplingScheme:
-    """Makes `scheme` a `--sampling` choice (of the parsers built from now on) and returns it."""
-    if scheme.name in SAMPLING_SCHEMES and not replace:
-        raise ValueError(f"A sampling scheme named {scheme.name!r} is already registered.")
-    SAMPLING_SCHEMES[scheme.name] = scheme
-    return scheme
-
-
-def get_sampling_scheme(name: str) -> SamplingScheme:
-    """The registered scheme `name`; a UserError listing the choices otherwise."""
-    if name not in SAMPLING_SCHEMES:
-        raise UserError(f"--sampling must be one of {', '.join(SAMPLING_SCHEMES)}, got {name!r}.")
-    return SAMPLING_SCHEMES[name]
+SAMPLING_SCHEMES: Registry[SamplingScheme] = Registry("--sampling")
+register_sampling_scheme = SAMPLING_SCHEMES.register
+get_sampling_scheme = SAMPLING_SCHEMES.choice
 
 
 def sampling_power(scheme: str, power: float | None) -> float | None:
