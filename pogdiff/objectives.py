@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,6 @@ from pogdiff.neighbors import sample_categorical, sample_neighbor_positions
 from pogdiff.psi import PsiParams, compute_psi
 
 from .registry import Registry
-
-if TYPE_CHECKING:
-    from pogdiff.training import StepMeans
 
 
 def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -278,6 +275,45 @@ def draw_pogdiff_neighbors(
     )
 
 
+class StepMeans:
+    """Means of logged values over the micro-steps of one optimizer step (gradient accumulation).
+
+    Each value comes with a weight (1 for a per-micro-step value such as a loss; the number of rows it averages
+    for a per-row statistic such as the minority's psi), and a key absent from a micro-step does not count
+    there: a minority-only mean is not diluted by micro-steps that drew no minority image. Values may be
+    tensors on the accelerator: they are summed there and read once, in `pop` (no host sync per micro-step).
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor | float] = {}
+        self._weights: dict[str, float] = {}
+
+    def add(self, key: str, value: torch.Tensor | float, weight: float = 1.0) -> None:
+        if weight > 0:
+            if isinstance(value, torch.Tensor):
+                value = value.detach().double()
+            self._sums[key] = self._sums.get(key, 0.0) + value * weight
+            self._weights[key] = self._weights.get(key, 0.0) + weight
+
+    def pop(self) -> dict[str, float]:
+        """The weighted means since the last `pop` as floats (one device-to-host copy per device), and a fresh
+        start."""
+        sums = {k: torch.as_tensor(v, dtype=torch.float64).reshape(()) for k, v in self._sums.items()}
+        values: dict[str, float] = {}
+        for device in {t.device for t in sums.values()}:
+            keys = [k for k, t in sums.items() if t.device == device]
+            values.update(zip(keys, torch.stack([sums[k] for k in keys]).tolist()))
+        means = {k: values[k] / self._weights[k] for k in self._sums}
+        self._sums, self._weights = {}, {}
+        return means
+
+    def update(self, other: StepMeans) -> None:
+        """Adds another micro-step's sums and weights (e.g. the logs `objective_step` returns)."""
+        for key, value in other._sums.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+            self._weights[key] = self._weights.get(key, 0.0) + other._weights[key]
+
+
 def pogdiff_draw_logs(draw: NeighborDraw, minority: torch.Tensor, step_means: StepMeans) -> None:
     """The mechanism's diagnostics of one micro-step: psi for the minority and the majority (per row, before
     skipping), the share of rows skipped, and the share of drawn neighbours of the sample's own identity."""
@@ -379,7 +415,7 @@ class Objective:
     def add_logs(
         self, drawn: Drawn, logs: dict[str, Any], means: StepMeans, *, rows: torch.Tensor, minority
     ) -> None:
-        """Adds the step's logs to `means` (`training.StepMeans`); `minority` (N,) bool marks few-shot rows."""
+        """Adds the step's logs to `means` (`StepMeans`); `minority` (N,) bool marks few-shot rows."""
         for key, value in logs.items():
             means.add(key, value)
 

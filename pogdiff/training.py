@@ -21,6 +21,7 @@ from pogdiff.objectives import (  # the objectives' draws, kept importable from 
     OBJECTIVES,
     LossInputs,
     NeighborDraw,
+    StepMeans,
     draw_pogdiff_neighbors,
     draw_random_partners,
     get_objective,
@@ -34,45 +35,6 @@ from .noising import noise_latents
 from .settings import NEIGHBOR_FORWARD_MODES
 
 logger = logging.getLogger(__name__)
-
-
-class StepMeans:
-    """Means of logged values over the micro-steps of one optimizer step (gradient accumulation).
-
-    Each value comes with a weight (1 for a per-micro-step value such as a loss; the number of rows it averages
-    for a per-row statistic such as the minority's psi), and a key absent from a micro-step does not count
-    there: a minority-only mean is not diluted by micro-steps that drew no minority image. Values may be
-    tensors on the accelerator: they are summed there and read once, in `pop` (no host sync per micro-step).
-    """
-
-    def __init__(self) -> None:
-        self._sums: dict[str, torch.Tensor | float] = {}
-        self._weights: dict[str, float] = {}
-
-    def add(self, key: str, value: torch.Tensor | float, weight: float = 1.0) -> None:
-        if weight > 0:
-            if isinstance(value, torch.Tensor):
-                value = value.detach().double()
-            self._sums[key] = self._sums.get(key, 0.0) + value * weight
-            self._weights[key] = self._weights.get(key, 0.0) + weight
-
-    def pop(self) -> dict[str, float]:
-        """The weighted means since the last `pop` as floats (one device-to-host copy per device), and a fresh
-        start."""
-        sums = {k: torch.as_tensor(v, dtype=torch.float64).reshape(()) for k, v in self._sums.items()}
-        values: dict[str, float] = {}
-        for device in {t.device for t in sums.values()}:
-            keys = [k for k, t in sums.items() if t.device == device]
-            values.update(zip(keys, torch.stack([sums[k] for k in keys]).tolist()))
-        means = {k: values[k] / self._weights[k] for k in self._sums}
-        self._sums, self._weights = {}, {}
-        return means
-
-    def update(self, other: StepMeans) -> None:
-        """Adds another micro-step's sums and weights (e.g. the logs `objective_step` returns)."""
-        for key, value in other._sums.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value
-            self._weights[key] = self._weights.get(key, 0.0) + other._weights[key]
 
 
 @torch.no_grad()
