@@ -121,6 +121,36 @@ def test_text_encoders_give_the_pipelines_conditioning(tiny_sdxl_path):
     assert out.shape == (2, 4, 16, 16)
 
 
+def test_padded_neighbour_forward_swaps_caption_and_pooled_and_keeps_time_ids(tiny_sdxl_path):
+    """The CUDA-graph path's computation (static full-batch buffers for hidden states, pooled embeddings and time
+    ids; run eagerly here) gives the compact eager predictions of the neighbour rows: the neighbour's caption and
+    `text_embeds` on the sample's own `time_ids`."""
+    from diffusers import UNet2DConditionModel
+
+    from pogdiff.training import GraphedNeighborForward
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path, subfolder="unet").eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 4, 16, 16, generator=g), torch.tensor([10, 200, 500, 900])
+    own = Conditioning(
+        torch.randn(4, 77, 64, generator=g),
+        torch.randn(4, 32, generator=g),
+        torch.rand(4, 6, generator=g) * 64,
+    )
+    rows = torch.tensor([0, 3])
+    neighbour_text = Conditioning(torch.randn(2, 77, 64, generator=g), torch.randn(2, 32, generator=g))
+    cond = neighbor_conditioning(own, neighbour_text, rows)
+    with torch.no_grad():
+        padded = GraphedNeighborForward(unet, use_graph=False)(x, t, cond, rows)
+        compact = unet_prediction(unet, x[rows], t[rows], cond)
+        # The time ids matter: the same rows with other time ids predict something else.
+        other = unet_prediction(
+            unet, x[rows], t[rows], Conditioning(cond.hidden_states, cond.text_embeds, cond.time_ids + 100)
+        )
+    torch.testing.assert_close(padded, compact, rtol=1e-4, atol=1e-5)
+    assert (other - compact).abs().max() > 1e-4
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training, resume and every loading route
 # ----------------------------------------------------------------------------------------------------------------
