@@ -68,7 +68,8 @@ def model_load_message(flag: str, name_or_path: str, error: Exception) -> str:
         found = sorted(os.listdir(name_or_path))[:8]
         return (
             f"{flag} {name_or_path!r} is a folder but not a diffusers Stable Diffusion model: it needs "
-            "model_index.json and the scheduler/, tokenizer/, text_encoder/, vae/ and unet/ subfolders (or, for a "
+            "model_index.json and the scheduler/, tokenizer/, text_encoder/, vae/ and unet/ subfolders (SDXL: "
+            "tokenizer_2/ and text_encoder_2/ too) (or, for a "
             f"LoRA result, pytorch_lora_weights.safetensors and its model card); it holds {found or 'nothing'}. "
             "Point it at the folder `save_pretrained` or train_pogdiff.py wrote, or at a Hub id."
         )
@@ -83,11 +84,7 @@ def model_load_message(flag: str, name_or_path: str, error: Exception) -> str:
     return f"{flag} {name_or_path!r} could not be loaded ({error}). Check the Hub id, your token and the network."
 
 
-# The subfolders `train_pogdiff.py` loads from a local Stable Diffusion folder (beside model_index.json).
-MODEL_PARTS = ("scheduler", "tokenizer", "text_encoder", "vae", "unet")
-
-
-def missing_model_parts(folder: str, parts: tuple[str, ...] = MODEL_PARTS) -> list[str]:
+def missing_model_parts(folder: str, parts: tuple[str, ...]) -> list[str]:
     """The `parts` subfolders (the family's, `ModelFamily.model_parts`) `folder` lacks (transformers fails on a
     missing tokenizer/ with "OverflowError: int too big to convert", which names neither the folder nor the
     part)."""
