@@ -52,6 +52,7 @@ from pogdiff.data import (
     identity_labels,
     load_image_text_dataset,
     load_rgb,
+    load_training_data,
     resolve_columns,
     row_image_loader,
     sidecar_caption_extension,
@@ -455,8 +456,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings_from_models(args, models)
     output_dir = Path(args.output_dir)
 
-    # ---- Real images: training set (gRecall) and held-out reference (DINO, FID).
-    train = load_real_images(args, "train")
+    # ---- Real images: training set (gRecall) and held-out reference (DINO, FID). The training set is read as the
+    # trainer reads it (`load_training_data`): the same identities, and each row's first caption as its prompt.
+    data = load_training_data(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir,
+        cache_dir=args.cache_dir,
+        caption_extension=args.caption_extension,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        identity_column=args.identity_column,
+    )
+    train = RealImages(data.dataset, data.image_column, data.identities, data.texts)
     reference, real_source = load_reference_images(args)
     identities = sorted(train.by_identity)
     train_counts = {identity: len(train.by_identity[identity]) for identity in identities}

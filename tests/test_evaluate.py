@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,23 @@ def test_changed_generation_settings_are_refused(evaluation, tmp_path):
 def test_model_specs_are_validated(spec):
     with pytest.raises(ValueError, match="NAME=PATH|twice"):
         evaluate_pogdiff.parse_models(spec.split(" "))
+
+
+def test_a_row_with_several_captions_prompts_with_its_first_caption(tiny_sd_path, tmp_path):
+    """The training set is read as the trainer reads it (`data.load_training_data`): with --prompt_from caption, an
+    identity whose first row holds several captions is prompted with the first of them, not their list's text."""
+    data = Path(write_tiny_dataset(tmp_path / "data", counts={"alice": 2, "bruno": 2}))
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["text"] = [f"A photo of {row['identity']}.", f"{row['identity']} again."]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    evaluate_pogdiff.main(
+        [
+            "--model", f"m={tiny_sd_path}", "--train_data_dir", str(data), "--prompt_from", "caption",
+            "--images_per_identity", "1", "--num_inference_steps", "1", "--resolution", str(TINY_RESOLUTION),
+            "--feature_extractor", "pixels", "--device", "cpu", "--output_dir", str(out),
+        ]
+    )  # fmt: skip
+    settings = json.loads(next(out.rglob("generation.json")).read_text())
+    assert settings["prompts"] == {"alice": "A photo of alice.", "bruno": "A photo of bruno."}
