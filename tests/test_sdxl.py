@@ -190,6 +190,24 @@ def test_the_sd_command_line_trains_sdxl_and_resumes_bitwise(
     assert_same_tensors(unet_state(straight), unet_state(resumed))
     assert_same_tensors(unet_state(straight / "checkpoint-4"), unet_state(resumed / "checkpoint-4"))
 
+    # Every loading route of the full result gives the same images; plain diffusers loads its own SDXL class.
+    from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+
+    from pipeline_pogdiff import PoGDiffPipeline, PoGDiffXLPipeline
+
+    reference = sample(PoGDiffXLPipeline.from_pretrained(straight))
+    routes = {
+        "PoGDiffPipeline": PoGDiffPipeline.from_pretrained(straight),
+        "checkpoint-4": PoGDiffPipeline.from_pretrained(straight / "checkpoint-4"),
+        "custom_pipeline": DiffusionPipeline.from_pretrained(
+            straight, custom_pipeline=str(straight), trust_remote_code=True
+        ),
+    }
+    for name, pipe in routes.items():
+        assert type(pipe) is PoGDiffXLPipeline or type(pipe).__name__ == "PoGDiffXLPipeline", name
+        assert np.array_equal(sample(pipe), reference), name
+    assert type(DiffusionPipeline.from_pretrained(straight)) is StableDiffusionXLPipeline
+
 
 @pytest.fixture(scope="module")
 def sdxl_lora_run(tiny_sdxl_path, tiny_dataset_path, tmp_path_factory) -> Path:
