@@ -144,7 +144,7 @@ def test_help_lists_every_train_text_to_image_flag(capsys):
     # Upstream's flags in upstream's order (the list above is upstream's order), then one PoGDiff group with
     # every other flag: a side-by-side read of the two parse_args lines up.
     parser_flags = [
-        a.option_strings[-1] for a in train_pogdiff_parser_actions() if a.option_strings and a.dest != "help"
+        a.option_strings[0] for a in train_pogdiff_parser_actions() if a.option_strings and a.dest != "help"
     ]
     assert parser_flags[: len(TRAIN_TEXT_TO_IMAGE_FLAGS)] == TRAIN_TEXT_TO_IMAGE_FLAGS
     group = "PoGDiff (flags that train_text_to_image.py does not have):"
