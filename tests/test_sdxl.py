@@ -34,6 +34,18 @@ from tests.test_train import assert_same_tensors, run_in_process, train_args, un
 REPO = Path(__file__).resolve().parent.parent
 
 
+def accelerate_launch(argv: list[str]):
+    """`accelerate launch train_pogdiff.py ...` on one CPU process, offline; fails the test with its output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = run_process_group(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+         str(REPO / "train_pogdiff.py"), *argv],
+        cwd=REPO, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def sample(pipe, prompt: str = "An image of chen.") -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     return pipe(
@@ -164,13 +176,7 @@ def test_the_sd_command_line_trains_sdxl_and_resumes_bitwise(
     its same-caption skips, random crops and flips. Then a resume from the mid-run checkpoint equals it."""
     common = ("--checkpointing_steps", "2", "--random_flip", "--objective", "pogdiff")
     straight = tmp_path / "straight"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = run_process_group(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-         str(REPO / "train_pogdiff.py"), *train_args(tiny_sdxl_path, tiny_dataset_path, straight, *common, steps=4)],
-        cwd=REPO, env=env, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = accelerate_launch(train_args(tiny_sdxl_path, tiny_dataset_path, straight, *common, steps=4))
     assert "Model family: sdxl (StableDiffusionXLPipeline)" in proc.stderr
     assert (
         json.loads((straight / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
@@ -182,7 +188,8 @@ def test_the_sd_command_line_trains_sdxl_and_resumes_bitwise(
 
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("checkpoint-4"))
-    run_in_process(
+    # Launched as the straight run was (a bitwise comparison wants the same process setup, threads included).
+    accelerate_launch(
         train_args(
             tiny_sdxl_path, tiny_dataset_path, resumed, *common, "--resume_from_checkpoint", "checkpoint-2", steps=4,
         )
