@@ -60,13 +60,15 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         gc.collect()
-        self.rss_start = _proc_status("VmRSS")
         self.resettable = True
         try:
             with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
                 f.write("5")
         except OSError:
             self.resettable = False
+        # Read after the reset: the peak (VmHWM, the highest RSS since the reset) is then never below the start,
+        # which a start read before it could be when memory is returned in between (seen under load in CI).
+        self.rss_start = _proc_status("VmRSS")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.cuda_start = torch.cuda.memory_allocated(self.device)
