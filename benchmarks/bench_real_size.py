@@ -869,6 +869,11 @@ def main(argv: list[str] | None = None) -> dict:
             record = run_resume(args, model, data, train_dir)
         else:
             record = run_config(args, configs[name], model, data, train_dir)
+        # The launch logs, next to the record: the scratch folder's are overwritten by the next invocation that
+        # runs the same configuration at the same size, whatever its --output_dir.
+        for suffix in (".log", "-generate.log"):
+            if (train_dir / f"{name}{suffix}").is_file():
+                shutil.copyfile(train_dir / f"{name}{suffix}", runs_dir / f"{name}{suffix}")
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record["load_average"] = list(os.getloadavg())
         record["git"] = git_commit()

@@ -210,6 +210,8 @@ def test_bench_real_size_tiny_sdxl(tmp_path):
     assert run["passed"], run.get("reason")
     assert run["generate"]["passed"] and run["frac_skipped"] == 0.0 and len(run["step_times_s"]) == 1
     assert (scratch / "runs-tiny-sdxl-32px" / "lora-pogdiff.png").is_file()
+    assert "train_pogdiff.py" in (out / "runs" / "lora-pogdiff.log").read_text()
+    assert (out / "runs" / "lora-pogdiff-generate.log").is_file()
     assert "Not run: the tiny SDXL runs the LoRA group only" in (out / "bench_real_size.md").read_text()
 
 
