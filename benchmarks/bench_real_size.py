@@ -1,4 +1,5 @@
-"""The real trainer at real model size: `accelerate launch train_pogdiff.py` on SD1.5-sized random-weight models.
+"""The real trainer at real model size: `accelerate launch train_pogdiff.py` on SD1.5- and SDXL-sized random-weight
+models.
 
 `bench_step.py` times the trainer's step body in one process; this script runs the whole trainer, one
 configuration at a time, as a user would: model loading, the PoGDiff index build, gradient checkpointing, EMA,
@@ -15,6 +16,12 @@ it, and compares the final weights with the uninterrupted run of the same config
     python benchmarks/bench_real_size.py --preset tiny --output_dir outputs/real-size-tiny
     nice -n 5 python benchmarks/bench_real_size.py --preset sd15 --resolution 128 --warmup 1 --steps 2 \
         --output_dir benchmarks/results/cpu-2core/real-size-sd15-128 > real-size.log 2>&1 &
+    nice -n 5 python benchmarks/bench_real_size.py --preset sdxl --resolution 128 --warmup 1 --steps 2 \
+        --output_dir benchmarks/results/cpu-2core/real-size-sdxl-128 > real-size-sdxl.log 2>&1 &
+
+`sdxl` runs the LoRA configurations only (its default `--configs`): a full fine-tune of the 2.57 B-parameter UNet
+needs its fp32 weights, gradients and AdamW's two moments, 4 x 10.3 GB, before activations.
+`tiny-sdxl` is the tiny SDXL of `pogdiff.testing` (the test model), so the SDXL path runs in the suite.
 
 The models (`--scratch_dir/model-<preset>`) are built once and reused. Each configuration's result is written
 to `<output_dir>/runs/<name>.json` as soon as it finishes; a later invocation skips configurations that already
@@ -96,14 +103,35 @@ class Preset:
     resolution: int
     description: str
     timeout_s: float  # per trainer launch
+    configs: tuple[str, ...] = tuple(CONFIG_NAMES)  # the default --configs
+    not_run: str | None = None  # why the configurations left out of `configs` are not run (in the summary)
 
 
+_SDXL_LORA_ONLY = (
+    "full fine-tunes (full-*) not run: the fp32 SDXL UNet's weights, gradients and AdamW's two moments are "
+    "4 x 10.3 GB = 41 GB before activations, more than this machine's 24 GiB (and full + EMA one more copy)"
+)
 PRESETS = {
     "tiny": Preset(32, "pogdiff.testing's tiny Stable Diffusion (the test model)", 300),
+    "tiny-sdxl": Preset(
+        32,
+        "pogdiff.testing's tiny Stable Diffusion XL (the test model)",
+        300,
+        ("lora-vanilla", "lora-pogdiff"),
+        "the tiny SDXL runs the LoRA group only (the suite's check of the SDXL path)",
+    ),
     "sd15": Preset(
         256,
         "SD1.5-sized UNet (859.5M), VAE (83.7M), CLIP ViT-L/14 text encoder (123.1M), random weights",
         3 * 3600,
+    ),
+    "sdxl": Preset(
+        128,
+        "SDXL-base-1.0-sized UNet (2567.5M), VAE (83.7M), CLIP ViT-L/14 (123.1M) and OpenCLIP ViT-bigG/14 "
+        "(694.7M) text encoders, random weights",
+        3 * 3600,
+        ("lora-vanilla", "lora-pogdiff"),
+        _SDXL_LORA_ONLY,
     ),
 }
 
@@ -113,57 +141,195 @@ PRESETS = {
 
 
 def build_model(preset: str, folder: Path) -> Path:
-    """The preset's Stable Diffusion in the diffusers layout at `folder`, built once (a marker file says done)."""
+    """The preset's model in the diffusers layout at `folder`, built once (a marker file, BUILT.json, says done).
+
+    A real-sized model is built in a child process, so that the GiB it held are surely back with the system
+    before the first trainer launch (an SDXL build holds 14 GB of fp32 weights)."""
     marker = folder / "BUILT.json"
     if marker.is_file():
         return folder
-    import tempfile
+    if preset.startswith("tiny"):
+        _build(preset, folder)
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "_build", preset, str(folder)]
+        subprocess.run(command, check=True, env=_env(), cwd=_ROOT)
+    if not marker.is_file():
+        raise RuntimeError(f"building the {preset} model at {folder} did not finish")
+    return folder
 
-    from diffusers import StableDiffusionPipeline
+
+def _offline_tokenizer(folder: str):
+    """The tiny model's offline character-level CLIP tokenizer (no download); its ids are < 49408, so the
+    real-sized embedding tables take them. Step time does not depend on which tokens they are."""
     from transformers import CLIPTokenizer
 
-    from pogdiff.testing import build_tiny_sd, write_tiny_clip_vocab
+    from pogdiff.testing import write_tiny_clip_vocab
+
+    write_tiny_clip_vocab(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def sdxl_scheduler():
+    """SDXL base 1.0's scheduler config: EulerDiscrete over SD's scaled-linear betas (the trainer reads it as its
+    DDPM training schedule, PoGDiffXLPipeline converts it to DDIM)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+
+
+def sdxl_components(tokenizer, seed: int = 0) -> dict:
+    """SDXL-base-1.0-sized components with random weights (fp32, no download): keyword arguments of
+    `StableDiffusionXLPipeline`, `tokenizer` as both tokenizers.
+
+    The configs are SDXL base 1.0's: its UNet as diffusers converts Stability's `sd_xl_base.yaml`
+    (model_channels 320 x channel_mult [1, 2, 4], transformer_depth [1, 2, 10], 64-channel heads, linear
+    projections, context_dim 2048, adm_in_channels 2816 = 1280 pooled + 6 x 256 time ids); its VAE, SD's
+    AutoencoderKL with scaling factor 0.13025 and `force_upcast`; CLIP ViT-L/14's text encoder and OpenCLIP
+    ViT-bigG/14's text tower (width 1280, 32 layers, 20 heads, MLP 4 x 1280, GELU, 1280-wide projection); and
+    its scheduler, EulerDiscrete over SD's scaled-linear betas. The text encoders get the tokenizer's bos / eos
+    / pad ids (they pool at the eos token).
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            **special,
+        )
+    )
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=1280,
+            **special,
+        )
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer,
+        "scheduler": sdxl_scheduler(),
+        "force_zeros_for_empty_prompt": True,
+        "add_watermarker": False,
+    }
+
+
+def _build(preset: str, folder: Path) -> None:
+    """Build `preset`'s pipeline, save it at `folder` (safetensors, fp32) and write BUILT.json."""
+    import tempfile
+
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from pogdiff.testing import tiny_sd_components, tiny_sdxl_components
 
     start = time.perf_counter()
-    if preset == "tiny":
-        build_tiny_sd(folder)
-    else:
-        from benchmarks.bench_step import sd15_components
+    with tempfile.TemporaryDirectory(prefix="pogdiff-tok-") as tok_dir:
+        if preset == "tiny":
+            pipe = StableDiffusionPipeline(**tiny_sd_components(seed=0, tokenizer_dir=tok_dir))
+        elif preset == "tiny-sdxl":
+            # With the real SDXL's scheduler config, so that the suite runs the sdxl preset's scheduler too.
+            components = tiny_sdxl_components(seed=0, tokenizer_dir=tok_dir)
+            pipe = StableDiffusionXLPipeline(**{**components, "scheduler": sdxl_scheduler()})
+        elif preset == "sd15":
+            from benchmarks.bench_step import sd15_components
 
-        with tempfile.TemporaryDirectory(prefix="pogdiff-tok-") as tok_dir:
-            # The tiny model's offline character-level CLIP tokenizer (no download); its ids are < 49408, so
-            # the real-sized embedding table takes them. Step time does not depend on which tokens they are.
-            write_tiny_clip_vocab(tok_dir)
-            tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-            tokenizer.model_max_length = 77
-            components = sd15_components(seed=0, special_token_ids=tokenizer)
+            tokenizer = _offline_tokenizer(tok_dir)
             pipe = StableDiffusionPipeline(
-                **components,
+                **sd15_components(seed=0, special_token_ids=tokenizer),
                 tokenizer=tokenizer,
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
             )
-            pipe.save_pretrained(folder, safe_serialization=True)
-            del pipe, components
-    counts = {
-        part: sum(p.numel() for p in module.parameters()) for part, module in _load_parts(folder).items()
-    }
-    marker.write_text(
-        json.dumps({"preset": preset, "parameters": counts, "build_s": time.perf_counter() - start}, indent=2)
+        elif preset == "sdxl":
+            pipe = StableDiffusionXLPipeline(**sdxl_components(_offline_tokenizer(tok_dir), seed=0))
+        else:
+            raise ValueError(f"unknown preset {preset!r}")
+        counts = {
+            name: sum(p.numel() for p in module.parameters())
+            for name, module in pipe.components.items()
+            if isinstance(module, torch.nn.Module)
+        }
+        pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / "BUILT.json").write_text(
+        json.dumps(
+            {
+                "preset": preset,
+                "parameters": counts,
+                "dtype": "float32",
+                "build_s": time.perf_counter() - start,
+            },
+            indent=2,
+        )
     )
-    return folder
-
-
-def _load_parts(folder: Path) -> dict:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    return {
-        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-    }
 
 
 def build_data(folder: Path, resolution: int, captions: str) -> Path:
@@ -353,7 +519,7 @@ def trainer_command(
 ) -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+        "--mixed_precision", args.mixed_precision, "--dynamo_backend", "no", "--cpu",
         str(_ROOT / "train_pogdiff.py"),
         "--pretrained_model_name_or_path", str(model),
         "--train_data_dir", str(data),
@@ -565,9 +731,11 @@ def _fmt(value, spec: str) -> str:
 
 def markdown_report(summary: dict) -> str:
     m = summary["machine"]
+    precision = summary.get("mixed_precision", "no")
+    precision = "fp32" if precision == "no" else f"{precision} mixed precision"
     lines = [
         f"Preset `{summary['preset']}` ({summary['description']}), {summary['resolution']} px, batch 1, "
-        f"`--gradient_checkpointing`, fp32, {summary['warmup']} warm-up + {summary['steps']} measured steps per "
+        f"`--gradient_checkpointing`, {precision}, {summary['warmup']} warm-up + {summary['steps']} measured steps per "
         f"run; {m['cpu']}, {m['cpu_count']} cores, {_fmt(m['ram_gib'], '.0f')} GiB RAM; commit "
         f"{str(summary['git']['commit'])[:10]}.",
         "",
@@ -588,6 +756,8 @@ def markdown_report(summary: dict) -> str:
             f"{_fmt(r.get('cpu_ratio_to_vanilla'), '.3f')} | {_fmt(r.get('frac_skipped'), '.2f')} | "
             f"{_fmt(r.get('peak_gib'), '.1f')} | {_fmt(r.get('wall_s'), '.0f')} | {status} |"
         )
+    if summary.get("not_run"):
+        lines += ["", f"Not run: {summary['not_run']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -606,6 +776,8 @@ def summarize(args, runs_dir: Path, model_info: dict) -> dict:
         "warmup": args.warmup,
         "captions": args.captions,
         "neighbor_encoder": args.neighbor_encoder,
+        "mixed_precision": args.mixed_precision,
+        "not_run": PRESETS[args.preset].not_run,
         "model": model_info,
         "machine": machine_info(),
         "git": git_commit(),
@@ -626,8 +798,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="Steps not timed at the start of each run.")
     parser.add_argument(
         "--configs",
-        default=",".join(CONFIG_NAMES),
-        help=f"Comma-separated subset, run in the order given: {', '.join(CONFIG_NAMES)}.",
+        default=None,
+        help=f"Comma-separated subset, run in the order given: {', '.join(CONFIG_NAMES)} (default: the "
+        "preset's: all of them, the LoRA group for sdxl and tiny-sdxl).",
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        choices=["no", "bf16"],
+        default="no",
+        help="The trainer's --mixed_precision (bf16 casts the frozen weights; CPUs without bf16 units run slower).",
     )
     parser.add_argument("--captions", choices=["unique", "identity"], default="unique")
     parser.add_argument(
@@ -657,6 +836,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.resolution = args.resolution or PRESETS[args.preset].resolution
     args.timeout_s = args.timeout_s or PRESETS[args.preset].timeout_s
+    if args.configs is None:
+        args.configs = ",".join(PRESETS[args.preset].configs)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = sorted(set(args.configs) - set(CONFIG_NAMES))
     if unknown:
@@ -688,6 +869,11 @@ def main(argv: list[str] | None = None) -> dict:
             record = run_resume(args, model, data, train_dir)
         else:
             record = run_config(args, configs[name], model, data, train_dir)
+        # The launch logs, next to the record: the scratch folder's are overwritten by the next invocation that
+        # runs the same configuration at the same size, whatever its --output_dir.
+        for suffix in (".log", "-generate.log"):
+            if (train_dir / f"{name}{suffix}").is_file():
+                shutil.copyfile(train_dir / f"{name}{suffix}", runs_dir / f"{name}{suffix}")
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record["load_average"] = list(os.getloadavg())
         record["git"] = git_commit()
@@ -739,5 +925,7 @@ def generate(argv: list[str]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_generate"]:
         generate(sys.argv[2:])
+    elif sys.argv[1:2] == ["_build"]:
+        _build(sys.argv[2], Path(sys.argv[3]))
     else:
         main()

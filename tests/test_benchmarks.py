@@ -188,6 +188,42 @@ def test_bench_real_size_tiny(tmp_path, capsys):
     assert rerun["runs"]["lora-vanilla"]["passed"] and rerun["runs"]["lora-vanilla"]["steps_logged"] == 2
 
 
+@pytest.mark.e2e
+def test_bench_real_size_tiny_sdxl(tmp_path):
+    """The sdxl preset's path on the tiny SDXL: two text encoders and tokenizers, SDXL's scheduler config, the
+    trainer's SDXL LoRA run and PoGDiffPipeline loading the result (one launch: PoGDiff, the costlier objective)."""
+    out, scratch = tmp_path / "results", tmp_path / "scratch"
+    summary = bench_real_size.main(
+        ["--preset", "tiny-sdxl", "--warmup", "1", "--steps", "1", "--inference_steps", "1",
+         "--configs", "lora-pogdiff", "--output_dir", str(out), "--scratch_dir", str(scratch)]
+    )  # fmt: skip
+    model = scratch / "model-tiny-sdxl"
+    index = json.loads((model / "model_index.json").read_text())
+    assert (
+        index["_class_name"] == "StableDiffusionXLPipeline"
+        and index["scheduler"][1] == "EulerDiscreteScheduler"
+    )
+    assert set(json.loads((model / "BUILT.json").read_text())["parameters"]) == {
+        "unet", "vae", "text_encoder", "text_encoder_2"
+    }  # fmt: skip
+    run = summary["runs"]["lora-pogdiff"]
+    assert run["passed"], run.get("reason")
+    assert run["generate"]["passed"] and run["frac_skipped"] == 0.0 and len(run["step_times_s"]) == 1
+    assert (scratch / "runs-tiny-sdxl-32px" / "lora-pogdiff.png").is_file()
+    assert "train_pogdiff.py" in (out / "runs" / "lora-pogdiff.log").read_text()
+    assert (out / "runs" / "lora-pogdiff-generate.log").is_file()
+    assert "Not run: the tiny SDXL runs the LoRA group only" in (out / "bench_real_size.md").read_text()
+
+
+def test_bench_real_size_sdxl_preset_runs_lora_only():
+    """A full fine-tune of the SDXL UNet does not fit the machines the script is for: not in the default grid,
+    and the summary says why."""
+    args = bench_real_size.parse_args(["--preset", "sdxl", "--output_dir", "unused"])
+    assert args.configs == ["lora-vanilla", "lora-pogdiff"] and args.resolution == 128
+    assert "4 x 10.3 GB" in bench_real_size.PRESETS["sdxl"].not_run
+    assert bench_real_size.parse_args(["--output_dir", "unused"]).configs == bench_real_size.CONFIG_NAMES
+
+
 def test_bench_real_size_declares_every_configuration():
     """The full grid (run at real size, not in the suite: each configuration is one more trainer launch)."""
     configs = {c.name: c for c in bench_real_size.CONFIGS}
