@@ -49,6 +49,7 @@ from pipeline_pogdiff import PoGDiffPipeline
 from pogdiff.arguments import show_defaults
 from pogdiff.checkpointing import recorded_run_settings, training_resolution
 from pogdiff.data import (
+    data_flags,
     identity_labels,
     load_image_text_dataset,
     load_rgb,
@@ -458,16 +459,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # ---- Real images: training set (gRecall) and held-out reference (DINO, FID). The training set is read as the
     # trainer reads it (`load_training_data`): the same identities, and each row's first caption as its prompt.
-    data = load_training_data(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir,
-        cache_dir=args.cache_dir,
-        caption_extension=args.caption_extension,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        identity_column=args.identity_column,
-    )
+    data = load_training_data(**data_flags(args))
     train = RealImages(data.dataset, data.image_column, data.identities, data.texts)
     reference, real_source = load_reference_images(args)
     identities = sorted(train.by_identity)

@@ -82,6 +82,7 @@ from pogdiff.data import (
     INTERPOLATION_MODES,
     TrainDataset,
     collate_fn,
+    data_flags,
     load_training_data,
 )
 from pogdiff.errors import (
@@ -870,18 +871,7 @@ def main(args: argparse.Namespace) -> Accelerator:
 
     # Get the dataset: its columns, captions and identities, read as the index and evaluation tools read them.
     with accelerator.main_process_first():
-        data = load_training_data(
-            dataset_name=args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            train_data_dir=args.train_data_dir,
-            cache_dir=args.cache_dir,
-            caption_extension=args.caption_extension,
-            image_column=args.image_column,
-            caption_column=args.caption_column,
-            identity_column=args.identity_column,
-            max_train_samples=args.max_train_samples,
-            seed=seed,
-        )
+        data = load_training_data(**data_flags(args), max_train_samples=args.max_train_samples, seed=seed)
     data_fingerprint = data.fingerprint()
     run_record = run_settings(
         args,

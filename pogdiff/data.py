@@ -872,6 +872,25 @@ class TrainingData:
         return f"the captions ({self.caption_column!r})"
 
 
+# The flags naming a training set, with the same names in the trainer, `python -m pogdiff.index` and
+# `evaluate_pogdiff.py` (the keywords of `load_training_data`).
+DATA_FLAGS = (
+    "dataset_name",
+    "dataset_config_name",
+    "train_data_dir",
+    "cache_dir",
+    "caption_extension",
+    "image_column",
+    "caption_column",
+    "identity_column",
+)
+
+
+def data_flags(args) -> dict[str, Any]:
+    """The `DATA_FLAGS` values of a parsed command line, as `load_training_data` keywords."""
+    return {name: getattr(args, name) for name in DATA_FLAGS}
+
+
 def load_training_data(
     *,
     dataset_name: str | None = None,

@@ -846,22 +846,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from .arguments import index_build_kwargs
-    from .data import load_training_data
+    from .data import data_flags, load_training_data
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
     psi = PsiParams.from_args(args)
     # The data as the trainer reads it (columns, first captions, identities): the same rows, the same cache key.
-    data = load_training_data(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir,
-        cache_dir=args.cache_dir,
-        caption_extension=args.caption_extension,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        identity_column=args.identity_column,
-    )
+    data = load_training_data(**data_flags(args))
     texts, identities = data.texts, data.identities
     fingerprint = data.fingerprint()
     if args.run_record is not None and args.run_record[0].get("data_fingerprint") not in (None, fingerprint):
