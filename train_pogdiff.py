@@ -93,10 +93,10 @@ from pogdiff.errors import (
 )
 from pogdiff.families import ModelFamily, detect_family
 from pogdiff.hub import HUB_IGNORE_PATTERNS, save_lora, save_model_card, save_pipeline_code
+from pogdiff.objectives import StepMeans
 from pogdiff.seeds import derive_seed, validation_seed
 from pogdiff.trainer import report_pogdiff_run, setup_pogdiff
 from pogdiff.training import (
-    StepMeans,
     any_process,
     full_model,
     fused_adamw_kwargs,

@@ -46,12 +46,12 @@ if _ROOT not in sys.path:
 
 from pogdiff.families import SDTextEncoders, cat_conditioning  # noqa: E402
 from pogdiff.index import PoGDiffIndex  # noqa: E402
+from pogdiff.objectives import OBJECTIVES  # noqa: E402
 from pogdiff.psi import PsiParams  # noqa: E402
 from pogdiff.seeds import derive_seed  # noqa: E402
 from pogdiff.testing import sd15_noise_scheduler  # noqa: E402
 from pogdiff.training import (  # noqa: E402
     NEIGHBOR_FORWARD_MODES,
-    OBJECTIVES,
     CaptionStates,
     ObjectiveSettings,
     encode_latent_parameters,

@@ -17,17 +17,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
 
 from pogdiff.families import Conditioning, TextEncoders, as_conditioning, unet_prediction
-from pogdiff.objectives import (  # the objectives' draws, kept importable from here
-    OBJECTIVES,
-    LossInputs,
-    NeighborDraw,
-    StepMeans,
-    draw_pogdiff_neighbors,
-    draw_random_partners,
-    get_objective,
-    pogdiff_draw_logs,
-    t2h_targets,
-)
+from pogdiff.objectives import LossInputs, NeighborDraw, StepMeans, get_objective
 from pogdiff.psi import PsiParams
 
 from .errors import UserError
@@ -537,12 +527,6 @@ def objective_step(
 
 
 __all__ = [
-    "OBJECTIVES",
-    "NeighborDraw",
-    "StepMeans",
-    "pogdiff_draw_logs",
-    "draw_pogdiff_neighbors",
-    "draw_random_partners",
     "encode_latent_parameters",
     "fused_adamw_kwargs",
     "GraphedNeighborForward",
@@ -558,6 +542,5 @@ __all__ = [
     "sharded_engine",
     "min_snr_weights",
     "objective_step",
-    "t2h_targets",
     "unet_prediction",
 ]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from benchmarks import bench_index, bench_real_size, bench_step
+from pogdiff.objectives import draw_pogdiff_neighbors
 from pogdiff.psi import PsiParams
-from pogdiff.training import draw_pogdiff_neighbors
 
 
 def test_synthetic_index_skips_exactly_the_requested_fraction():

@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_file
 from test_train import train_args, training_logs, unet_state
 
+from pogdiff.objectives import NeighborDraw
 from pogdiff.testing import run_process_group, tiny_sd_components
-from pogdiff.training import NeighborDraw, objective_loss
+from pogdiff.training import objective_loss
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -12,18 +12,10 @@ import pytest
 import torch
 
 from pogdiff.index import PoGDiffIndex
-from pogdiff.objectives import cbdm_loss
+from pogdiff.objectives import NeighborDraw, StepMeans, cbdm_loss, draw_pogdiff_neighbors, pogdiff_draw_logs
 from pogdiff.psi import PsiParams
 from pogdiff.testing import tiny_sd_components
-from pogdiff.training import (
-    GraphedNeighborForward,
-    NeighborDraw,
-    StepMeans,
-    draw_pogdiff_neighbors,
-    make_neighbor_forward,
-    objective_loss,
-    pogdiff_draw_logs,
-)
+from pogdiff.training import GraphedNeighborForward, make_neighbor_forward, objective_loss
 
 BATCH, TOKENS, WIDTH = 4, 8, 32  # tiny UNet: 16x16x4 latents, cross-attention width 32
 
