@@ -12,9 +12,13 @@ first makes a base model here, on data *disjoint* from the identities it later f
    they have unit standard deviation, the scale the DDPM noise schedule assumes. We measure it the same way:
    1 / std of posterior samples of the pretraining images (the mean is not removed, as in SD1.5).
 3. `pretrain_unet`: the UNet learns text-conditioned denoising with the vanilla objective
-   (`pogdiff.objectives.vanilla_loss`, i.e. diffusers' train_text_to_image loss) on the images' captions. The
-   text encoder stays frozen at its random initialisation, as fine-tuning keeps SD's CLIP frozen; a share of
-   captions is dropped to "" so that classifier-free guidance works at sampling time, as in SD.
+   (`pogdiff.objectives.vanilla_loss`, i.e. diffusers' train_text_to_image loss) on the images' captions. By
+   default the text encoder stays frozen at its random initialisation; a share of captions is dropped to "" so
+   that classifier-free guidance works at sampling time, as in SD. With `train_text_encoder=True` it learns
+   beside the UNet (same optimiser and rate), the stand-in for SD's CLIP, which arrives trained: a random
+   encoder need not map a name inside a long caption and the same name in a short prompt to related states,
+   a trained one learns to when it sees both caption styles of the same images. Fine-tuning keeps it frozen
+   either way, as upstream's `train_text_to_image.py` does.
    The base model predicts v (SD 2.x's parameterisation) rather than epsilon (SD1.5's). With epsilon on 16x16
    latents the loss barely rewards reading the caption: at high noise, where the caption decides what is drawn,
    an error in the image costs only SNR(t) (about 0.01) times as much in epsilon space. Measured on the digits
@@ -228,6 +232,9 @@ def pretrain_unet(
     warmup_steps: int | None = None,
     seed: int = 0,
     show_progress: bool = True,
+    text_encoder: torch.nn.Module | None = None,
+    caption_input_ids: torch.Tensor | None = None,
+    empty_input_ids: torch.Tensor | None = None,
 ) -> list[float]:
     """Train `unet` (in place) with the vanilla objective: diffusers' train_text_to_image loop, minus I/O.
 
@@ -236,12 +243,21 @@ def pretrain_unet(
     latents from the posterior, scales them by `scaling_factor`, draws noise and timesteps, `add_noise`s,
     replaces a `caption_dropout_prob` share of captions by `empty_state` (the "" prompt, for classifier-free
     guidance), predicts and takes `vanilla_loss` against epsilon (or v). Returns the loss of every step.
+
+    With `text_encoder` (and the token ids of each distinct caption, `caption_input_ids`, and of "",
+    `empty_input_ids`), the encoder is trained too: each step encodes the batch's (possibly dropped) captions
+    with gradients, and `caption_states` / `empty_state` are not used. The random draws are the same either way.
     """
     if not 0.0 <= caption_dropout_prob < 1.0:
         raise UserError(f"caption_dropout_prob must be in [0, 1), got {caption_dropout_prob}.")
+    if text_encoder is not None and (caption_input_ids is None or empty_input_ids is None):
+        raise ValueError("Training the text encoder needs caption_input_ids and empty_input_ids.")
     generator = torch.Generator().manual_seed(seed)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
+    if text_encoder is not None:
+        text_encoder.requires_grad_(True).train()
+        params += list(text_encoder.parameters())
     warmup = min(100, steps // 10) if warmup_steps is None else warmup_steps
     optimizer, schedule = _optimizer_and_schedule(params, lr, steps, warmup)
     history = []
@@ -256,9 +272,14 @@ def pretrain_unet(
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
         _, timesteps, noisy_latents, target = noise_latents(latents, noise_scheduler, generator)
 
-        states = caption_states[caption_ids[rows]]
         dropped = torch.rand(len(rows), generator=generator) < caption_dropout_prob
-        states = torch.where(dropped[:, None, None], empty_state.expand_as(states), states)
+        if text_encoder is None:
+            states = caption_states[caption_ids[rows]]
+            states = torch.where(dropped[:, None, None], empty_state.expand_as(states), states)
+        else:
+            ids = caption_input_ids[caption_ids[rows]]
+            ids = torch.where(dropped[:, None], empty_input_ids.expand_as(ids), ids)
+            states = text_encoder(ids, return_dict=False)[0]
 
         model_pred = unet(noisy_latents, timesteps, states, return_dict=False)[0]
         loss, _ = vanilla_loss(model_pred, target)
@@ -274,6 +295,8 @@ def pretrain_unet(
         history.append(float(loss.detach()))
         progress.set_postfix(loss=f"{history[-1]:.4f}")
     unet.eval()
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False).eval()
     return history
 
 
@@ -298,11 +321,13 @@ def build_base_model(
     seed: int = 0,
     source: str | None = None,
     show_progress: bool = True,
+    train_text_encoder: bool = False,
 ) -> dict[str, Any]:
     """Pretrain the tiny Stable Diffusion on (`images`, `captions`) and save it as a diffusers folder.
 
     Components come from `tiny_sd_components(seed)`; the VAE is trained first (`vae_lr`, default `lr`), its
-    `scaling_factor` set from the latent std, then the UNet, predicting `prediction_type` ("v_prediction" or
+    `scaling_factor` set from the latent std, then the UNet (with `train_text_encoder`, the text encoder beside
+    it; frozen and random otherwise), predicting `prediction_type` ("v_prediction" or
     "epsilon"; written to the scheduler config, so fine-tuning and sampling follow it). Saved with
     `StableDiffusionPipeline.save_pretrained` (loadable by plain diffusers, `PoGDiffPipeline` and
     `train_pogdiff.py`), with `pretraining.json` beside it. Returns that summary (settings, losses at start
@@ -345,6 +370,16 @@ def build_base_model(
         empty_state = encode_prompts(text_encoder, tokenizer, [""])
         position = {caption: i for i, caption in enumerate(distinct)}
         caption_ids = torch.tensor([position[c] for c in captions], dtype=torch.long)
+        trained_encoder = {}
+        if train_text_encoder:
+            from .families import SDTextEncoders
+
+            encoders = SDTextEncoders([tokenizer], [text_encoder])
+            trained_encoder = {
+                "text_encoder": text_encoder,
+                "caption_input_ids": encoders.tokenize(distinct),
+                "empty_input_ids": encoders.tokenize([""]),
+            }
         unet_history = pretrain_unet(
             unet,
             components["scheduler"],
@@ -360,6 +395,7 @@ def build_base_model(
             caption_dropout_prob=caption_dropout_prob,
             seed=seed,
             show_progress=show_progress,
+            **trained_encoder,
         )
 
         # Saved as the base class so that plain diffusers (and train_pogdiff.py) load it like a Hub model.
@@ -388,6 +424,9 @@ def build_base_model(
             "lr": lr,
             "caption_dropout_prob": caption_dropout_prob,
             "prediction_type": prediction_type,
+            "text_encoder": "trained with the UNet"
+            if train_text_encoder
+            else "frozen at random initialisation",
             "loss_first_20": _mean_of_last(unet_history[:20]),
             "loss_last_20": _mean_of_last(unet_history),
         },
@@ -479,6 +518,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--resolution", type=int, default=TINY_RESOLUTION)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="train the text encoder beside the UNet (default: frozen at its random initialisation)",
+    )
     args = parser.parse_args(argv)
 
     images, captions = load_training_images(args.train_data_dir, args.image_column, args.caption_column)
@@ -497,6 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         resolution=args.resolution,
         seed=args.seed,
         source=args.train_data_dir,
+        train_text_encoder=args.train_text_encoder,
     )
     print(json.dumps(summary, indent=1, ensure_ascii=False))
     return summary

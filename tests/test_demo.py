@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -181,6 +182,57 @@ def test_build_base_model_cli_saves_a_loadable_v_prediction_pipeline(tiny_datase
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
+def test_build_base_model_trains_the_text_encoder_only_when_asked(tmp_path):
+    from transformers import CLIPTextModel
+
+    def build(name, **kwargs):
+        summary = build_base_model(
+            tmp_path / name, images=blob_images(4), captions=["An image of ada.", "An image of ada, thin.",
+            "An image of bo.", "An image of bo, thick."], vae_steps=1, unet_steps=3, batch_size=4, seed=0,
+            show_progress=False, **kwargs,
+        )  # fmt: skip
+        encoder = CLIPTextModel.from_pretrained(tmp_path / name / "text_encoder")
+        return summary, {k: v.clone() for k, v in encoder.state_dict().items()}
+
+    frozen, frozen_weights = build("frozen")
+    trained, trained_weights = build("trained", train_text_encoder=True)
+    assert frozen["unet"]["text_encoder"] == "frozen at random initialisation"
+    assert trained["unet"]["text_encoder"] == "trained with the UNet"
+    # Both start from the same random encoder (seed 0); only the trained one moved.
+    changed = [k for k in frozen_weights if not torch.equal(frozen_weights[k], trained_weights[k])]
+    assert any("self_attn.q_proj.weight" in k for k in changed)
+    assert any("final_layer_norm" in k for k in changed)
+
+
+def test_pretrain_unet_with_a_trained_text_encoder_starts_from_the_same_loss(tmp_path):
+    from pogdiff.families import SDTextEncoders
+    from pogdiff.pretrain import encode_prompts, pretrain_unet
+    from pogdiff.testing import tiny_sd_components
+
+    captions = ["An image of ada.", "An image of bo."]
+
+    def first_loss(trained: bool) -> float:
+        parts = tiny_sd_components(seed=0, tokenizer_dir=str(tmp_path / f"tok{trained}"))
+        encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
+        latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+        ids = SDTextEncoders([tokenizer], [encoder]).tokenize(captions)
+        extra = {}
+        if trained:
+            extra = {"text_encoder": encoder, "caption_input_ids": ids,
+                     "empty_input_ids": SDTextEncoders([tokenizer], [encoder]).tokenize([""])}  # fmt: skip
+        history = pretrain_unet(
+            parts["unet"], parts["scheduler"], latents, torch.zeros_like(latents),
+            encode_prompts(encoder, tokenizer, captions), torch.tensor([0, 1]), scaling_factor=1.0,
+            empty_state=encode_prompts(encoder, tokenizer, [""]), steps=1, batch_size=2, seed=0,
+            show_progress=False, **extra,
+        )  # fmt: skip
+        if trained:  # handed back frozen, in eval mode, as fine-tuning expects it
+            assert encoder.training is False and not any(p.requires_grad for p in encoder.parameters())
+        return history[0]
+
+    assert first_loss(True) == pytest.approx(first_loss(False), rel=1e-5)
+
+
 def test_build_base_model_rejects_mismatched_inputs(tmp_path):
     with pytest.raises(ValueError, match="one caption per image"):
         build_base_model(tmp_path, images=blob_images(2), captions=["a"], vae_steps=0, unet_steps=0)
@@ -286,3 +338,30 @@ def test_quick_demo_end_to_end(quick_demo_run):
     for path in grids:
         pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
         assert min(pixels.shape) >= 100 and pixels.std() > 10, path
+
+
+@pytest.mark.e2e
+def test_quick_demo_gives_the_same_table_when_run_again(quick_demo_dir, tmp_path):
+    """The demo again from scratch (data, base model, fine-tunes, evaluation) in another folder: same seed, same
+    machine, same numbers and the same table (README: the numbers may depend on the CPU, not on the run)."""
+    from pogdiff.testing import run_process_group
+
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = run_process_group(
+        [sys.executable, str(REPO / "examples" / "demo_digits.py"), "--quick", "--output_dir", str(out)],
+        cwd=REPO, env=env, timeout=3600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = json.loads((quick_demo_dir / "results.json").read_text())
+    second = json.loads((out / "results.json").read_text())
+    for key in ("methods", "verdict", "judge", "classes", "few_shot_classes"):
+        assert second[key] == first[key], key
+    assert {k: v for k, v in second["base_model"].items() if k != "wall_time_s"} == {
+        k: v for k, v in first["base_model"].items() if k != "wall_time_s"
+    }
+
+    def tables(markdown: str) -> list[str]:
+        return [line for line in markdown.splitlines() if line.startswith("|")]
+
+    assert tables((out / "results.md").read_text()) == tables((quick_demo_dir / "results.md").read_text())

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -221,6 +222,59 @@ def test_summarize_group_and_markdown_table():
     assert table[3].startswith("| PoGDiff (x) | 0.50 ± 0.00 | 0.75 ± 0.00 | 0.75 ± 0.35 |")
 
 
+def test_tradeoff_settings_cover_each_dial_at_each_budget():
+    size = study.SIZES["full"]
+    settings = study.tradeoff_settings(size)
+    assert [(s.key, s.factor) for s in settings[:6]] == [
+        ("uniform-x1", 1), ("power0.5-x1", 1), ("power0.25-x1", 1), ("power0-x1", 1),
+        ("density-w2-x1", 1), ("density-w4-x1", 1),
+    ]  # fmt: skip
+    assert len(settings) == 12 and [s.factor for s in settings[6:]] == [2] * 6
+    assert settings[0].flags == () and settings[2].flags == ("--sampling_power", "0.25")
+    assert settings[4].flags == ("--sampling", "density", "--density_w_max", "2")
+    assert settings[2].dial == "--sampling_power 0.25"
+    # Every setting's flags are flags the trainer accepts, with the value it parses back.
+    from train_pogdiff import parse_args
+
+    for setting in settings:
+        parsed = parse_args(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", *setting.flags])
+        if "--sampling_power" in setting.flags:
+            assert parsed.sampling_power == float(setting.flags[1])
+        if "--density_w_max" in setting.flags:
+            assert (parsed.sampling, parsed.density_w_max) == ("density", float(setting.flags[3]))
+
+
+def _setting(key, factor, flags=("--x",)):
+    return study.Setting(key, key, tuple(flags), factor)
+
+
+def test_tradeoff_rows_cost_against_vanilla_at_the_same_budget_and_the_rule():
+    settings = [
+        _setting("v1", 1, ()), _setting("a1", 1), _setting("b1", 1),
+        _setting("v2", 2, ()), _setting("a2", 2), _setting("c2", 2),
+    ]  # fmt: skip
+    accuracy = {
+        "v1": {"many": 0.90, "few": 0.10},
+        "a1": {"many": 0.86, "few": 0.78},  # cost 0.04, gap 0.08: meets
+        "b1": {"many": 0.80, "few": 0.75},  # cost 0.10: misses by 0.05
+        "v2": {"many": 0.80, "few": 0.20},
+        "a2": {"many": 0.78, "few": 0.78},  # against vanilla x2: cost 0.02, gap 0: meets, same few as a1
+        "c2": {"many": None, "few": 0.5},
+    }
+    rows = {r["key"]: r for r in study.tradeoff_rows(accuracy, settings)}
+    assert rows["a1"]["cost"] == pytest.approx(0.04) and rows["a1"]["gap"] == pytest.approx(0.08)
+    assert rows["a1"]["meets"] and rows["a2"]["meets"] and rows["a2"]["cost"] == pytest.approx(0.02)
+    assert not rows["b1"]["meets"] and rows["b1"]["shortfall"] == pytest.approx(0.05)
+    assert rows["v1"]["cost"] == 0.0 and rows["v1"]["shortfall"] == pytest.approx(0.7)
+    assert rows["c2"]["shortfall"] is None and not rows["c2"]["meets"]
+    # Equal few-shot accuracy: the smaller budget wins.
+    assert study.choose_setting(list(rows.values()))["key"] == "a1"
+    # Nothing meets the target: the smallest shortfall wins.
+    rows["a1"]["meets"] = rows["a2"]["meets"] = False
+    rows["a1"]["shortfall"], rows["a2"]["shortfall"] = 0.2, 0.3
+    assert study.choose_setting(list(rows.values()))["key"] == "b1"
+
+
 def _table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
     """Rows of the first table under `heading` (the results; the diagnostics table follows it): label -> cells."""
     lines = markdown.splitlines()
@@ -236,9 +290,10 @@ def _table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.e2e
-def test_ci_size_runs_end_to_end_and_resumes(tmp_path):
+def test_ci_size_runs_end_to_end_resumes_and_reproduces(tmp_path):
     """The whole study at `--size ci` with 2 jobs (the process pool), then again: the rerun finds every run,
-    the pilot and every image done and reproduces the numbers."""
+    the pilot and every image done and reproduces the numbers. Then v3's parts: the trade-off map (on the same
+    base and pilot), and the per-image part run twice from scratch (its base included): the same numbers."""
     results_dir, work_dir = tmp_path / "results", tmp_path / "work"
     command = [
         sys.executable, str(SCRIPT), "--size", "ci", "--jobs", "2",
@@ -302,3 +357,39 @@ def test_ci_size_runs_end_to_end_and_resumes(tmp_path):
     again = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
     assert [g["summary"] for g in again["groups"]] == [g["summary"] for g in results["groups"]]
     assert again["pilot"] == results["pilot"]
+
+    # v3, the trade-off map: every setting on the validation side once and on the evaluated set per seed.
+    tradeoff = run_process_group([*command, "--part", "tradeoff"], cwd=REPO, env=env, timeout=1800)
+    assert tradeoff.returncode == 0, tradeoff.stdout[-3000:] + tradeoff.stderr[-3000:]
+    mapped = json.loads((results_dir / "tradeoff.json").read_text(encoding="utf-8"))
+    keys = [s.key for s in study.tradeoff_settings(size)]
+    assert [r["key"] for r in mapped["validation"]["rows"]] == keys
+    assert mapped["validation"]["chosen"]["key"] in keys
+    assert mapped["pilot"]["budget"] == results["pilot"]["budget"]  # the methods part's pilot, reused
+    assert [list(g["summary"]) for g in mapped["groups"]] == [keys]
+    assert mapped["cost"]["fine_tunes"] == mapped["cost"]["trained_now"] == len(keys) * (1 + len(size.seeds))
+    markdown = (results_dir / "tradeoff.md").read_text(encoding="utf-8")
+    assert f"Chosen: **{mapped['validation']['chosen']['dial']}" in markdown
+    assert (results_dir / "tradeoff_front_template-S.png").is_file()
+
+    # v3, per-image captions on a base with a trained text encoder; then everything of that part again from
+    # scratch (base, pilot, runs, images): same seed, same machine, same numbers.
+    def per_image() -> dict:
+        proc = run_process_group([*command, "--part", "per-image"], cwd=REPO, env=env, timeout=1800)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads((results_dir / "per_image.json").read_text(encoding="utf-8"))
+
+    first_pi = per_image()
+    assert first_pi["base_model"]["unet"]["text_encoder"] == "trained with the UNet"
+    assert [g["methods"] for g in first_pi["groups"]] == [list(size.per_image_methods)]
+    assert "## Shape S, captions `attr`" in (results_dir / "per_image.md").read_text(encoding="utf-8")
+    shutil.rmtree(work_dir / "per-image")
+    shutil.rmtree(work_dir / "base-model-te")
+    second_pi = per_image()
+    assert (
+        second_pi["cost"]["trained_now"] == second_pi["cost"]["fine_tunes"] == first_pi["cost"]["fine_tunes"]
+    )
+    assert second_pi["base_model"]["unet"] == first_pi["base_model"]["unet"]
+    assert second_pi["pilot"]["budgets"] == first_pi["pilot"]["budgets"]
+    for key in ("summary", "per_seed", "diagnostics"):
+        assert [g[key] for g in second_pi["groups"]] == [g[key] for g in first_pi["groups"]], key

@@ -146,6 +146,13 @@ class StudySize:
     # caption style -> methods run for it (the first style is the primary one)
     methods: dict[str, tuple[str, ...]] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0, 1, 2)
+    # --part per-image: the methods run on the base whose pretraining also trained the text encoder
+    per_image_methods: tuple[str, ...] = tuple(FIXED_METHODS)
+    # --part tradeoff: the dial's points (--sampling_power; 1 = vanilla's uniform draw), the tempered density
+    # clips (--sampling density --density_w_max), each at these multiples of the pilot's step budget
+    tradeoff_powers: tuple[float, ...] = (1.0, 0.5, 0.25, 0.0)
+    tradeoff_density_w_max: tuple[float, ...] = (2.0, 4.0)
+    tradeoff_budget_factors: tuple[int, ...] = (1, 2)
 
 
 ALL_METHODS = (*FIXED_METHODS, *TUNED_METHODS)
@@ -210,6 +217,9 @@ SIZES: dict[str, StudySize] = {
             "template": ("pogdiff",),
         },
         seeds=(0,),
+        per_image_methods=("vanilla", "pogdiff", "vanilla-balanced"),
+        tradeoff_powers=(1.0, 0.0),
+        tradeoff_density_w_max=(2.0,),
     ),
 }
 
@@ -494,11 +504,13 @@ def build_base(
     descriptions: dict[int, str],
     names: dict[int, str],
     size: StudySize,
+    train_text_encoder: bool = False,
 ) -> dict[str, Any]:
     """The tiny SD pretrained on the base classes; each image appears with a template and an `attr` caption.
 
     Both caption styles are in pretraining so that the evaluation prompt "An image of {name}." is in the base
-    model's distribution whichever style fine-tuning uses (as short prompts are for SD). Cached.
+    model's distribution whichever style fine-tuning uses (as short prompts are for SD). With
+    `train_text_encoder` the text encoder learns beside the UNet (`--part per-image`). Cached.
     """
     from pogdiff.pretrain import build_base_model
 
@@ -521,6 +533,7 @@ def build_base(
         lr=size.base_lr,
         vae_lr=1e-3,
         source=f"sklearn digits classes {list(BASE_CLASSES)}, {len(rows)} images x 2 caption styles",
+        train_text_encoder=train_text_encoder,
     )
 
 
@@ -581,8 +594,9 @@ def output_to(path: Path) -> Iterator[None]:
             os.close(saved[1])
 
 
-def fine_tune(args: list[str], output_dir: Path) -> tuple[float, bool]:
-    """Runs train_pogdiff.py in this process; returns (wall time in s, whether it trained now).
+def fine_tune(args: list[str], output_dir: Path) -> tuple[float, bool, float | None]:
+    """Runs train_pogdiff.py in this process; returns (wall time in s, whether it trained now, CPU time in s of
+    this process while it trained: the cost on a busy machine, where wall time also counts the waiting).
 
     Skipped when `output_dir` holds the model of a run with the very same arguments; a run there with other
     arguments (e.g. a pilot choice that changed) is removed and trained again. Its log goes to
@@ -592,7 +606,7 @@ def fine_tune(args: list[str], output_dir: Path) -> tuple[float, bool]:
     if (output_dir / "model_index.json").is_file() and info_path.is_file():
         info = json.loads(info_path.read_text(encoding="utf-8"))
         if info["args"] == args:
-            return float(info["wall_time_s"]), False
+            return float(info["wall_time_s"]), False, info.get("cpu_time_s")
         logger.warning("%s was trained with other arguments; training it again.", output_dir)
     if output_dir.exists():
         shutil.rmtree(output_dir)
@@ -605,7 +619,7 @@ def fine_tune(args: list[str], output_dir: Path) -> tuple[float, bool]:
     GradientState._reset_state()
     output_dir.mkdir(parents=True, exist_ok=True)
     log_path = output_dir / "train.log"
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with output_to(log_path):
         try:
             train_pogdiff.run(args)
@@ -613,11 +627,12 @@ def fine_tune(args: list[str], output_dir: Path) -> tuple[float, bool]:
             raise RuntimeError(
                 f"train_pogdiff.py failed for {output_dir} (exit {error.code}); see {log_path}."
             ) from error
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     info_path.write_text(
-        json.dumps({"args": args, "wall_time_s": round(wall, 1)}, indent=1), encoding="utf-8"
+        json.dumps({"args": args, "wall_time_s": round(wall, 1), "cpu_time_s": round(cpu, 1)}, indent=1),
+        encoding="utf-8",
     )
-    return wall, True
+    return wall, True, cpu
 
 
 def training_log_series(run_dir: Path) -> dict[str, list[float]]:
@@ -946,8 +961,9 @@ class Prepared:
     class_dirs: dict[str, Path]
 
 
-def prepare(work_dir: Path, size: StudySize) -> Prepared:
-    """Digits splits, captions, class folders, the judge and the base model (each cached in work_dir)."""
+def prepare(work_dir: Path, size: StudySize, train_text_encoder: bool = False) -> Prepared:
+    """Digits splits, captions, class folders, the judge and the base model (each cached in work_dir): the
+    v2 base (`base-model`, text encoder frozen at random) or, with `train_text_encoder`, `base-model-te`."""
     from pogdiff.longtail import assign_pseudonyms
 
     images, labels = load_digit_images()
@@ -980,11 +996,12 @@ def prepare(work_dir: Path, size: StudySize) -> Prepared:
     # Base-class pseudonyms come from another seed than the datasets' (0 and 1); a clash would leak a name.
     base_names = assign_pseudonyms([class_identity(c) for c in BASE_CLASSES], seed=7)
     names = {c: base_names[class_identity(c)] for c in BASE_CLASSES}
-    base = work_dir / "base-model"
+    base = work_dir / ("base-model-te" if train_text_encoder else "base-model")
     logger.info("Base model (classes %s) in %s", list(BASE_CLASSES), base)
     base_summary = build_base(
-        base, images, labels, [r for c in BASE_CLASSES for r in split[c]["model"]], descriptions, names, size
-    )
+        base, images, labels, [r for c in BASE_CLASSES for r in split[c]["model"]], descriptions, names, size,
+        train_text_encoder,
+    )  # fmt: skip
     base_summary["pseudonyms"] = {str(c): n for c, n in names.items()}
     return Prepared(thresholds, base, base_summary, judge_path, judge_report, class_dirs)
 
@@ -1042,8 +1059,7 @@ def train_and_evaluate(
     trained = run_tasks(
         fine_tune, [(args, out) for _, out, args in runs], jobs, threads, f"{desc}: fine-tuning"
     )
-    walls = [wall for wall, _ in trained]
-    for (key, _, _), (_, now) in zip(runs, trained):
+    for (key, _, _), (_, now, _) in zip(runs, trained):
         if now and (eval_dir / key).exists():
             shutil.rmtree(eval_dir / key)  # images of an older model of that name
     reports = run_tasks(
@@ -1058,9 +1074,10 @@ def train_and_evaluate(
         key: {
             "report": report,
             "wall_time_s": round(wall, 1),
+            "cpu_time_s": None if cpu is None else round(cpu, 1),
             "diagnostics": diagnostics(training_log_series(out)),
         }
-        for (key, out, _), wall, report in zip(runs, walls, reports)
+        for (key, out, _), (wall, _, cpu), report in zip(runs, trained, reports)
     }
 
 
@@ -1068,6 +1085,62 @@ def pilot_search_space(size: StudySize) -> dict[str, Any]:
     """What the pilot searches (its cache is valid for exactly this), JSON-normalised."""
     keys = ("pilot_budgets", "psi_grid", "pilot_samplings", "pilot_shape", "guidance_scales")
     return json.loads(json.dumps({key: getattr(size, key) for key in keys}))
+
+
+def pilot_budget(
+    prepared: Prepared, root: Path, dataset: Path, style: str, size: StudySize, jobs: int, threads: int
+) -> dict[str, Any]:
+    """Steps 1 and 2 of the pilot, on `prepared.base`: the guidance scale (the base model on its own classes; the
+    smallest scale within 0.02 of the best judge accuracy) and the budget (vanilla, seed 0, on the validation
+    set `dataset` at each (lr, steps) of the size's grid; the cheapest whose vanilla is in the regime, else the
+    one with the best majority accuracy). Runs go to root/pilot, images to root/pilot-eval. The returned dict
+    also holds "results" (every run's evaluation, for the caller's further choices)."""
+    scales = guidance_check(
+        prepared.base, prepared.base_summary["pseudonyms"], prepared.judge_path, size.guidance_scales, size
+    )
+    best = max(row["accuracy"] for row in scales)
+    guidance = min(row["guidance_scale"] for row in scales if row["accuracy"] >= best - 0.02)
+    index_dir = root / "index" / "validation"
+    budgets = [Budget(lr, steps) for lr, steps in size.pilot_budgets]
+    runs = []
+    for budget in budgets:
+        tag = f"lr{budget.learning_rate:g}-steps{budget.steps}"
+        out = root / "pilot" / tag / "vanilla"
+        flags = FIXED_METHODS["vanilla"]
+        runs.append(
+            (
+                f"{tag}/vanilla",
+                out,
+                finetune_args(prepared.base, dataset, out, index_dir, flags, 0, budget, size),
+            )
+        )
+    results = train_and_evaluate(
+        prepared, runs, dataset, root / "pilot-eval", {k: 0 for k, _, _ in runs}, size, guidance, jobs, threads,
+        "pilot budget",
+    )  # fmt: skip
+    rows = []
+    for budget, (key, _, _) in zip(budgets, runs):
+        acc = seed_metrics(results[key]["report"], "vanilla")["accuracy"]
+        rows.append({**asdict(budget), "accuracy": acc, "regime": regime_check(acc["many"], acc["few"])})
+    reached = [row for row in rows if row["regime"]["informative"]]
+    chosen = reached[0] if reached else max(rows, key=lambda row: row["accuracy"]["many"] or 0.0)
+    budget = Budget(chosen["learning_rate"], chosen["steps"])
+    print(
+        f"pilot ({root.name}): budget lr {budget.learning_rate:g}, {budget.steps} steps "
+        f"(regime reached: {bool(reached)}), guidance {guidance:g}",
+        flush=True,
+    )
+    return {
+        "dataset": "long-tailed set of validation-side images (seed 1: other roles and pseudonyms than the "
+        f"evaluated set), captions `{style}`",
+        "shape": size.pilot_shape,
+        "guidance_on_base_classes": scales,
+        "guidance_scale": guidance,
+        "budgets": rows,
+        "regime_reached": bool(reached),
+        "budget": asdict(budget),
+        "results": results,
+    }
 
 
 def run_pilot(prepared: Prepared, work_dir: Path, size: StudySize, jobs: int, threads: int) -> dict[str, Any]:
@@ -1087,15 +1160,11 @@ def run_pilot(prepared: Prepared, work_dir: Path, size: StudySize, jobs: int, th
         if cached.get("search_space") == searched:
             return cached
         # Another grid: choose again (runs and images already made are reused).
-    scales = guidance_check(
-        prepared.base, prepared.base_summary["pseudonyms"], prepared.judge_path, size.guidance_scales, size
-    )
-    best = max(row["accuracy"] for row in scales)
-    guidance = min(row["guidance_scale"] for row in scales if row["accuracy"] >= best - 0.02)
-
     dataset = work_dir / "data" / f"validation-{size.pilot_shape}"
     build_shape(dataset, prepared.class_dirs["validation"], size.pilot_shape, "attr", seed=1)
     check_clash(dataset, prepared)
+    chosen = pilot_budget(prepared, work_dir, dataset, "attr", size, jobs, threads)
+    budget, guidance, results = Budget(**chosen["budget"]), chosen["guidance_scale"], chosen.pop("results")
     index_dir = work_dir / "index" / "validation"
 
     def runs_for(budget: Budget, named_flags: dict[str, list[str]]) -> list[tuple[str, Path, list[str]]]:
@@ -1108,26 +1177,6 @@ def run_pilot(prepared: Prepared, work_dir: Path, size: StudySize, jobs: int, th
 
     def accuracies(result: dict[str, Any], name: str) -> dict[str, float | None]:
         return seed_metrics(result["report"], name)["accuracy"]
-
-    budgets = [Budget(lr, steps) for lr, steps in size.pilot_budgets]
-    budget_runs = [run for b in budgets for run in runs_for(b, {"vanilla": FIXED_METHODS["vanilla"]})]
-    results = train_and_evaluate(
-        prepared, budget_runs, dataset, work_dir / "pilot-eval", {k: 0 for k, _, _ in budget_runs}, size,
-        guidance, jobs, threads, "pilot budget",
-    )  # fmt: skip
-    budget_rows = []
-    for budget, (key, _, _) in zip(budgets, budget_runs):
-        acc = accuracies(results[key], "vanilla")
-        budget_rows.append(
-            {**asdict(budget), "accuracy": acc, "regime": regime_check(acc["many"], acc["few"])}
-        )
-    reached = [row for row in budget_rows if row["regime"]["informative"]]
-    chosen = reached[0] if reached else max(budget_rows, key=lambda row: row["accuracy"]["many"] or 0.0)
-    budget = Budget(chosen["learning_rate"], chosen["steps"])
-    print(
-        f"pilot: budget lr {budget.learning_rate:g}, {budget.steps} steps (regime reached: {bool(reached)})",
-        flush=True,
-    )
 
     named = {
         f"pogdiff-a2_{a2:g}-a3_{a3:g}": ["--objective", "pogdiff", "--psi_a2", str(a2), "--psi_a3", str(a3)]
@@ -1169,13 +1218,7 @@ def run_pilot(prepared: Prepared, work_dir: Path, size: StudySize, jobs: int, th
     ]
     sampling_choice = max(sampling_rows, key=lambda row: score(f"vanilla-{row['sampling']}"))
     pilot = {
-        "dataset": "long-tailed set of validation-side images (seed 1: other roles and pseudonyms than the evaluated set)",
-        "shape": size.pilot_shape,
-        "guidance_on_base_classes": scales,
-        "guidance_scale": guidance,
-        "budgets": budget_rows,
-        "regime_reached": bool(reached),
-        "budget": asdict(budget),
+        **chosen,
         "psi_grid": psi_rows,
         "psi_choice": {"a2": psi_choice["a2"], "a3": psi_choice["a3"]},
         "samplings": sampling_rows,
@@ -1281,13 +1324,20 @@ def plot_psi(psi_by_group: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 def run_groups(
     prepared: Prepared, work_dir: Path, size: StudySize, pilot: dict[str, Any], shapes: Sequence[str],
-    seeds: Sequence[int], jobs: int, threads: int,
+    seeds: Sequence[int], jobs: int, threads: int, methods_by_style: dict[str, Sequence[str]] | None = None,
+    root: Path | None = None, flags: dict[str, list[str]] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Every caption style x shape: fine-tune every method for every seed, evaluate, aggregate."""
+    """Every caption style x shape: fine-tune every method for every seed, evaluate, aggregate.
+
+    `methods_by_style` defaults to the size's, `flags` to `method_flags(pilot)`; runs, images and indexes go
+    under `root` (default `work_dir`), the data sets under work_dir/data (shared by every part).
+    """
     budget = Budget(**pilot["budget"])
-    flags = method_flags(pilot)
+    flags = method_flags(pilot) if flags is None else flags
+    root = work_dir if root is None else root
     groups = []
-    for style, methods in size.methods.items():
+    for style, methods in (size.methods if methods_by_style is None else methods_by_style).items():
+        methods = tuple(methods)
         for shape in shapes:
             name = f"{style}-{shape}"
             dataset = work_dir / "data" / name
@@ -1297,12 +1347,12 @@ def run_groups(
             for seed in seeds:
                 for method in methods:
                     key = f"seed{seed}/{method}"
-                    out = work_dir / "runs" / name / key
+                    out = root / "runs" / name / key
                     args = finetune_args(
                         prepared.base,
                         dataset,
                         out,
-                        work_dir / "index" / name,
+                        root / "index" / name,
                         flags[method],
                         seed,
                         budget,
@@ -1311,7 +1361,7 @@ def run_groups(
                     runs.append((key, out, args))
                     seed_of[key] = seed
             results = train_and_evaluate(
-                prepared, runs, dataset, work_dir / "eval" / name, seed_of, size, pilot["guidance_scale"],
+                prepared, runs, dataset, root / "eval" / name, seed_of, size, pilot["guidance_scale"],
                 jobs, threads, name,
             )  # fmt: skip
             per_seed = {
@@ -1356,6 +1406,400 @@ def run_groups(
     return groups
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# v3, --part per-image: the paper's caption regime on a base whose text encoder was trained
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_per_image(
+    work_dir: Path, size: StudySize, shapes: Sequence[str], seeds: Sequence[int], jobs: int, threads: int
+) -> dict[str, Any]:
+    """Per-image (`attr`) captions, name-only evaluation prompt, on `base-model-te`: the same pretraining data and
+    steps as v2's base, but the text encoder learned beside the UNet on both caption styles of the base digits,
+    as SD's CLIP arrives trained. Its own pilot (guidance, budget; validation side, `attr` captions) decides the
+    budget; then every method of `size.per_image_methods` for every seed, with the mechanism diagnostics."""
+    prepared = prepare(work_dir, size, train_text_encoder=True)
+    root = work_dir / "per-image"
+    dataset = work_dir / "data" / f"validation-{size.pilot_shape}"
+    build_shape(dataset, prepared.class_dirs["validation"], size.pilot_shape, "attr", seed=1)
+    check_clash(dataset, prepared)
+    pilot = pilot_budget(prepared, root, dataset, "attr", size, jobs, threads)
+    pilot["wall_time_s"] = {key: r["wall_time_s"] for key, r in pilot.pop("results").items()}
+    groups = run_groups(
+        prepared, work_dir, size, pilot, shapes, seeds, jobs, threads,
+        methods_by_style={"attr": size.per_image_methods}, root=root, flags=dict(FIXED_METHODS),
+    )  # fmt: skip
+    return {"pilot": pilot, "base_model": prepared.base_summary, "groups": groups, "prepared": prepared}
+
+
+def format_per_image(results: dict[str, Any]) -> str:
+    """per_image.md: the base, the pilot with its regime check on the validation side, then each group's regime
+    check, table and diagnostics."""
+    pilot, base = results["pilot"], results["base_model"]
+    lines = [
+        "# PoGDiff evidence study v3: per-image captions on a base with a trained text encoder",
+        "",
+        f"Command: `{results['command']}`. Size `{results['size']}`, seeds {results['seeds']}, on "
+        f"{results['machine']}. {cost_sentence(results['cost'])}",
+        "",
+        f"Base model `base-model-te`: v2's pretraining (digits {list(BASE_CLASSES)}, each image with its `attr` and "
+        f"its name-only caption, {base['unet']['steps']} UNet steps) with the text encoder "
+        f"{base['unet']['text_encoder']} (UNet loss {base['unet']['loss_first_20']:.3f} -> "
+        f"{base['unet']['loss_last_20']:.3f}). Fine-tuning keeps it frozen. Captions: one per image, "
+        f'describing it (`attr`); evaluation prompt "{EVAL_PROMPT}".',
+        "",
+        "## Pilot (validation side only, `attr` captions, vanilla, seed 0)",
+        "",
+        "Guidance on the base's own classes: "
+        + ", ".join(
+            f"{r['guidance_scale']:g}: {r['accuracy']:.2f}" for r in pilot["guidance_on_base_classes"]
+        )
+        + f" -> {pilot['guidance_scale']:g}.",
+        "",
+        "| lr | steps | vanilla majority acc. | vanilla few-shot acc. | in the regime |",
+        "|---|---|---|---|---|",
+    ]
+    for row in pilot["budgets"]:
+        lines.append(
+            f"| {row['learning_rate']:g} | {row['steps']} | {row['accuracy']['many']:.2f} | "
+            f"{row['accuracy']['few']:.2f} | {'yes' if row['regime']['informative'] else 'no'} |"
+        )
+    budget = pilot["budget"]
+    lines += [
+        "",
+        f"Chosen: lr {budget['learning_rate']:g} x {budget['steps']} steps (regime reached on validation: "
+        f"{'yes' if pilot['regime_reached'] else 'NO'}).",
+    ]
+    lines += group_sections(results["groups"], METHOD_LABELS)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# v3, --part tradeoff: what balancing costs the majority, along the dials users tune
+# ----------------------------------------------------------------------------------------------------------------
+
+# The target, fixed before any run: few-shot within 0.1 of the majority, at a majority cost (vanilla's majority
+# accuracy at the same budget minus the setting's) of at most 0.05.
+TARGET_FEW_GAP, TARGET_MAJORITY_COST = 0.1, 0.05
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the trade-off map: vanilla's objective with one way of drawing images, at one budget."""
+
+    key: str  # folder-safe name, e.g. "power0.25-x2"
+    dial: str  # what a user sets, e.g. "--sampling_power 0.25"
+    flags: tuple[str, ...]
+    factor: int  # multiple of the pilot's step budget
+
+
+def tradeoff_settings(size: StudySize) -> list[Setting]:
+    """Every (dial, budget) of the map, vanilla's uniform draw (power 1) first at each budget."""
+    settings = []
+    for factor in size.tradeoff_budget_factors:
+        for power in size.tradeoff_powers:
+            if power == 1.0:
+                settings.append(Setting(f"uniform-x{factor}", "vanilla (uniform draw)", (), factor))
+            else:
+                flags = ("--sampling_power", f"{power:g}")
+                settings.append(Setting(f"power{power:g}-x{factor}", " ".join(flags), flags, factor))
+        for w_max in size.tradeoff_density_w_max:
+            flags = ("--sampling", "density", "--density_w_max", f"{w_max:g}")
+            settings.append(Setting(f"density-w{w_max:g}-x{factor}", " ".join(flags), flags, factor))
+    return settings
+
+
+def tradeoff_rows(
+    accuracy: dict[str, dict[str, float | None]], settings: Sequence[Setting]
+) -> list[dict[str, Any]]:
+    """Per setting: its majority / few-shot accuracy, the majority cost against vanilla at the same budget, the
+    gap (majority - few-shot), whether it meets the target, and by how much it misses it (0 when it meets it)."""
+    vanilla = {s.factor: accuracy[s.key]["many"] for s in settings if not s.flags}
+    rows = []
+    for setting in settings:
+        many, few = accuracy[setting.key]["many"], accuracy[setting.key]["few"]
+        if many is None or few is None or vanilla.get(setting.factor) is None:
+            rows.append({**asdict(setting), "many": many, "few": few, "cost": None, "gap": None,
+                         "meets": False, "shortfall": None})  # fmt: skip
+            continue
+        cost, gap = vanilla[setting.factor] - many, many - few
+        shortfall = max(0.0, gap - TARGET_FEW_GAP) + max(0.0, cost - TARGET_MAJORITY_COST)
+        rows.append(
+            {**asdict(setting), "many": many, "few": few, "cost": cost, "gap": gap,
+             "meets": shortfall <= 1e-9, "shortfall": shortfall}
+        )  # fmt: skip
+    return rows
+
+
+def choose_setting(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The rule, fixed in advance: among the settings that meet the target, the best few-shot accuracy (ties: the
+    smaller budget, then the better majority); if none does, the smallest shortfall (ties: the better few-shot)."""
+    scored = [r for r in rows if r["shortfall"] is not None]
+    meeting = [r for r in scored if r["meets"]]
+    if meeting:
+        return max(meeting, key=lambda r: (r["few"], -r["factor"], r["many"]))
+    return min(scored, key=lambda r: (r["shortfall"], -r["few"]))
+
+
+def plot_front(
+    rows: Sequence[dict[str, Any]], summary: dict[str, Any], chosen: str, title: str, path: Path
+) -> None:
+    """tradeoff_front.png: few-shot vs majority accuracy, one point per setting (mean, error bars: std over seeds),
+    colour by dial, marker by budget, the target's bounds drawn, the validation-side choice starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 6.2))
+    dials = list(dict.fromkeys(r["dial"] for r in rows))
+    colours = {d: plt.get_cmap("tab10")(i) for i, d in enumerate(dials)}
+    markers = {f: m for f, m in zip(sorted({r["factor"] for r in rows}), "osD^")}
+    for row in rows:
+        acc = summary[row["key"]]["accuracy"]
+        x, y = acc["many"], acc["few"]
+        if x["mean"] is None or y["mean"] is None:
+            continue
+        ax.errorbar(
+            x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=markers[row["factor"]], capsize=3,
+            markersize=8, color=colours[row["dial"]], label=f"{row['dial']}, x{row['factor']} steps",
+        )  # fmt: skip
+        if row["key"] == chosen:
+            ax.plot(x["mean"], y["mean"], marker="*", markersize=22, color="gold", markeredgecolor="black",
+                    zorder=5, linestyle="none", label="chosen on the validation side")  # fmt: skip
+    for row in rows:
+        if not row["flags"]:
+            ax.axvline(row["many"] - TARGET_MAJORITY_COST, color=colours[row["dial"]], linewidth=0.8,
+                       linestyle="--" if row["factor"] == 1 else ":")  # fmt: skip
+    grid = np.linspace(0, 1, 2)
+    ax.plot(grid, grid - TARGET_FEW_GAP, color="grey", linewidth=0.8, linestyle="-.")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("majority identities: judge accuracy (30 training images each)")
+    ax.set_ylabel("few-shot identities: judge accuracy (2 training images each)")
+    ax.set_title(
+        f"{title}\ntarget: right of vanilla's majority - {TARGET_MAJORITY_COST} (vertical lines: dashed x1, dotted "
+        f"x2 budget) and above few = many - {TARGET_FEW_GAP} (dash-dot)",
+        fontsize=8,
+    )
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_tradeoff(
+    work_dir: Path, output_dir: Path, size: StudySize, shapes: Sequence[str], seeds: Sequence[int], jobs: int,
+    threads: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The map in the `template` regime (where v2's vanilla passed the regime check), on v2's base and budget:
+    every setting once on the validation side (seed 0, its own template-captioned set), where the rule picks
+    one; then every setting for every seed on the evaluated set, for the front."""
+    prepared = prepare(work_dir, size)
+    committed = output_dir / "pilot.json"
+    if not (work_dir / "pilot.json").is_file() and committed.is_file():
+        cached = json.loads(committed.read_text(encoding="utf-8"))
+        if cached.get("search_space") == pilot_search_space(size):
+            # v2's pilot, made by this script on the same validation side: reuse its budget and guidance.
+            logger.info("Reusing the pilot of %s (same search space)", committed)
+            shutil.copyfile(committed, work_dir / "pilot.json")
+    pilot = run_pilot(prepared, work_dir, size, jobs, threads)
+    budget = Budget(**pilot["budget"])
+    settings = tradeoff_settings(size)
+    root = work_dir / "tradeoff"
+
+    def runs_for(dataset: Path, name: str, run_seeds: Sequence[int]) -> list[tuple[str, Path, list[str]]]:
+        runs = []
+        for seed in run_seeds:
+            for setting in settings:
+                out = root / "runs" / name / f"seed{seed}" / setting.key
+                flags = [*FIXED_METHODS["vanilla"], *setting.flags]
+                steps = Budget(budget.learning_rate, budget.steps * setting.factor)
+                args = finetune_args(
+                    prepared.base, dataset, out, root / "index" / name, flags, seed, steps, size
+                )
+                runs.append((f"seed{seed}/{setting.key}", out, args))
+        return runs
+
+    validation = work_dir / "data" / f"validation-{size.pilot_shape}-template"
+    build_shape(validation, prepared.class_dirs["validation"], size.pilot_shape, "template", seed=1)
+    check_clash(validation, prepared)
+    val_runs = runs_for(validation, validation.name, [0])
+    val = train_and_evaluate(
+        prepared, val_runs, validation, root / "eval" / validation.name, {k: 0 for k, _, _ in val_runs}, size,
+        pilot["guidance_scale"], jobs, threads, "trade-off, validation",
+    )  # fmt: skip
+    val_acc = {s.key: seed_metrics(val[f"seed0/{s.key}"]["report"], s.key)["accuracy"] for s in settings}
+    val_rows = tradeoff_rows(val_acc, settings)
+    chosen = choose_setting(val_rows)
+    print(
+        f"trade-off: chosen on the validation side: {chosen['dial']}, x{chosen['factor']} steps", flush=True
+    )
+
+    groups = []
+    for shape in shapes:
+        name = f"template-{shape}"
+        dataset = work_dir / "data" / name
+        build_shape(dataset, prepared.class_dirs["model"], shape, "template", seed=0)
+        check_clash(dataset, prepared)
+        runs = runs_for(dataset, name, seeds)
+        results = train_and_evaluate(
+            prepared, runs, dataset, root / "eval" / name, {k: int(k[4:].split("/")[0]) for k, _, _ in runs},
+            size, pilot["guidance_scale"], jobs, threads, f"trade-off, {name}",
+        )  # fmt: skip
+        per_seed = {
+            str(s): {st.key: seed_metrics(results[f"seed{s}/{st.key}"]["report"], st.key) for st in settings}
+            for s in seeds
+        }
+        summary = summarize_group(per_seed)
+        means = {k: {g: summary[k]["accuracy"][g]["mean"] for g in ("many", "few")} for k in summary}
+        rows = tradeoff_rows(means, settings)
+        vanilla = summary[settings[0].key]["accuracy"]
+        groups.append(
+            {
+                "shape": shape,
+                "caption_style": "template",
+                "per_seed": per_seed,
+                "summary": summary,
+                "rows": rows,
+                "regime": regime_check(vanilla["many"]["mean"], vanilla["few"]["mean"]),
+                "chosen_on_validation": next(r for r in rows if r["key"] == chosen["key"]),
+                "best_on_evaluated_set": choose_setting(rows),
+                "run_wall_time_s": {k: r["wall_time_s"] for k, r in results.items()},
+                "run_cpu_time_s": {k: r["cpu_time_s"] for k, r in results.items()},
+            }
+        )
+        plot_front(
+            rows, summary, chosen["key"],
+            f"Trade-off, shape {shape}, captions `template`: mean ± std over seeds {list(seeds)}",
+            output_dir / f"tradeoff_front_{name}.png",
+        )  # fmt: skip
+    return {
+        "pilot": {k: pilot[k] for k in ("budget", "guidance_scale", "regime_reached")},
+        "settings": [asdict(s) for s in settings],
+        "target": {"few_shot_gap_at_most": TARGET_FEW_GAP, "majority_cost_at_most": TARGET_MAJORITY_COST},
+        "validation": {
+            "rows": val_rows,
+            "chosen": chosen,
+            "run_wall_time_s": {k: r["wall_time_s"] for k, r in val.items()},
+            "run_cpu_time_s": {k: r["cpu_time_s"] for k, r in val.items()},
+        },  # fmt: skip
+        "groups": groups,
+    }
+
+
+def _pm(entry: dict[str, Any], digits: int = 2) -> str:
+    return format_cell(entry, digits)
+
+
+def format_tradeoff(results: dict[str, Any]) -> str:
+    """tradeoff.md: the rule, the validation-side map and choice, then per group the front's table."""
+    budget = results["pilot"]["budget"]
+    lines = [
+        "# PoGDiff evidence study v3: the cost of balancing to the majority",
+        "",
+        f"Command: `{results['command']}`. Size `{results['size']}`, seeds {results['seeds']}, on "
+        f"{results['machine']}. {cost_sentence(results['cost'])}",
+        "",
+        f"Every setting is vanilla's objective with one way of drawing images, on v2's base, `template` captions, "
+        f"lr {budget['learning_rate']:g}, at x1 ({budget['steps']}) or x2 ({2 * budget['steps']}) steps (v2's "
+        f"validation-side budget). Target, fixed in advance: few-shot accuracy within {TARGET_FEW_GAP} of the "
+        f"majority's, at a majority cost (vanilla's majority accuracy at the same budget minus the setting's) of at "
+        f"most {TARGET_MAJORITY_COST}. Rule: among the settings that meet it on the validation side, the best "
+        "few-shot accuracy (ties: the smaller budget); if none does, the smallest shortfall "
+        "(gap excess + cost excess).",
+        "",
+        "## Validation side (seed 0, its own identities and pseudonyms)",
+        "",
+        "| setting | steps | majority acc. | few-shot acc. | majority cost | gap | meets the target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def num(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    for row in results["validation"]["rows"]:
+        lines.append(
+            f"| {row['dial']} | x{row['factor']} | {num(row['many'])} | {num(row['few'])} | {num(row['cost'])} | "
+            f"{num(row['gap'])} | {'yes' if row['meets'] else 'no'} |"
+        )
+    chosen = results["validation"]["chosen"]
+    lines += [
+        "",
+        f"Chosen: **{chosen['dial']}, x{chosen['factor']} steps** "
+        f"({'meets the target' if chosen['meets'] else 'no setting meets the target; smallest shortfall'}).",
+    ]
+    for group in results["groups"]:
+        lines += [
+            "",
+            f"## Evaluated set: shape {group['shape']}, captions `template`, seeds {results['seeds']}",
+            "",
+            regime_sentence(group["regime"]).replace("vanilla:", "vanilla x1:"),
+            "",
+            "| setting | steps | majority acc. | few-shot acc. | all | majority cost | gap | meets the target |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in group["rows"]:
+            acc = group["summary"][row["key"]]["accuracy"]
+            star = " (chosen)" if row["key"] == chosen["key"] else ""
+            lines.append(
+                f"| {row['dial']}{star} | x{row['factor']} | {_pm(acc['many'])} | {_pm(acc['few'])} | "
+                f"{_pm(acc['all'])} | {num(row['cost'])} | {num(row['gap'])} | {'yes' if row['meets'] else 'no'} |"
+            )
+        picked, best = group["chosen_on_validation"], group["best_on_evaluated_set"]
+        lines += [
+            "",
+            f"The validation-side choice ({picked['dial']}, x{picked['factor']}) on the evaluated set: majority "
+            f"{num(picked['many'])}, few-shot {num(picked['few'])}, cost {num(picked['cost'])}, gap "
+            f"{num(picked['gap'])}: {'meets' if picked['meets'] else 'misses'} the target"
+            + ("." if picked["meets"] else f" by {picked['shortfall']:.2f}.")
+            + f" Best on the evaluated set by the same rule (for reference, not a choice): {best['dial']}, "
+            f"x{best['factor']} ("
+            + ("meets the target" if best["meets"] else f"misses by {best['shortfall']:.2f}")
+            + ").",
+            "",
+            f"![front](tradeoff_front_template-{group['shape']}.png)",
+            "",
+            "Every metric (mean ± std over seeds):",
+            "",
+            markdown_table(
+                group["summary"], {r["key"]: f"{r['dial']}, x{r['factor']}" for r in group["rows"]}
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def cost_sentence(cost: dict[str, Any]) -> str:
+    return (
+        f"Cost: {cost['fine_tunes']} fine-tunes ({cost['trained_now']} trained by this invocation, the rest reused), "
+        f"{cost['fine_tune_cpu_min']:.1f} CPU min and {cost['fine_tune_wall_min']:.1f} wall min of fine-tuning "
+        f"summed; this invocation's wall time {cost['invocation_wall_min']:.1f} min."
+    )
+
+
+def part_cost(run_records: Sequence[dict[str, Any]], started: float, before: set[str]) -> dict[str, Any]:
+    """The cost of a part: its fine-tunes (from each run's study_run.json), and this invocation's wall time."""
+    walls = [r["wall_time_s"] for r in run_records]
+    cpus = [r.get("cpu_time_s") for r in run_records]
+    return {
+        "fine_tunes": len(run_records),
+        "trained_now": sum(1 for r in run_records if r["path"] not in before),
+        "fine_tune_wall_min": sum(walls) / 60,
+        "fine_tune_cpu_min": sum(c for c in cpus if c is not None) / 60,
+        "fine_tunes_without_cpu_time": sum(1 for c in cpus if c is None),
+        "invocation_wall_min": (time.perf_counter() - started) / 60,
+    }
+
+
+def run_records(root: Path) -> list[dict[str, Any]]:
+    """Every finished fine-tune under `root`: its study_run.json plus its path."""
+    return [
+        {**json.loads(p.read_text(encoding="utf-8")), "path": str(p.parent)}
+        for p in sorted(root.rglob("study_run.json"))
+    ]
+
+
 def regime_sentence(regime: dict[str, Any]) -> str:
     many, few = regime["majority_accuracy"], regime["few_shot_accuracy"]
     numbers = "n/a" if many is None or few is None else f"majority {many:.2f}, few-shot {few:.2f}"
@@ -1365,6 +1809,34 @@ def regime_sentence(regime: dict[str, Any]) -> str:
         f"**Regime check: FAILED, uninformative regime** (vanilla: {numbers}; rule: {regime['rule']}). No "
         "conclusion about the methods can be drawn from this table."
     )
+
+
+def group_sections(groups: Sequence[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """Markdown per caption style x shape: the regime check, the identities, the table, the diagnostics."""
+    lines: list[str] = []
+    for group in groups:
+        ids = ", ".join(
+            f"{n} (digit {m['class']}, {m['n_train']} images)" for n, m in group["identities"].items()
+        )
+        lines += [
+            "",
+            f"## Shape {group['shape']}, captions `{group['caption_style']}`",
+            "",
+            regime_sentence(group["regime"]),
+            "",
+            f'Identities: {ids}. Example caption: "{group["example_caption"]}".',
+            "",
+            markdown_table({m: group["summary"][m] for m in group["methods"]}, labels),
+        ]
+        diag = diagnostics_table(group, labels)
+        if len(diag.splitlines()) > 2:
+            lines += [
+                "",
+                "Mechanism diagnostics (logged by the trainer, mean over steps and seeds):",
+                "",
+                diag,
+            ]
+    return lines
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -1424,29 +1896,67 @@ def format_results(results: dict[str, Any]) -> str:
         f"{pilot['psi_choice']['a3']:g}, sampling `{pilot['sampling_choice']['sampling']}`, guidance "
         f"{pilot['guidance_scale']:g}. Rule: {pilot['rule']}.",
     ]
-    for group in results["groups"]:
-        ids = ", ".join(
-            f"{n} (digit {m['class']}, {m['n_train']} images)" for n, m in group["identities"].items()
-        )
-        lines += [
-            "",
-            f"## Shape {group['shape']}, captions `{group['caption_style']}`",
-            "",
-            regime_sentence(group["regime"]),
-            "",
-            f'Identities: {ids}. Example caption: "{group["example_caption"]}".',
-            "",
-            markdown_table({m: group["summary"][m] for m in group["methods"]}, labels),
-        ]
-        diag = diagnostics_table(group, labels)
-        if len(diag.splitlines()) > 2:
-            lines += [
-                "",
-                "Mechanism diagnostics (logged by the trainer, mean over steps and seeds):",
-                "",
-                diag,
-            ]
+    lines += group_sections(results["groups"], labels)
     return "\n".join(lines) + "\n"
+
+
+PARTS = ("methods", "per-image", "tradeoff")
+
+
+def invocation(args: argparse.Namespace, argv: Sequence[str] | None, seeds: Sequence[int]) -> dict[str, Any]:
+    """The command, size, seeds and machine of this invocation, for a results file."""
+    return {
+        "command": "python examples/study/run_study.py "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "size": args.size,
+        "seeds": list(seeds),
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.jobs} job(s) x {args.threads} torch "
+        "thread(s), no GPU",
+    }
+
+
+def run_v3_part(
+    args: argparse.Namespace, argv: Sequence[str] | None, size: StudySize, seeds: Sequence[int],
+    shapes: Sequence[str], work_dir: Path, output_dir: Path, started: float,
+) -> dict[str, Any]:  # fmt: skip
+    """`--part per-image` or `--part tradeoff`: runs it, writes <part>.json / .md and its figures."""
+    root = work_dir / ("per-image" if args.part == "per-image" else "tradeoff")
+    before = {r["path"] for r in run_records(root)}
+    if args.part == "per-image":
+        results = run_per_image(work_dir, size, shapes, seeds, args.jobs, args.threads)
+        prepared = results.pop("prepared")
+        for group in results["groups"]:
+            report = group.pop("_first_report")
+            name = f"{group['caption_style']}-{group['shape']}"
+            plot_few_shot_grid(
+                root / "eval" / name / f"seed{seeds[0]}", report, work_dir / "data" / name, group["methods"],
+                METHOD_LABELS, output_dir / f"grid_few_shot_per-image_{name}.png",
+            )  # fmt: skip
+            plot_tradeoff(group, METHOD_LABELS, output_dir / f"tradeoff_per-image_{name}.png")
+            print(f"[per-image {name}] " + regime_sentence(group["regime"]), flush=True)
+        psi = {
+            f"{g['caption_style']}-{g['shape']}": psi_statistics(
+                root / "index" / f"{g['caption_style']}-{g['shape']}", prepared.base
+            )
+            for g in results["groups"]
+        }
+        plot_psi(psi, output_dir / "psi_per-image.png")
+    else:
+        results = run_tradeoff(work_dir, output_dir, size, shapes, seeds, args.jobs, args.threads)
+    results = {
+        **invocation(args, argv, seeds),
+        "part": args.part,
+        **results,
+        "cost": part_cost(run_records(root), started, before),
+    }
+    stem = "per_image" if args.part == "per-image" else "tradeoff"
+    (output_dir / f"{stem}.json").write_text(
+        json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8"
+    )
+    markdown = format_per_image(results) if args.part == "per-image" else format_tradeoff(results)
+    (output_dir / f"{stem}.md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+    return results
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1473,6 +1983,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--pilot", action="store_true", help="only run the pilot (validation side), then stop"
     )
+    parser.add_argument(
+        "--part",
+        choices=PARTS,
+        default="methods",
+        help="methods: v2, every method in both caption regimes (results.md); per-image: v3, per-image captions "
+        "on a base whose text encoder was trained (per_image.md); tradeoff: v3, the sampling dials x budget "
+        "front (tradeoff.md)",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be >= 1.")
@@ -1497,6 +2015,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work_dir.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if args.part != "methods":
+        return run_v3_part(args, argv, size, seeds, shapes, work_dir, output_dir, started)
     prepared = prepare(work_dir, size)
     pilot = run_pilot(prepared, work_dir, size, args.jobs, args.threads)
     (output_dir / "pilot.json").write_text(json.dumps(pilot, indent=1), encoding="utf-8")
@@ -1523,12 +2043,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plot_psi(psi, output_dir / "psi.png")
 
     results = {
-        "command": "python examples/study/run_study.py "
-        + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "size": args.size,
-        "seeds": list(seeds),
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.jobs} job(s) x {args.threads} torch "
-        "thread(s), no GPU",
+        **invocation(args, argv, seeds),
         "wall_time_s": round(time.perf_counter() - started, 1),
         "settings": {
             **asdict(size),
