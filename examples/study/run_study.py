@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evidence study v2: which objective and which sampling to run on long-tailed data, in a regime that can tell.
+"""Evidence study: which objective and which sampling to run on long-tailed data, in a regime that can tell
+(v2: every method; v3: per-image captions on a base with a trained text encoder, and the cost of balancing).
 
 The paper's Sec. 4 fine-tunes Stable Diffusion v1.5 on long-tailed faces whose identities SD never saw. SD
 already draws faces; fine-tuning teaches it *who is who*. The majority is then learned and the minority is not,
@@ -30,13 +31,29 @@ reaches it and checks it, then compares, offline on a 2-core CPU, with the scrip
 - regime check: vanilla's majority accuracy >= 0.7 and its few-shot accuracy at least 0.3 below. If it fails,
   the tables say "uninformative regime" and no conclusion is drawn.
 
+v3 adds two parts (`--part`), each with its own results file, on the same data, judge and work dir:
+
+- `per-image`: the paper's caption regime made informative. v2's `attr` table failed its regime check; a likely
+  cause is the base's text encoder, frozen at random, which need not map a name inside a long caption and the
+  same name in the short evaluation prompt alike. `base-model-te` is v2's pretraining (same digits 0-4, both
+  caption styles, same steps) with the text encoder trained beside the UNet (`pretrain --train_text_encoder`),
+  as SD's CLIP arrives trained; nothing about the evaluated identities enters it. Its own pilot (guidance and
+  budget, validation side) runs first, then every fixed method x seed (`per_image.md`).
+- `tradeoff`: what balancing costs the majority, in the `template` regime where v2's vanilla passed. Vanilla's
+  objective with `--sampling_power` in {1, 0.5, 0.25, 0} and `--sampling density --density_w_max` in {2, 4}, at
+  x1 and x2 v2's step budget: once on a template-captioned validation set, where a rule fixed in advance picks
+  the setting (few-shot within 0.1 of the majority at a majority cost <= 0.05), then every setting x seed on
+  the evaluated set for the front (`tradeoff.md`, `tradeoff_front_<group>.png`).
+
 Outputs in --output_dir: results.md, results.json, pilot.json, tradeoff.png (few-shot vs majority accuracy per
-method), grid_few_shot_<group>.png, psi.png. Models, data and images go to --work_dir (default
+method), grid_few_shot_<group>.png, psi.png; per_image.md/json and tradeoff.md/json with their figures. Models, data and images go to --work_dir (default
 outputs/study-<size>); finished runs and generated images found there are reused, so an interrupted study loses
 at most the runs in progress. `--jobs` runs that many fine-tunes / evaluations side by side (one CPU thread
 each).
 
     python examples/study/run_study.py --output_dir examples/study/results --size full --jobs 2
+    python examples/study/run_study.py --output_dir examples/study/results --size full --jobs 2 --part per-image
+    python examples/study/run_study.py --output_dir examples/study/results --size full --jobs 2 --part tradeoff
 """
 
 from __future__ import annotations
