@@ -874,6 +874,23 @@ def diagnostics_table(group: dict[str, Any], labels: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def save_accuracy_figure(fig, ax, title: str, fontsize: int, path: Path) -> None:
+    """Finishes a few-shot vs majority accuracy figure as every such figure here is (both axes in [0, 1],
+    labelled, legend, grid) and saves it as a PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("majority identities: judge accuracy (30 training images each)")
+    ax.set_ylabel("few-shot identities: judge accuracy (2 training images each)")
+    ax.set_title(title, fontsize=fontsize)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_tradeoff(group: dict[str, Any], labels: dict[str, str], path: Path) -> None:
     """tradeoff.png: few-shot vs majority judge accuracy, one point per method (mean, error bars: std over
     seeds), so that what a method buys on the minority and pays on the majority is visible at once."""
@@ -895,20 +912,14 @@ def plot_tradeoff(group: dict[str, Any], labels: dict[str, str], path: Path) -> 
         )  # fmt: skip
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
     ax.axvline(REGIME_MIN_MAJORITY, color="tab:red", linewidth=0.8, linestyle="--")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("majority identities: judge accuracy (30 training images each)")
-    ax.set_ylabel("few-shot identities: judge accuracy (2 training images each)")
-    ax.set_title(
+    save_accuracy_figure(
+        fig,
+        ax,
         f"Shape {group['shape']}, captions `{group['caption_style']}`: mean ± std over seeds\n"
         f"(red: the regime's majority threshold {REGIME_MIN_MAJORITY}; dotted: few = many)",
         fontsize=9,
+        path=path,
     )
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_few_shot_grid(
@@ -1590,20 +1601,14 @@ def plot_front(
                        linestyle="--" if row["factor"] == 1 else ":")  # fmt: skip
     grid = np.linspace(0, 1, 2)
     ax.plot(grid, grid - TARGET_FEW_GAP, color="grey", linewidth=0.8, linestyle="-.")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("majority identities: judge accuracy (30 training images each)")
-    ax.set_ylabel("few-shot identities: judge accuracy (2 training images each)")
-    ax.set_title(
+    save_accuracy_figure(
+        fig,
+        ax,
         f"{title}\ntarget: right of vanilla's majority - {TARGET_MAJORITY_COST} (vertical lines: dashed x1, dotted "
         f"x2 budget) and above few = many - {TARGET_FEW_GAP} (dash-dot)",
         fontsize=8,
+        path=path,
     )
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run_tradeoff(
@@ -1817,6 +1822,47 @@ def run_records(root: Path) -> list[dict[str, Any]]:
     ]
 
 
+def group_figures(
+    groups: Sequence[dict[str, Any]], root: Path, work_dir: Path, seeds: Sequence[int], labels: dict[str, str],
+    output_dir: Path, tag: str, base: Path,
+) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+    """Each group's few-shot grid (first seed) and method front, then the psi plot of all groups, as
+    output_dir/<figure><tag>_<group>.png; prints each group's regime check. Returns the psi statistics.
+    Pops each group's "_first_report"."""
+    for group in groups:
+        report = group.pop("_first_report")
+        name = f"{group['caption_style']}-{group['shape']}"
+        plot_few_shot_grid(
+            root / "eval" / name / f"seed{seeds[0]}", report, work_dir / "data" / name, group["methods"],
+            labels, output_dir / f"grid_few_shot{tag}_{name}.png",
+        )  # fmt: skip
+        plot_tradeoff(group, labels, output_dir / f"tradeoff{tag}_{name}.png")
+        print(f"[{tag.strip('_')} {name}] ".replace("[ ", "[") + regime_sentence(group["regime"]), flush=True)
+    psi = {
+        f"{g['caption_style']}-{g['shape']}": psi_statistics(
+            root / "index" / f"{g['caption_style']}-{g['shape']}", base
+        )
+        for g in groups
+    }
+    plot_psi(psi, output_dir / f"psi{tag}.png")
+    return psi
+
+
+def psi_summary(psi: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per group: expected and applied psi, mean ± std over the majority's and the minority's samples."""
+    return {
+        group: {
+            kind: {
+                label: mean_std([v for s in stats for v, m in zip(s[kind], s["minority"]) if m == minority])
+                for label, minority in (("majority", False), ("minority", True))
+            }
+            for kind in ("expected_psi", "effective_psi")
+        }
+        for group, stats in psi.items()
+        if stats
+    }
+
+
 def regime_sentence(regime: dict[str, Any]) -> str:
     many, few = regime["majority_accuracy"], regime["few_shot_accuracy"]
     numbers = "n/a" if many is None or few is None else f"majority {many:.2f}, few-shot {few:.2f}"
@@ -1942,22 +1988,10 @@ def run_v3_part(
     if args.part == "per-image":
         results = run_per_image(work_dir, size, shapes, seeds, args.jobs, args.threads)
         prepared = results.pop("prepared")
-        for group in results["groups"]:
-            report = group.pop("_first_report")
-            name = f"{group['caption_style']}-{group['shape']}"
-            plot_few_shot_grid(
-                root / "eval" / name / f"seed{seeds[0]}", report, work_dir / "data" / name, group["methods"],
-                METHOD_LABELS, output_dir / f"grid_few_shot_per-image_{name}.png",
-            )  # fmt: skip
-            plot_tradeoff(group, METHOD_LABELS, output_dir / f"tradeoff_per-image_{name}.png")
-            print(f"[per-image {name}] " + regime_sentence(group["regime"]), flush=True)
-        psi = {
-            f"{g['caption_style']}-{g['shape']}": psi_statistics(
-                root / "index" / f"{g['caption_style']}-{g['shape']}", prepared.base
-            )
-            for g in results["groups"]
-        }
-        plot_psi(psi, output_dir / "psi_per-image.png")
+        psi = group_figures(
+            results["groups"], root, work_dir, seeds, METHOD_LABELS, output_dir, "_per-image", prepared.base
+        )
+        results["psi"] = psi_summary(psi)
     else:
         results = run_tradeoff(work_dir, output_dir, size, shapes, seeds, args.jobs, args.threads)
     results = {
@@ -2041,23 +2075,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return pilot
 
     groups = run_groups(prepared, work_dir, size, pilot, shapes, seeds, args.jobs, args.threads)
-    labels = method_labels(pilot)
-    for group in groups:
-        report = group.pop("_first_report")
-        name = f"{group['caption_style']}-{group['shape']}"
-        plot_few_shot_grid(
-            work_dir / "eval" / name / f"seed{seeds[0]}", report, work_dir / "data" / name, group["methods"],
-            labels, output_dir / f"grid_few_shot_{name}.png",
-        )  # fmt: skip
-        plot_tradeoff(group, labels, output_dir / f"tradeoff_{name}.png")
-        print(f"[{name}] " + regime_sentence(group["regime"]), flush=True)
-    psi = {
-        f"{g['caption_style']}-{g['shape']}": psi_statistics(
-            work_dir / "index" / f"{g['caption_style']}-{g['shape']}", prepared.base
-        )
-        for g in groups
-    }
-    plot_psi(psi, output_dir / "psi.png")
+    psi = group_figures(
+        groups, work_dir, work_dir, seeds, method_labels(pilot), output_dir, "", prepared.base
+    )
 
     results = {
         **invocation(args, argv, seeds),
@@ -2076,19 +2096,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "base_model": prepared.base_summary,
         "judge": prepared.judge_report,
         "groups": groups,
-        "psi": {
-            group: {
-                kind: {
-                    label: mean_std(
-                        [v for s in stats for v, m in zip(s[kind], s["minority"]) if m == minority]
-                    )
-                    for label, minority in (("majority", False), ("minority", True))
-                }
-                for kind in ("expected_psi", "effective_psi")
-            }
-            for group, stats in psi.items()
-            if stats
-        },
+        "psi": psi_summary(psi),
     }
     (output_dir / "results.json").write_text(
         json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8"
