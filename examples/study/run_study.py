@@ -38,7 +38,7 @@ v3 adds two parts (`--part`), each with its own results file, on the same data, 
   same name in the short evaluation prompt alike. `base-model-te` is v2's pretraining (same digits 0-4, both
   caption styles, same steps) with the text encoder trained beside the UNet (`pretrain --train_text_encoder`),
   as SD's CLIP arrives trained; nothing about the evaluated identities enters it. Its own pilot (guidance and
-  budget, validation side) runs first, then every fixed method x seed (`per_image.md`).
+  budget, validation side) runs first, then the objectives and balanced sampling x seed (`per_image.md`).
 - `tradeoff`: what balancing costs the majority, in the `template` regime where v2's vanilla passed. Vanilla's
   objective with `--sampling_power` in {1, 0.5, 0.25, 0} and `--sampling density --density_w_max` in {2, 4}, at
   x1 and x2 v2's step budget: once on a template-captioned validation set, where a rule fixed in advance picks
@@ -164,7 +164,9 @@ class StudySize:
     methods: dict[str, tuple[str, ...]] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0, 1, 2)
     # --part per-image: the methods run on the base whose pretraining also trained the text encoder
-    per_image_methods: tuple[str, ...] = tuple(FIXED_METHODS)
+    per_image_methods: tuple[str, ...] = (
+        "vanilla", "pogdiff", "pogdiff-ngrad", "cbdm", "t2h", "vanilla-balanced",
+    )  # fmt: skip
     # --part tradeoff: the dial's points (--sampling_power; 1 = vanilla's uniform draw), the tempered density
     # clips (--sampling density --density_w_max), each at these multiples of the pilot's step budget
     tradeoff_powers: tuple[float, ...] = (1.0, 0.5, 0.25, 0.0)
@@ -1120,8 +1122,9 @@ def pilot_budget(
 ) -> dict[str, Any]:
     """Steps 1 and 2 of the pilot, on `prepared.base`: the guidance scale (the base model on its own classes; the
     smallest scale within 0.02 of the best judge accuracy) and the budget (vanilla, seed 0, on the validation
-    set `dataset` at each (lr, steps) of the size's grid; the cheapest whose vanilla is in the regime, else the
-    one with the best majority accuracy). Runs go to root/pilot, images to root/pilot-eval. The returned dict
+    set `dataset` at each (lr, steps) of the size's grid, cheapest first and `jobs` at a time, stopping once one
+    is in the regime; the cheapest whose vanilla is in the regime, else the one with the best majority accuracy).
+    Runs go to root/pilot, images to root/pilot-eval. The returned dict
     also holds "results" (every run's evaluation, for the caller's further choices)."""
     scales = guidance_check(
         prepared.base, prepared.base_summary["pseudonyms"], prepared.judge_path, size.guidance_scales, size
@@ -1130,26 +1133,37 @@ def pilot_budget(
     guidance = min(row["guidance_scale"] for row in scales if row["accuracy"] >= best - 0.02)
     index_dir = root / "index" / "validation"
     budgets = [Budget(lr, steps) for lr, steps in size.pilot_budgets]
-    runs = []
-    for budget in budgets:
-        tag = f"lr{budget.learning_rate:g}-steps{budget.steps}"
-        out = root / "pilot" / tag / "vanilla"
-        flags = FIXED_METHODS["vanilla"]
-        runs.append(
-            (
-                f"{tag}/vanilla",
-                out,
-                finetune_args(prepared.base, dataset, out, index_dir, flags, 0, budget, size),
-            )
-        )
-    results = train_and_evaluate(
-        prepared, runs, dataset, root / "pilot-eval", {k: 0 for k, _, _ in runs}, size, guidance, jobs, threads,
-        "pilot budget",
-    )  # fmt: skip
+    results: dict[str, dict[str, Any]] = {}
     rows = []
-    for budget, (key, _, _) in zip(budgets, runs):
-        acc = seed_metrics(results[key]["report"], "vanilla")["accuracy"]
-        rows.append({**asdict(budget), "accuracy": acc, "regime": regime_check(acc["many"], acc["few"])})
+    # Cheapest first, `jobs` budgets at a time; once one is in the regime, the dearer ones are not needed.
+    for start in range(0, len(budgets), jobs):
+        batch, runs = budgets[start : start + jobs], []
+        for budget in batch:
+            tag = f"lr{budget.learning_rate:g}-steps{budget.steps}"
+            out = root / "pilot" / tag / "vanilla"
+            args = finetune_args(
+                prepared.base, dataset, out, index_dir, FIXED_METHODS["vanilla"], 0, budget, size
+            )
+            runs.append((f"{tag}/vanilla", out, args))
+        results.update(
+            train_and_evaluate(
+                prepared,
+                runs,
+                dataset,
+                root / "pilot-eval",
+                {k: 0 for k, _, _ in runs},
+                size,
+                guidance,
+                jobs,
+                threads,
+                "pilot budget",
+            )  # fmt: skip
+        )
+        for budget, (key, _, _) in zip(batch, runs):
+            acc = seed_metrics(results[key]["report"], "vanilla")["accuracy"]
+            rows.append({**asdict(budget), "accuracy": acc, "regime": regime_check(acc["many"], acc["few"])})
+        if any(row["regime"]["informative"] for row in rows):
+            break
     reached = [row for row in rows if row["regime"]["informative"]]
     chosen = reached[0] if reached else max(rows, key=lambda row: row["accuracy"]["many"] or 0.0)
     budget = Budget(chosen["learning_rate"], chosen["steps"])
