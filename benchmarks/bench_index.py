@@ -82,6 +82,10 @@ class PeakMemory:
         self.seconds = time.perf_counter() - self.wall
         self.cpu_seconds = time.process_time() - self.cpu
         peak = _proc_status("VmHWM") if self.resettable else None
+        if peak is not None:
+            # The kernel updates VmHWM lazily (not on every page the block maps or returns), so it can lag the
+            # RSS read at the start or now; the block's peak is at least both.
+            peak = max(peak, self.rss_start or 0, _proc_status("VmRSS") or 0)
         self.rss_start_mib = self.rss_start / MIB if self.rss_start is not None else None
         self.rss_peak_mib = peak / MIB if peak is not None else None
         self.rss_growth_mib = (peak - self.rss_start) / MIB if peak is not None and self.rss_start else None
