@@ -220,11 +220,11 @@ def pretrain_unet(
     noise_scheduler,
     latent_mean: torch.Tensor,
     latent_std: torch.Tensor,
-    caption_states: torch.Tensor,
+    caption_states: torch.Tensor | None,
     caption_ids: torch.Tensor,
     *,
     scaling_factor: float,
-    empty_state: torch.Tensor,
+    empty_state: torch.Tensor | None,
     steps: int,
     batch_size: int = 32,
     lr: float = 1e-3,
@@ -252,6 +252,8 @@ def pretrain_unet(
         raise UserError(f"caption_dropout_prob must be in [0, 1), got {caption_dropout_prob}.")
     if text_encoder is not None and (caption_input_ids is None or empty_input_ids is None):
         raise ValueError("Training the text encoder needs caption_input_ids and empty_input_ids.")
+    if text_encoder is None and (caption_states is None or empty_state is None):
+        raise ValueError("A frozen text encoder needs caption_states and empty_state.")
     generator = torch.Generator().manual_seed(seed)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -366,20 +368,22 @@ def build_base_model(
         vae.register_to_config(scaling_factor=scaling_factor)
 
         distinct = sorted(set(captions))
-        caption_states = encode_prompts(text_encoder, tokenizer, distinct)
-        empty_state = encode_prompts(text_encoder, tokenizer, [""])
         position = {caption: i for i, caption in enumerate(distinct)}
         caption_ids = torch.tensor([position[c] for c in captions], dtype=torch.long)
-        trained_encoder = {}
-        if train_text_encoder:
+        if train_text_encoder:  # encoded every step, with gradients: only the token ids are needed here
             from .families import SDTextEncoders
 
             encoders = SDTextEncoders([tokenizer], [text_encoder])
+            caption_states = empty_state = None
             trained_encoder = {
                 "text_encoder": text_encoder,
                 "caption_input_ids": encoders.tokenize(distinct),
                 "empty_input_ids": encoders.tokenize([""]),
             }
+        else:  # frozen: each distinct caption's states once
+            caption_states = encode_prompts(text_encoder, tokenizer, distinct)
+            empty_state = encode_prompts(text_encoder, tokenizer, [""])
+            trained_encoder = {}
         unet_history = pretrain_unet(
             unet,
             components["scheduler"],

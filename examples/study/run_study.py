@@ -1124,8 +1124,8 @@ def pilot_budget(
     smallest scale within 0.02 of the best judge accuracy) and the budget (vanilla, seed 0, on the validation
     set `dataset` at each (lr, steps) of the size's grid, cheapest first and `jobs` at a time, stopping once one
     is in the regime; the cheapest whose vanilla is in the regime, else the one with the best majority accuracy).
-    Runs go to root/pilot, images to root/pilot-eval. The returned dict
-    also holds "results" (every run's evaluation, for the caller's further choices)."""
+    Runs go to root/pilot, images to root/pilot-eval. The returned dict also holds "results" (every run's
+    evaluation, for the caller's further choices)."""
     scales = guidance_check(
         prepared.base, prepared.base_summary["pseudonyms"], prepared.judge_path, size.guidance_scales, size
     )
@@ -1455,11 +1455,12 @@ def run_groups(
 
 def run_per_image(
     work_dir: Path, size: StudySize, shapes: Sequence[str], seeds: Sequence[int], jobs: int, threads: int
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Prepared]:
     """Per-image (`attr`) captions, name-only evaluation prompt, on `base-model-te`: the same pretraining data and
     steps as v2's base, but the text encoder learned beside the UNet on both caption styles of the base digits,
     as SD's CLIP arrives trained. Its own pilot (guidance, budget; validation side, `attr` captions) decides the
-    budget; then every method of `size.per_image_methods` for every seed, with the mechanism diagnostics."""
+    budget; then every method of `size.per_image_methods` for every seed, with the mechanism diagnostics.
+    Returns the part's results and its `Prepared` (for the figures)."""
     prepared = prepare(work_dir, size, train_text_encoder=True)
     root = work_dir / "per-image"
     dataset = work_dir / "data" / f"validation-{size.pilot_shape}"
@@ -1471,7 +1472,7 @@ def run_per_image(
         prepared, work_dir, size, pilot, shapes, seeds, jobs, threads,
         methods_by_style={"attr": size.per_image_methods}, root=root, flags=dict(FIXED_METHODS),
     )  # fmt: skip
-    return {"pilot": pilot, "base_model": prepared.base_summary, "groups": groups, "prepared": prepared}
+    return {"pilot": pilot, "base_model": prepared.base_summary, "groups": groups}, prepared
 
 
 def format_per_image(results: dict[str, Any]) -> str:
@@ -1645,8 +1646,11 @@ def run_tradeoff(
     settings = tradeoff_settings(size)
     root = work_dir / "tradeoff"
 
-    def runs_for(dataset: Path, name: str, run_seeds: Sequence[int]) -> list[tuple[str, Path, list[str]]]:
-        runs = []
+    def runs_for(
+        dataset: Path, name: str, run_seeds: Sequence[int]
+    ) -> tuple[list[tuple[str, Path, list[str]]], dict[str, int]]:
+        """The runs (key, output dir, arguments) of every setting x seed, and each key's seed."""
+        runs, seed_of = [], {}
         for seed in run_seeds:
             for setting in settings:
                 out = root / "runs" / name / f"seed{seed}" / setting.key
@@ -1656,14 +1660,15 @@ def run_tradeoff(
                     prepared.base, dataset, out, root / "index" / name, flags, seed, steps, size
                 )
                 runs.append((f"seed{seed}/{setting.key}", out, args))
-        return runs
+                seed_of[f"seed{seed}/{setting.key}"] = seed
+        return runs, seed_of
 
     validation = work_dir / "data" / f"validation-{size.pilot_shape}-template"
     build_shape(validation, prepared.class_dirs["validation"], size.pilot_shape, "template", seed=1)
     check_clash(validation, prepared)
-    val_runs = runs_for(validation, validation.name, [0])
+    val_runs, val_seeds = runs_for(validation, validation.name, [0])
     val = train_and_evaluate(
-        prepared, val_runs, validation, root / "eval" / validation.name, {k: 0 for k, _, _ in val_runs}, size,
+        prepared, val_runs, validation, root / "eval" / validation.name, val_seeds, size,
         pilot["guidance_scale"], jobs, threads, "trade-off, validation",
     )  # fmt: skip
     val_acc = {s.key: seed_metrics(val[f"seed0/{s.key}"]["report"], s.key)["accuracy"] for s in settings}
@@ -1679,9 +1684,9 @@ def run_tradeoff(
         dataset = work_dir / "data" / name
         build_shape(dataset, prepared.class_dirs["model"], shape, "template", seed=0)
         check_clash(dataset, prepared)
-        runs = runs_for(dataset, name, seeds)
+        runs, seed_of = runs_for(dataset, name, seeds)
         results = train_and_evaluate(
-            prepared, runs, dataset, root / "eval" / name, {k: int(k[4:].split("/")[0]) for k, _, _ in runs},
+            prepared, runs, dataset, root / "eval" / name, seed_of,
             size, pilot["guidance_scale"], jobs, threads, f"trade-off, {name}",
         )  # fmt: skip
         per_seed = {
@@ -1723,10 +1728,6 @@ def run_tradeoff(
         },  # fmt: skip
         "groups": groups,
     }
-
-
-def _pm(entry: dict[str, Any], digits: int = 2) -> str:
-    return format_cell(entry, digits)
 
 
 def format_tradeoff(results: dict[str, Any]) -> str:
@@ -1780,8 +1781,8 @@ def format_tradeoff(results: dict[str, Any]) -> str:
             acc = group["summary"][row["key"]]["accuracy"]
             star = " (chosen)" if row["key"] == chosen["key"] else ""
             lines.append(
-                f"| {row['dial']}{star} | x{row['factor']} | {_pm(acc['many'])} | {_pm(acc['few'])} | "
-                f"{_pm(acc['all'])} | {num(row['cost'])} | {num(row['gap'])} | {'yes' if row['meets'] else 'no'} |"
+                f"| {row['dial']}{star} | x{row['factor']} | {format_cell(acc['many'], 2)} | "
+                f"{format_cell(acc['few'], 2)} | {format_cell(acc['all'], 2)} | {num(row['cost'])} | {num(row['gap'])} | {'yes' if row['meets'] else 'no'} |"
             )
         picked, best = group["chosen_on_validation"], group["best_on_evaluated_set"]
         lines += [
@@ -1851,7 +1852,8 @@ def group_figures(
             labels, output_dir / f"grid_few_shot{tag}_{name}.png",
         )  # fmt: skip
         plot_tradeoff(group, labels, output_dir / f"tradeoff{tag}_{name}.png")
-        print(f"[{tag.strip('_')} {name}] ".replace("[ ", "[") + regime_sentence(group["regime"]), flush=True)
+        label = f"{tag.strip('_')} {name}".strip()
+        print(f"[{label}] " + regime_sentence(group["regime"]), flush=True)
     psi = {
         f"{g['caption_style']}-{g['shape']}": psi_statistics(
             root / "index" / f"{g['caption_style']}-{g['shape']}", base
@@ -2000,8 +2002,7 @@ def run_v3_part(
     root = work_dir / ("per-image" if args.part == "per-image" else "tradeoff")
     before = {r["path"] for r in run_records(root)}
     if args.part == "per-image":
-        results = run_per_image(work_dir, size, shapes, seeds, args.jobs, args.threads)
-        prepared = results.pop("prepared")
+        results, prepared = run_per_image(work_dir, size, shapes, seeds, args.jobs, args.threads)
         psi = group_figures(
             results["groups"], root, work_dir, seeds, METHOD_LABELS, output_dir, "_per-image", prepared.base
         )
