@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -294,6 +293,7 @@ def table_rows(markdown: str, header_start: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.e2e
+@pytest.mark.long(seconds=300)
 def test_quick_demo_end_to_end(quick_demo_run):
     # One --quick run per session (tests/conftest.py), shared with tests/test_notebook.py.
     out, proc = quick_demo_run.output_dir, quick_demo_run.process
@@ -341,17 +341,13 @@ def test_quick_demo_end_to_end(quick_demo_run):
 
 
 @pytest.mark.e2e
-def test_quick_demo_gives_the_same_table_when_run_again(quick_demo_dir, tmp_path):
-    """The demo again from scratch (data, base model, fine-tunes, evaluation) in another folder: same seed, same
-    machine, same numbers and the same table (README: the numbers may depend on the CPU, not on the run)."""
-    from pogdiff.testing import run_process_group
-
-    out = tmp_path / "demo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = run_process_group(
-        [sys.executable, str(REPO / "examples" / "demo_digits.py"), "--quick", "--output_dir", str(out)],
-        cwd=REPO, env=env, timeout=3600,
-    )  # fmt: skip
+def test_quick_demo_gives_the_same_table_when_run_again(quick_demo_runs, quick_demo_dir):
+    """The demo again from scratch (data, base model, fine-tunes, evaluation) in another folder, side by side with
+    the first run (tests/conftest.py): same seed, same machine, same numbers and the same table (README: the
+    numbers may depend on the CPU, not on the run)."""
+    again = quick_demo_runs[1]
+    assert again is not None  # started by the fixture whenever this test is selected
+    out, proc = again.output_dir, again.process
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = json.loads((quick_demo_dir / "results.json").read_text())
     second = json.loads((out / "results.json").read_text())

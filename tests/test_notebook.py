@@ -120,7 +120,6 @@ def test_notebook_runs_in_the_test_interpreter_on_the_demo_output(executed):
     assert not failed, failed
     text = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []) if "text" in o)
     assert str(executed["demo"]) in text  # POGDIFF_DEMO_DIR was read
-    assert executed["seconds"] < 300, executed["seconds"]
 
 
 @pytest.mark.e2e

@@ -136,6 +136,8 @@ def run(command: list[str]):
 
 
 @pytest.mark.e2e
+@pytest.mark.multi_process
+@pytest.mark.long(seconds=160)
 def test_fsdp_pogdiff_with_a_skip_mismatch_trains_checkpoints_resumes_and_equals_ddp(
     tiny_sd_path, tiny_dataset_path, tmp_path
 ):
@@ -176,6 +178,7 @@ def test_fsdp_pogdiff_with_a_skip_mismatch_trains_checkpoints_resumes_and_equals
 @pytest.mark.parametrize(
     "extra", [("--objective", "cbdm"), ("--neighbor_grad",)], ids=["cbdm", "neighbor_grad"]
 )
+@pytest.mark.multi_process
 def test_fsdp_objectives_with_enlarged_batches_train(extra, tiny_sd_path, tiny_dataset_path, tmp_path):
     """CBDM's and --neighbor_grad's one forward has a batch that may differ per rank: FSDP allows that."""
     out = tmp_path / "out"
@@ -186,6 +189,7 @@ def test_fsdp_objectives_with_enlarged_batches_train(extra, tiny_sd_path, tiny_d
 
 
 @pytest.mark.e2e
+@pytest.mark.multi_process
 def test_fsdp_lora_equals_ddp_lora(tiny_sd_path, tiny_dataset_path, tmp_path):
     lora = ("--use_lora", "--rank", "4")
     run(fsdp_launch(tiny_sd_path, tiny_dataset_path, tmp_path / "fsdp", *lora))
@@ -199,6 +203,7 @@ def test_fsdp_lora_equals_ddp_lora(tiny_sd_path, tiny_dataset_path, tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.multi_process
 def test_fsdp_refuses_ema_in_one_line(tiny_sd_path, tiny_dataset_path, tmp_path):
     proc = run_process_group(
         fsdp_launch(tiny_sd_path, tiny_dataset_path, tmp_path / "out", "--use_ema"),

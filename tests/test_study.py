@@ -289,18 +289,26 @@ def _table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
     return rows
 
 
-@pytest.mark.e2e
-def test_ci_size_runs_end_to_end_resumes_and_reproduces(tmp_path):
-    """The whole study at `--size ci` with 2 jobs (the process pool), then again: the rerun finds every run,
-    the pilot and every image done and reproduces the numbers. Then v3's parts: the trade-off map (on the same
-    base and pilot), and the per-image part run twice from scratch (its base included): the same numbers."""
+def ci_study_command(tmp_path: Path) -> tuple[list[str], Path, Path]:
+    """`run_study.py --size ci --jobs 2` (the process pool) into tmp_path: the command, results and work dirs."""
     results_dir, work_dir = tmp_path / "results", tmp_path / "work"
     command = [
         sys.executable, str(SCRIPT), "--size", "ci", "--jobs", "2",
         "--output_dir", str(results_dir), "--work_dir", str(work_dir),
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    first = run_process_group(command, cwd=REPO, env=env, timeout=1800)
+    return command, results_dir, work_dir
+
+
+STUDY_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.mark.e2e
+@pytest.mark.long(seconds=330)
+def test_ci_size_runs_end_to_end_resumes_and_maps_the_tradeoff(tmp_path):
+    """The study (v2's methods part) at `--size ci`, then again: the rerun finds every run, the pilot and every
+    image done and reproduces the numbers. Then v3's trade-off map, on the same base and pilot."""
+    command, results_dir, work_dir = ci_study_command(tmp_path)
+    first = run_process_group(command, cwd=REPO, env=STUDY_ENV, timeout=1800)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     results = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
@@ -352,14 +360,14 @@ def test_ci_size_runs_end_to_end_resumes_and_reproduces(tmp_path):
         assert psi["effective_psi"]["majority"]["mean"] <= psi["expected_psi"]["majority"]["mean"]
 
     # A rerun skips every finished run and reuses the generated images: the same numbers come back.
-    second = run_process_group(command, cwd=REPO, env=env, timeout=1800)
+    second = run_process_group(command, cwd=REPO, env=STUDY_ENV, timeout=1800)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     again = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
     assert [g["summary"] for g in again["groups"]] == [g["summary"] for g in results["groups"]]
     assert again["pilot"] == results["pilot"]
 
     # v3, the trade-off map: every setting on the validation side once and on the evaluated set per seed.
-    tradeoff = run_process_group([*command, "--part", "tradeoff"], cwd=REPO, env=env, timeout=1800)
+    tradeoff = run_process_group([*command, "--part", "tradeoff"], cwd=REPO, env=STUDY_ENV, timeout=1800)
     assert tradeoff.returncode == 0, tradeoff.stdout[-3000:] + tradeoff.stderr[-3000:]
     mapped = json.loads((results_dir / "tradeoff.json").read_text(encoding="utf-8"))
     keys = [s.key for s in study.tradeoff_settings(size)]
@@ -372,10 +380,18 @@ def test_ci_size_runs_end_to_end_resumes_and_reproduces(tmp_path):
     assert f"Chosen: **{mapped['validation']['chosen']['dial']}" in markdown
     assert (results_dir / "tradeoff_front_template-S.png").is_file()
 
-    # v3, per-image captions on a base with a trained text encoder; then everything of that part again from
-    # scratch (base, pilot, runs, images): same seed, same machine, same numbers.
+
+@pytest.mark.e2e
+@pytest.mark.long(seconds=200)
+def test_ci_size_per_image_part_reproduces_from_scratch(tmp_path):
+    """v3's per-image captions on a base with a trained text encoder, in a work dir of its own (data and judge
+    built by the part itself); then everything of that part again from scratch (base, pilot, runs, images): same
+    seed, same machine, same numbers."""
+    command, results_dir, work_dir = ci_study_command(tmp_path)
+    size = study.SIZES["ci"]
+
     def per_image() -> dict:
-        proc = run_process_group([*command, "--part", "per-image"], cwd=REPO, env=env, timeout=1800)
+        proc = run_process_group([*command, "--part", "per-image"], cwd=REPO, env=STUDY_ENV, timeout=1800)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return json.loads((results_dir / "per_image.json").read_text(encoding="utf-8"))
 

@@ -374,6 +374,7 @@ def test_checkpoints_total_limit_keeps_the_newest(tiny_sd_path, tiny_dataset_pat
 
 
 @pytest.mark.e2e
+@pytest.mark.multi_process
 def test_two_process_cpu_run(tiny_sd_path, tiny_dataset_path, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
