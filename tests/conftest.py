@@ -116,8 +116,8 @@ DEMO_GROUP, MULTI_PROCESS_GROUP = "quick_demo", "multi_process"
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Groups as above, and the longest tests first (`@pytest.mark.long(seconds=...)`: about what the test, or
-    the group it opens, took in CI): xdist hands out work in this order, so the minutes-long runs start at once on different workers
-    instead of one of them starting last while the other worker has nothing left to do."""
+    the group it opens, took in CI): xdist hands out work in this order, so the minutes-long runs start at once
+    on different workers instead of one of them starting last while the other worker has nothing left to do."""
     for item in items:
         if "quick_demo_runs" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group(DEMO_GROUP))

@@ -165,7 +165,7 @@ def check_real_size_summary(summary: dict, output_dir, names: list[str]) -> None
     assert all(f"| {name} |" in table for name in names) and "FAIL" not in table
 
 
-@pytest.mark.long(seconds=86)
+@pytest.mark.long(seconds=98)
 def test_bench_real_size_tiny(tmp_path, capsys):
     out, scratch = tmp_path / "results", tmp_path / "scratch"
     argv = ["--preset", "tiny", "--warmup", "1", "--steps", "1", "--inference_steps", "1",
@@ -190,7 +190,7 @@ def test_bench_real_size_tiny(tmp_path, capsys):
 
 
 @pytest.mark.e2e
-@pytest.mark.long(seconds=23)
+@pytest.mark.long(seconds=25)
 def test_bench_real_size_tiny_sdxl(tmp_path):
     """The sdxl preset's path on the tiny SDXL: two text encoders and tokenizers, SDXL's scheduler config, the
     trainer's SDXL LoRA run and PoGDiffPipeline loading the result (one launch: PoGDiff, the costlier objective)."""

@@ -293,7 +293,7 @@ def table_rows(markdown: str, header_start: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.e2e
-@pytest.mark.long(seconds=300)
+@pytest.mark.long(seconds=490)
 def test_quick_demo_end_to_end(quick_demo_run):
     # One --quick run per session (tests/conftest.py), shared with tests/test_notebook.py.
     out, proc = quick_demo_run.output_dir, quick_demo_run.process

@@ -445,7 +445,7 @@ def photo_folder(root: Path) -> None:
             Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
-@pytest.mark.long(seconds=60)
+@pytest.mark.long(seconds=61)
 def test_every_readme_command_runs_offline_or_is_skipped_for_a_reason(tiny_sd_path, tiny_sdxl_path, tmp_path):
     commands = readme_commands()
     plan = []

@@ -169,7 +169,7 @@ def test_padded_neighbour_forward_swaps_caption_and_pooled_and_keeps_time_ids(ti
 
 
 @pytest.mark.e2e
-@pytest.mark.long(seconds=30)
+@pytest.mark.long(seconds=28)
 def test_the_sd_command_line_trains_sdxl_and_resumes_bitwise(
     tiny_sd_path, tiny_sdxl_path, tiny_dataset_path, tmp_path
 ):

@@ -137,7 +137,7 @@ def run(command: list[str]):
 
 @pytest.mark.e2e
 @pytest.mark.multi_process
-@pytest.mark.long(seconds=160)
+@pytest.mark.long(seconds=200)
 def test_fsdp_pogdiff_with_a_skip_mismatch_trains_checkpoints_resumes_and_equals_ddp(
     tiny_sd_path, tiny_dataset_path, tmp_path
 ):

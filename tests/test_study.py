@@ -303,7 +303,7 @@ STUDY_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 @pytest.mark.e2e
-@pytest.mark.long(seconds=330)
+@pytest.mark.long(seconds=590)
 def test_ci_size_runs_end_to_end_resumes_and_maps_the_tradeoff(tmp_path):
     """The study (v2's methods part) at `--size ci`, then again: the rerun finds every run, the pilot and every
     image done and reproduces the numbers. Then v3's trade-off map, on the same base and pilot."""
@@ -382,7 +382,7 @@ def test_ci_size_runs_end_to_end_resumes_and_maps_the_tradeoff(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.long(seconds=200)
+@pytest.mark.long(seconds=280)
 def test_ci_size_per_image_part_reproduces_from_scratch(tmp_path):
     """v3's per-image captions on a base with a trained text encoder, in a work dir of its own (data and judge
     built by the part itself); then everything of that part again from scratch (base, pilot, runs, images): same

@@ -1784,7 +1784,8 @@ def format_tradeoff(results: dict[str, Any]) -> str:
             star = " (chosen)" if row["key"] == chosen["key"] else ""
             lines.append(
                 f"| {row['dial']}{star} | x{row['factor']} | {format_cell(acc['many'], 2)} | "
-                f"{format_cell(acc['few'], 2)} | {format_cell(acc['all'], 2)} | {num(row['cost'])} | {num(row['gap'])} | {'yes' if row['meets'] else 'no'} |"
+                f"{format_cell(acc['few'], 2)} | {format_cell(acc['all'], 2)} | {num(row['cost'])} | "
+                f"{num(row['gap'])} | {'yes' if row['meets'] else 'no'} |"
             )
         picked, best = group["chosen_on_validation"], group["best_on_evaluated_set"]
         lines += [
